@@ -1,0 +1,211 @@
+"""The export bundle's manifest: the contract between the exporter and the runtime. Torch-free.
+
+A bundle is a directory holding ONNX graph(s), the tokenizer files and `manifest.json`. This is
+the one module that writes and reads that manifest; a reader refuses a wrong format or version
+by name, and a manifest that names files the bundle lacks.
+
+Graph conventions (all graphs of a bundle share them):
+- inputs `input_ids` (batch, seq) int64, `attention_mask` (batch, past+seq) int64,
+  `position_ids` (batch, seq) int64, and for decode graphs the past KV cache named by `KVCacheSpec`
+  (batch, kv_heads, past, head_dim).
+- decode graphs output `logits_output` (batch, n_exits, vocab) for the last position only, exits
+  in `GraphSpec.exits` order, plus the present KV cache (batch, kv_heads, past+seq, head_dim), and
+  optionally the fused contrast (batch, vocab).
+- score graphs output `logits_output` (batch, seq, n_exits, vocab) for every position.
+
+>>> m = Manifest.from_dict(Manifest.example().to_dict())
+>>> m.graph_for_exits([30, 15]).name
+'decode_exits'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from autocontrast.config import Exit, parse_exit
+from autocontrast.errors import BundleError
+
+FORMAT = "autocontrast-bundle"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+DECODE = "decode"
+SCORE = "score"
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str = "float32"  # numpy dtype name of the cache tensors
+    past_key: str = "past_key_values.{layer}.key"
+    past_value: str = "past_key_values.{layer}.value"
+    present_key: str = "present.{layer}.key"
+    present_value: str = "present.{layer}.value"
+
+    def past_names(self) -> list[str]:
+        """Input names in graph order: key then value of layer 0, 1, ..."""
+        return [n.format(layer=i) for i in range(self.num_layers) for n in (self.past_key, self.past_value)]
+
+    def present_names(self) -> list[str]:
+        return [n.format(layer=i) for i in range(self.num_layers) for n in (self.present_key, self.present_value)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastSpec:
+    """A contrast fused into a graph: its output name and exact parameters."""
+
+    output: str
+    upper: Exit
+    lower: Exit
+    alpha: float
+    minimum_candidates: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    file: str
+    kind: str  # DECODE or SCORE
+    exits: tuple[Exit, ...]
+    logits_output: str = "exit_logits"
+    contrast: ContrastSpec | None = None
+    external_data: tuple[str, ...] = ()  # files the graph's weights live in, relative to the bundle
+
+    def exit_position(self, exit_: Exit) -> int:
+        return self.exits.index(exit_)
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    source_model: str
+    architecture: str  # registered family name: gpt2, gpt_neo, llama, ...
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    max_positions: int
+    projection_mode: str  # a VocabularyProjectionMode name
+    exits: tuple[Exit, ...]  # every exit the bundle's graphs provide
+    kv_cache: KVCacheSpec
+    graphs: tuple[GraphSpec, ...]
+    special_tokens: dict[str, Any] = dataclasses.field(default_factory=dict)  # bos/eos/pad ids
+    tokenizer_files: tuple[str, ...] = ("tokenizer.json",)
+    chat_template: str | None = None
+    variant: dict[str, Any] = dataclasses.field(default_factory=lambda: {"dtype": "float32"})
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    validation: dict[str, Any] = dataclasses.field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    # -- lookups the runtime needs --------------------------------------------------------------
+
+    def graph(self, name: str) -> GraphSpec:
+        for g in self.graphs:
+            if g.name == name:
+                return g
+        raise BundleError(f"bundle has no graph named {name!r}; it has: {[g.name for g in self.graphs]}")
+
+    def graph_for_exits(self, exits: Sequence[Exit], *, kind: str = DECODE) -> GraphSpec:
+        """The cheapest graph of `kind` (fewest exits) that returns all of `exits`."""
+        wanted = set(exits)
+        fitting = [g for g in self.graphs if g.kind == kind and wanted <= set(g.exits)]
+        if not fitting:
+            have = sorted({str(e) for g in self.graphs if g.kind == kind for e in g.exits})
+            raise BundleError(f"no {kind} graph in this bundle returns exits {list(exits)}; "
+                              f"its {kind} graphs return: {', '.join(have) or 'nothing'}")
+        return min(fitting, key=lambda g: (len(g.exits), g.contrast is not None))
+
+    def fused_graph(self, upper: Exit, lower: Exit, alpha: float, minimum_candidates: int) -> GraphSpec | None:
+        """A decode graph whose fused contrast is exactly this one, if the bundle has it."""
+        for g in self.graphs:
+            c = g.contrast
+            if g.kind == DECODE and c and (c.upper, c.lower, c.minimum_candidates) == (upper, lower, minimum_candidates) \
+                    and abs(c.alpha - alpha) <= 1e-12:
+                return g
+        return None
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return tuple(self.special_tokens.get("eos_token_ids") or ())
+
+    # -- (de)serialisation --------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise BundleError(f"not an autocontrast bundle manifest (format is {data.get('format')!r}, "
+                              f"expected {FORMAT!r})" if isinstance(data, dict) else "manifest is not a JSON object")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(f"bundle format_version {version!r} is not supported by this runtime "
+                              f"(it reads version {FORMAT_VERSION}); re-export the model with this autocontrast")
+        try:
+            fields = dict(data)
+            fields["exits"] = tuple(parse_exit(e) for e in fields["exits"])
+            fields["kv_cache"] = KVCacheSpec(**fields["kv_cache"])
+            fields["graphs"] = tuple(_graph_from_dict(g) for g in fields["graphs"])
+            fields["tokenizer_files"] = tuple(fields.get("tokenizer_files", ("tokenizer.json",)))
+            return cls(**fields)
+        except (KeyError, TypeError, ValueError) as err:
+            raise BundleError(f"manifest is malformed: {type(err).__name__}: {err}") from None
+
+    @staticmethod
+    def example() -> Manifest:
+        """A small manifest for documentation and tests of readers."""
+        kv = KVCacheSpec(num_layers=30, num_kv_heads=3, head_dim=64)
+        return Manifest(
+            source_model="example", architecture="llama", num_layers=30, hidden_size=576, vocab_size=49152,
+            max_positions=8192, projection_mode="SHARED_PROJECTION_DIRECT", exits=(15, 30, "original"),
+            kv_cache=kv, graphs=(
+                GraphSpec("decode_original", "decode_original.onnx", DECODE, ("original",)),
+                GraphSpec("decode_exits", "decode_exits.onnx", DECODE, (30, 15),
+                          contrast=ContrastSpec("contrast_scores", 30, 15, 0.1, 1)),
+                GraphSpec("score", "score.onnx", SCORE, (15, 30, "original")),
+            ))
+
+
+def _graph_from_dict(data: dict[str, Any]) -> GraphSpec:
+    fields = dict(data)
+    fields["exits"] = tuple(parse_exit(e) for e in fields["exits"])
+    fields["external_data"] = tuple(fields.get("external_data", ()))
+    if fields.get("contrast"):
+        c = dict(fields["contrast"])
+        c["upper"], c["lower"] = parse_exit(c["upper"]), parse_exit(c["lower"])
+        fields["contrast"] = ContrastSpec(**c)
+    if fields["kind"] not in (DECODE, SCORE):
+        raise ValueError(f"graph {fields.get('name')!r} has unknown kind {fields['kind']!r}")
+    return GraphSpec(**fields)
+
+
+def write_manifest(bundle_dir: str | Path, manifest: Manifest) -> Path:
+    path = Path(bundle_dir) / MANIFEST_FILE
+    path.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_manifest(bundle_dir: str | Path) -> Manifest:
+    """Read and check a bundle's manifest: format, version, and that every named file exists."""
+    root = Path(bundle_dir)
+    path = root / MANIFEST_FILE
+    if not root.is_dir():
+        raise BundleError(f"bundle directory {str(root)!r} does not exist")
+    if not path.is_file():
+        raise BundleError(f"{str(root)!r} is not an export bundle: it has no {MANIFEST_FILE} (make one with acd-export)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise BundleError(f"cannot read {path}: {err}") from None
+    manifest = Manifest.from_dict(data)
+    needed = [g.file for g in manifest.graphs] + [f for g in manifest.graphs for f in g.external_data]
+    missing = [f for f in dict.fromkeys(needed + list(manifest.tokenizer_files)) if not (root / f).is_file()]
+    if missing:
+        raise BundleError(f"bundle {str(root)!r} is incomplete: missing {', '.join(missing)}")
+    return manifest

@@ -1,0 +1,1 @@
+"""The torch-free runtime: NumPy + ONNX Runtime + tokenizers. Never imports torch."""
