@@ -29,3 +29,41 @@ def tiny_checkpoint(tmp_path_factory, smollm2_path):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint):
+    """Factory: tiny_bundle(arch, mode, *, fuse_contrast=None) -> Path of an exported, validated tiny bundle.
+
+    Exits are the tiny checkpoint's (tests/tiny_models.py exits_for) plus 'original'; cached on disk
+    under <cache>/exports keyed by the exporter's sources and the options.
+    """
+    import hashlib
+
+    from autocontrast.config import VocabularyProjectionMode
+    from autocontrast.export.cache import cached_bundle
+    from autocontrast.export.exporter import ExportOptions
+
+    tiny_source = hashlib.sha256((Path(__file__).parent / "tiny_models.py").read_bytes()).hexdigest()[:12]
+
+    def make(arch: str, mode, *, fuse_contrast=None) -> Path:
+        mode = VocabularyProjectionMode.parse(mode)
+        options = ExportOptions(projection=mode.name, fuse_contrast=tuple(fuse_contrast) if fuse_contrast else None)
+        return cached_bundle(lambda: tiny_checkpoint(arch, mode), options,
+                             identity=f"tiny-{arch}-{mode.name.lower()}-{tiny_source}")
+
+    return make
+
+
+SMOLLM2_EXPORT = dict(projection="SHARED_PROJECTION_DIRECT", exits=(30, 20, 15, 10), fuse_contrast=(30, 15),
+                      alpha=0.1, minimum_candidates=1)
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(smollm2_path) -> Path:
+    """The SmolLM2 fp32 bundle: shared direct, exits 30, 20, 15, 10 and original, contrast 30 vs 15 fused
+    (alpha 0.1, k 1). Exported once (~1-2 min) and cached on disk under <cache>/exports."""
+    from autocontrast.export.cache import cached_bundle
+    from autocontrast.export.exporter import ExportOptions
+
+    return cached_bundle(smollm2_path, ExportOptions(**SMOLLM2_EXPORT), identity="smollm2-135m-instruct")

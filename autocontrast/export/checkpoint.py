@@ -1,0 +1,109 @@
+"""What the exporter reads from a checkpoint besides the model: projection mode, tokenizer, special tokens.
+
+Works for a local folder or a hub id (files are resolved with transformers' `cached_file`).
+
+>>> detect_projection_mode("path/to/gpt2-medium-multiexit")  # doctest: +SKIP
+<VocabularyProjectionMode.LAYER_SPECIFIC_PROJECTION: 0>
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from autocontrast.config import VocabularyProjectionMode
+from autocontrast.errors import ExportError
+from autocontrast.models.multi_exit import CASTS, HEADS
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def _file(model: str, name: str) -> Path | None:
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(model, name, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    except OSError:
+        return None
+    return Path(found) if found else None
+
+
+def weight_names(model: str) -> set[str]:
+    """Names of the checkpoint's tensors, read without loading them."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        path = _file(model, index)
+        if path:
+            return set(json.loads(path.read_text(encoding="utf-8"))["weight_map"])
+    path = _file(model, "model.safetensors")
+    if path:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return set(f.keys())
+    path = _file(model, "pytorch_model.bin")
+    if path:
+        import torch
+
+        return set(torch.load(str(path), map_location="meta", weights_only=True))
+    return set()
+
+
+def detect_projection_mode(model: str) -> VocabularyProjectionMode:
+    """The mode a checkpoint was trained for: its own exit heads, cast matrices, or neither (direct)."""
+    names = weight_names(model)
+    if any(n.startswith(f"{HEADS}.") and not n.startswith(f"{HEADS}.lm_head_original") for n in names):
+        return VocabularyProjectionMode.LAYER_SPECIFIC_PROJECTION
+    if any(n.startswith(f"{CASTS}.") for n in names):
+        return VocabularyProjectionMode.SHARED_PROJECTION_CAST_OUTPUTS
+    return VocabularyProjectionMode.SHARED_PROJECTION_DIRECT
+
+
+def copy_tokenizer(model: str, target: Path) -> tuple[tuple[str, ...], str | None]:
+    """Copy the tokenizer files into `target`; returns (files copied, chat template or None).
+
+    A checkpoint with only a slow tokenizer (vocab.json + merges.txt) gets a `tokenizer.json`
+    written by its fast counterpart: the runtime reads tokenizer.json with `tokenizers`.
+    """
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = _file(model, name)
+        if path:
+            shutil.copy(path, target / name)
+            copied.append(name)
+    if "tokenizer.json" not in copied:
+        try:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(model, use_fast=True).save_pretrained(str(target))
+        except Exception as err:  # noqa: BLE001 - any failure means the same thing to the user
+            raise ExportError(f"{model} has no tokenizer.json and no tokenizer that can write one "
+                              f"({type(err).__name__}: {err}); the runtime needs tokenizer.json") from None
+        copied = [n for n in TOKENIZER_FILES if (target / n).is_file()]
+    template = None
+    if (target / "chat_template.jinja").is_file():
+        template = (target / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (target / "tokenizer_config.json").is_file():
+        template = json.loads((target / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    return tuple(copied), template if isinstance(template, str) else None
+
+
+def special_tokens(config: Any, generation_config: Any) -> dict[str, Any]:
+    """bos/eos/pad ids from the model config and its generation config (eos may be several)."""
+    eos: list[int] = []
+    for source in (generation_config, config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        for token in (value if isinstance(value, (list, tuple)) else [value]):
+            if token is not None and int(token) not in eos:
+                eos.append(int(token))
+
+    def first(name: str) -> int | None:
+        for source in (generation_config, config):
+            value = getattr(source, name, None) if source is not None else None
+            if value is not None:
+                return int(value[0] if isinstance(value, (list, tuple)) else value)
+        return None
+
+    return {"bos_token_id": first("bos_token_id"), "eos_token_ids": eos, "pad_token_id": first("pad_token_id")}

@@ -1,0 +1,296 @@
+"""`export_bundle`: a multi-exit checkpoint -> a validated export bundle (ONNX graphs + manifest).
+
+Stages: load the model, trace each graph (`torch.onnx.export`, TorchScript tracer, with the
+patches of `autocontrast.export.patcher`), apply the variant (fp16 / ORT fusions / int8), write
+the graphs with one shared deduplicated weights file, validate every graph against PyTorch,
+copy the tokenizer, write the manifest, then rename the temporary directory into place.
+
+Why not optimum's `main_export`: a bundle is several graphs (plain decoding, stacked exits with
+a fused contrast, scoring) sharing one weights file, each a function of flat KV tensors with
+outputs optimum's task configs do not have; its driver exports one task's graph(s) per call with
+its own copy of the weights. We reuse optimum's tracing patches instead (see patcher.py).
+
+>>> from autocontrast.export import ExportOptions, export_bundle
+>>> export_bundle("path/to/SmolLM2", "bundle", options=ExportOptions(exits=(30, 15),
+...               fuse_contrast=(30, 15)))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from autocontrast.bundle import DECODE, SCORE, ContrastSpec, GraphSpec, KVCacheSpec, Manifest, write_manifest
+from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, ORIGINAL, Exit, sort_exits
+from autocontrast.errors import ExportError, UnknownExitError, UnsupportedArchitectureError
+
+CONTRAST_OUTPUT = "contrast_scores"
+LOGITS_OUTPUT = "exit_logits"
+OPSET = 17
+DTYPES = ("float32", "float16")
+QUANTIZATIONS = ("int8",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """What to export. `exits=None`: the checkpoint's exits (a plain checkpoint: top and middle layer)."""
+
+    exits: tuple[Exit, ...] | None = None
+    projection: str | None = None  # a VocabularyProjectionMode name; None: what the checkpoint has
+    fuse_contrast: tuple[Exit, Exit] | None = None  # (upper, lower)
+    alpha: float = DEFAULT_ALPHA
+    minimum_candidates: int = DEFAULT_MINIMUM_CANDIDATES
+    score_graph: bool = True
+    dtype: str = "float32"
+    optimize: bool = False
+    quantize: str | None = None
+    tensorrt: bool = False
+    validation_steps: int = 4
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ExportError(f"--dtype {self.dtype!r} is not supported; choose one of: {', '.join(DTYPES)}")
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            raise ExportError(f"--quantize {self.quantize!r} is not supported; choose: {', '.join(QUANTIZATIONS)}")
+        if self.quantize and self.dtype != "float32":
+            raise ExportError("--quantize int8 quantizes float32 weights; do not combine it with --dtype float16")
+        if self.fuse_contrast is not None and len(self.fuse_contrast) != 2:
+            raise ExportError(f"--fuse-contrast needs UPPER,LOWER, got {self.fuse_contrast!r}")
+        if not 0.0 <= self.alpha <= 1.0 or self.minimum_candidates < 1:
+            raise ExportError(f"alpha ({self.alpha}) must be in [0, 1] and minimum candidates "
+                              f"({self.minimum_candidates}) at least 1")
+
+    @property
+    def variant_name(self) -> str:
+        return self.quantize or ("float16" if self.dtype == "float16" else "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    manifest: Manifest
+    seconds: float
+    size_bytes: int
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def export_bundle(model: str | os.PathLike, output: str | os.PathLike, *, options: ExportOptions | None = None,
+                  force: bool = False, log: Callable[[str], None] = _stderr) -> ExportResult:
+    """Export `model` (local folder or hub id) to a validated bundle at `output`.
+
+    Raises `ExportError` (output exists without force, bad options), `UnknownExitError`,
+    `UnsupportedArchitectureError`, `ProviderUnavailableError` (TensorRT without a GPU) or
+    `ExportValidationError`; on any error nothing is left at or beside `output`.
+    """
+    options = options or ExportOptions()
+    started = time.perf_counter()
+    source, output = str(model), Path(output)
+    if output.exists() and not force:
+        raise ExportError(f"{output} already exists; pass --force (force=True) to replace it")
+    if options.tensorrt:
+        from autocontrast.export.tensorrt import check_tensorrt
+
+        check_tensorrt()
+    log(f"[1/6] loading {source}")
+    loaded = _load(source, options)
+    exits, graphs = _plan(loaded, options)
+    created = _missing_parents(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    try:
+        manifest = _build(loaded, source, exits, graphs, options, work, log)
+        if options.tensorrt:
+            from autocontrast.export.tensorrt import build_engines
+
+            log("[6/6] building TensorRT engines")
+            manifest = build_engines(work, manifest, log=log)
+        write_manifest(work, manifest)
+        work.chmod(0o755)  # mkdtemp made it private; a bundle is an ordinary directory
+        _replace(work, output, force=force)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        for directory in created:
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
+        raise
+    size = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
+    result = ExportResult(output, manifest, time.perf_counter() - started, size)
+    log(summary(result))
+    return result
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    missing, parent = [], path.parent.absolute()
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    return missing
+
+
+def _replace(work: Path, output: Path, *, force: bool) -> None:
+    old = None
+    if output.exists() and not force:  # appeared while we exported (a concurrent export)
+        raise ExportError(f"{output} appeared during the export; pass --force to replace it")
+    if output.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+        output.rename(old / "bundle")
+    work.rename(output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class _Loaded:
+    model: Any
+    tokenizer: Any
+    generation_config: Any
+    checkpoint_exits: tuple[Exit, ...] | None  # lm_head_layer_indices of the checkpoint's own config
+
+
+def _load(source: str, options: ExportOptions) -> _Loaded:
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from autocontrast.config import MultiExitConfiguration, VocabularyProjectionMode
+    from autocontrast.export.checkpoint import detect_projection_mode
+    from autocontrast.models.auto import AutoMultiExitModel
+    from autocontrast.models.families import family_for
+
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ExportError(f"cannot read a model config from {source!r}: {err}") from None
+    if family_for(config).is_encoder_decoder:
+        raise UnsupportedArchitectureError(
+            f"{config.model_type!r} is an encoder-decoder model; acd-export supports decoder-only models "
+            "(GPT-2, GPT-Neo, Llama, Mistral, Qwen2)")
+    mode = (VocabularyProjectionMode.parse(options.projection) if options.projection
+            else detect_projection_mode(source))
+    model = AutoMultiExitModel.from_pretrained(source, MultiExitConfiguration(vocab_projection_mode=mode),
+                                               torch_dtype="float32")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception:  # noqa: BLE001 - validation then uses fixed random ids
+        tokenizer = None
+    try:
+        generation_config = GenerationConfig.from_pretrained(source)
+    except OSError:
+        generation_config = None
+    own = getattr(config, "lm_head_layer_indices", None)
+    return _Loaded(model, tokenizer, generation_config, tuple(own) if own is not None else None)
+
+
+def _plan(loaded: _Loaded, options: ExportOptions) -> tuple[tuple[Exit, ...], list[dict[str, Any]]]:
+    """Check the exits and decide the graphs: [{name, kind, exits, contrast}]."""
+    from autocontrast.config import parse_exit
+    from autocontrast.export.graph import graph_exit_order
+
+    model = loaded.model
+    L = model.num_layers
+    available = model.available_exits
+    if options.exits is not None:
+        chosen = tuple(parse_exit(e) for e in options.exits)
+    else:
+        own = [e for e in model.exit_indices if e != ORIGINAL]
+        if loaded.checkpoint_exits is None and L > 2:
+            own = [L, L // 2]  # a plain checkpoint "has" every layer in direct mode: export two
+        chosen = tuple(own)
+    contrast = options.fuse_contrast
+    if contrast is not None:
+        contrast = (parse_exit(contrast[0]), parse_exit(contrast[1]))
+        chosen = tuple(dict.fromkeys(chosen + contrast))
+    listed = ", ".join(str(e) for e in available)
+    for exit_ in chosen:
+        if exit_ not in available:
+            raise UnknownExitError(f"exit {exit_!r} is not available in this checkpoint "
+                                   f"({model.vocab_projection_mode.name}); it has exits: {listed}")
+    if contrast is not None and contrast[1] == ORIGINAL:
+        raise ExportError("'original' can only be the upper exit of a fused contrast")
+    layered = tuple(e for e in chosen if e != ORIGINAL)
+    explicit_original = ORIGINAL in chosen
+    stacked = graph_exit_order(model, chosen if explicit_original else layered) if layered else ()
+    fused = (contrast + (options.alpha, options.minimum_candidates)) if contrast else None
+    graphs = [{"name": "decode_original", "kind": DECODE, "exits": (ORIGINAL,), "contrast": None}]
+    if stacked:
+        graphs.append({"name": "decode_exits", "kind": DECODE, "exits": stacked, "contrast": fused})
+    all_exits = tuple(sort_exits(set(chosen) | {ORIGINAL}))
+    if options.score_graph:
+        graphs.append({"name": "score", "kind": SCORE, "exits": graph_exit_order(model, all_exits),
+                       "contrast": fused})
+    return all_exits, graphs
+
+
+def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dict[str, Any]],
+           options: ExportOptions, work: Path, log: Callable[[str], None]) -> Manifest:
+    from autocontrast.export.checkpoint import copy_tokenizer, special_tokens
+    from autocontrast.export.trace import trace_graph
+    from autocontrast.export.validation import TOLERANCES, validate_graphs
+    from autocontrast.export.variants import apply_variant, versions
+    from autocontrast.export.weights import WEIGHTS_FILE, load_graph, write_shared_weights
+
+    model = loaded.model
+    family, config = model.family, model.config
+    kv = KVCacheSpec(num_layers=model.num_layers, num_kv_heads=family.num_kv_heads(config),
+                     head_dim=family.head_dim(config))
+    raw = work / ".raw"
+    specs, paths = [], {}
+    for i, g in enumerate(plan):
+        contrast = g["contrast"]
+        log(f"[2/6] tracing graph {i + 1}/{len(plan)} {g['name']!r} ({g['kind']}, exits "
+            f"{', '.join(map(str, g['exits']))}{', fused contrast' if contrast else ''})")
+        paths[g["name"]] = trace_graph(model, g["exits"], kind=g["kind"], contrast=contrast, kv=kv,
+                                       directory=raw / g["name"], opset=OPSET)
+        spec_contrast = ContrastSpec(CONTRAST_OUTPUT, *contrast) if contrast else None
+        specs.append(GraphSpec(g["name"], f"{g['name']}.onnx", g["kind"], tuple(g["exits"]),
+                               logits_output=LOGITS_OUTPUT, contrast=spec_contrast,
+                               external_data=(WEIGHTS_FILE,)))
+    variant: dict[str, Any] = {"dtype": options.dtype, "optimize": options.optimize, "quantize": options.quantize}
+    if options.variant_name != "float32" or options.optimize:
+        log(f"[3/6] applying variant {options.variant_name}{' + ORT fusions' if options.optimize else ''}")
+        paths = apply_variant(paths, model=model, options=options, log=log)
+    log("[4/6] writing graphs with one shared weights file")
+    write_shared_weights({name: load_graph(p) for name, p in paths.items()}, work)
+    shutil.rmtree(raw, ignore_errors=True)
+    log(f"[5/6] validating against PyTorch (prefill + {options.validation_steps} cached decode steps)")
+    report = validate_graphs(model, work, specs, kv, tolerance=TOLERANCES[options.variant_name],
+                             tokenizer=loaded.tokenizer, steps=options.validation_steps)
+    if options.quantize:
+        from autocontrast.export.variants import teacher_forced_agreement
+
+        log("[5/6] measuring teacher-forced token agreement with fp32 PyTorch")
+        variant["agreement"] = teacher_forced_agreement(model, work, specs, kv, tokenizer=loaded.tokenizer)
+    tokenizer_files, template = copy_tokenizer(source, work)
+    return Manifest(
+        source_model=source, architecture=family.name, num_layers=model.num_layers,
+        hidden_size=family.hidden_size(config), vocab_size=int(config.vocab_size),
+        max_positions=family.max_positions(config), projection_mode=model.vocab_projection_mode.name,
+        exits=exits, kv_cache=kv, graphs=tuple(specs),
+        special_tokens=special_tokens(config, loaded.generation_config), tokenizer_files=tokenizer_files,
+        chat_template=template, variant=variant, versions=versions(opset=OPSET), validation=report)
+
+
+def summary(result: ExportResult) -> str:
+    """A few lines for the end of an export: where, what, how big, how close to PyTorch."""
+    m = result.manifest
+    lines = [f"exported {m.source_model} -> {result.path} in {result.seconds:.1f} s, "
+             f"{result.size_bytes / 1e6:.1f} MB ({m.variant.get('quantize') or m.variant.get('dtype')})"]
+    for g in m.graphs:
+        diffs = m.validation.get("graphs", {}).get(g.name, {})
+        worst = ", ".join(f"{k} {v:.2g}" for k, v in diffs.items())
+        fused = f", contrast {g.contrast.upper} vs {g.contrast.lower}" if g.contrast else ""
+        lines.append(f"  {g.file}: {g.kind}, exits {', '.join(map(str, g.exits))}{fused}; max |diff| {worst}")
+    if "agreement" in m.variant:
+        a = m.variant["agreement"]
+        lines.append(f"  teacher-forced agreement with fp32: {a['agreed']}/{a['steps']} = {a['rate']:.1%}")
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""The traceable module behind every exported graph: flat tensors in, exit logits out.
+
+`ExitGraph` wraps a multi-exit model so that `torch.onnx.export` sees only flat tensors:
+`input_ids`, `attention_mask`, `position_ids` and, for decode graphs, the past KV cache as
+2 * num_layers tensors (key, value of layer 0, 1, ...). It rebuilds a `DynamicCache` inside
+(transformers >= 4.5x speaks Cache objects, not tuples) and returns the present cache flat again.
+
+Exits that share one projection matrix (the model's own head in the shared modes) are stacked
+and projected in one matrix product: `(batch, n_exits, hidden) @ (hidden, vocab)`.
+
+>>> graph = ExitGraph(model, (30, 15), kind="decode", contrast=(30, 15, 0.1, 1))  # doctest: +SKIP
+>>> exit_logits, contrast_scores, *present = graph(ids, mask, positions, *past)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from autocontrast.bundle import DECODE, SCORE
+from autocontrast.config import ORIGINAL, Exit
+from autocontrast.models.contrast import calculate_contrasted_logits
+
+
+def projection_groups(model: Any, exits: tuple[Exit, ...]) -> list[tuple[nn.Linear, tuple[Exit, ...]]]:
+    """Exits grouped by the head that projects them (one matrix product per group), order kept."""
+    groups: dict[int, tuple[nn.Linear, list[Exit]]] = {}
+    for exit_ in exits:
+        head = model.lm_head if model.uses_original_logits(exit_) else model.exit_head(exit_)
+        groups.setdefault(id(head), (head, []))[1].append(exit_)
+    return [(head, tuple(members)) for head, members in groups.values()]
+
+
+def graph_exit_order(model: Any, exits: tuple[Exit, ...]) -> tuple[Exit, ...]:
+    """The order in which a graph returns `exits`: grouped by projection, first-seen order."""
+    return tuple(e for _, members in projection_groups(model, exits) for e in members)
+
+
+class ExitGraph(nn.Module):
+    """A multi-exit model as a function of flat tensors (what the ONNX graph computes).
+
+    kind DECODE: (input_ids, attention_mask, position_ids, *past) ->
+        (exit_logits (batch, n_exits, vocab) of the last position, [contrast (batch, vocab)], *present)
+    kind SCORE: (input_ids, attention_mask, position_ids) -> exit_logits (batch, seq, n_exits, vocab)
+    """
+
+    def __init__(self, model: Any, exits: tuple[Exit, ...], *, kind: str,
+                 contrast: tuple[Exit, Exit, float, int] | None = None) -> None:
+        super().__init__()
+        if kind not in (DECODE, SCORE):
+            raise ValueError(f"unknown graph kind {kind!r}")
+        self.model = model
+        self.kind = kind
+        self.groups = projection_groups(model, exits)
+        self.exits = tuple(e for _, members in self.groups for e in members)
+        self.contrast = contrast
+        self.num_layers = model.num_layers
+        self.needs_hidden = any(not model.uses_original_logits(e) for e in self.exits)
+        # A new Module is in training mode, and the exporter restores the mode it found: stay in eval
+        # so dropout never runs (in the trace or in the model afterwards).
+        self.eval()
+
+    def _cache(self, past: tuple[torch.Tensor, ...]) -> DynamicCache:
+        cache = DynamicCache()
+        for layer in range(self.num_layers):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)  # (batch, kv_heads, past, head_dim)
+        return cache
+
+    def _prepared_hidden(self, exit_: Exit, final: torch.Tensor, hidden_states: Any) -> torch.Tensor:
+        """What exit `exit_`'s head multiplies: (batch, [seq,] hidden)."""
+        if self.model.uses_original_logits(exit_):
+            return final
+        return self.model.exit_hidden(exit_, self._keep(hidden_states[exit_]))
+
+    def _keep(self, hidden: torch.Tensor) -> torch.Tensor:
+        # decode graphs project only the last position: (batch, seq, hidden) -> (batch, hidden)
+        return hidden[:, -1, :] if self.kind == DECODE else hidden
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cache = self._cache(past) if self.kind == DECODE else None
+        body = self.model.base_model
+        out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   past_key_values=cache, use_cache=self.kind == DECODE,
+                   output_hidden_states=self.needs_hidden, return_dict=True)
+        final = self._keep(out.last_hidden_state)  # (batch, [seq,] hidden), final norm applied
+        stacked = []
+        for head, members in self.groups:
+            hidden = torch.stack([self._prepared_hidden(e, final, out.hidden_states) for e in members],
+                                 dim=-2)  # (batch, [seq,] n_group, hidden)
+            stacked.append(head(hidden.to(head.weight.dtype)))  # (batch, [seq,] n_group, vocab)
+        logits = stacked[0] if len(stacked) == 1 else torch.cat(stacked, dim=-2)
+        logits = logits.float()
+        results = [logits]
+        if self.contrast is not None:
+            upper, lower, alpha, k = self.contrast
+            u = logits.select(-2, self.exits.index(upper))  # (batch, [seq,] vocab)
+            lo = logits.select(-2, self.exits.index(lower))
+            results.append(calculate_contrasted_logits(u, lo, minimum_candidates=k, alpha=alpha))
+        if self.kind == DECODE:
+            results.extend(_flat_present(out.past_key_values, self.num_layers))
+        return tuple(results)
+
+
+def _flat_present(cache: Any, num_layers: int) -> list[torch.Tensor]:
+    flat = []
+    for layer in range(num_layers):
+        layer_cache = cache.layers[layer]
+        flat.extend([layer_cache.keys, layer_cache.values])  # (batch, kv_heads, past+seq, head_dim)
+    return flat
+
+
+def exit_label(exit_: Exit) -> str:
+    return ORIGINAL if exit_ == ORIGINAL else f"layer {exit_}"

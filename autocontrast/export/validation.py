@@ -1,0 +1,188 @@
+"""Export-time validation: the ONNX graphs against the PyTorch model, on the same inputs.
+
+A prefill of a left-padded batch (empty past), then `steps` cached decode steps feeding both
+sides the same tokens (the PyTorch model's greedy choice). Every graph output is compared:
+exit logits, the fused contrast, the present KV cache. The report (max abs difference per output,
+the tolerance, the inputs' shape) goes into the manifest; beyond tolerance is an
+`ExportValidationError`.
+
+>>> report = validate_graphs(model, bundle_dir, graphs, kv, tolerance=TOLERANCES["float32"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from autocontrast.bundle import DECODE, GraphSpec, KVCacheSpec
+from autocontrast.errors import ExportValidationError
+from autocontrast.models.contrast import calculate_contrasted_logits
+
+VALIDATION_TEXT = ("The quick brown fox jumps over the lazy dog, and then it runs into the forest",
+                   "Paris is the capital of")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """Max abs difference allowed per output kind; None records the figure without gating on it."""
+
+    logits: float
+    present: float
+    contrast: float | None
+
+    def to_dict(self) -> dict[str, float | None]:
+        return dataclasses.asdict(self)
+
+
+# fp32: ORT and PyTorch sum in different orders; ~1e-5 typical, 1e-4 is optimum's own bar for logits,
+# we allow 1e-3 because a 30-layer model accumulates more. Contrast scores are log-probabilities of
+# the same logits, but a token exactly at the plausibility threshold may switch sides: recorded only.
+TOLERANCES = {
+    "float32": Tolerance(logits=1e-3, present=1e-3, contrast=None),
+    "float16": Tolerance(logits=0.25, present=0.05, contrast=None),
+    "int8": Tolerance(logits=4.0, present=2.0, contrast=None),
+}
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Max |a - b|, where equal infinities count as 0 and NaN or unequal infinities as inf."""
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    with np.errstate(invalid="ignore"):
+        diff = np.where(a64 == b64, 0.0, np.abs(a64 - b64))
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    return float(diff.max()) if diff.size else 0.0
+
+
+def validation_batch(tokenizer: Any, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two prompts, the shorter left-padded: ids (batch, seq) int64, mask (batch, seq) int64."""
+    if tokenizer is not None:
+        rows = [tokenizer.encode(t, add_special_tokens=False) for t in VALIDATION_TEXT]
+    else:
+        rng = np.random.default_rng(0)
+        rows = [list(rng.integers(0, vocab_size, n)) for n in (12, 5)]
+    rows = [[int(t) % vocab_size for t in r] for r in rows]
+    seq = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), seq), np.int64)
+    mask = np.zeros((len(rows), seq), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, seq - len(r):], mask[i, seq - len(r):] = r, 1
+    return ids, mask
+
+
+def positions_for(mask: np.ndarray) -> np.ndarray:
+    """Position ids of a left-padded prefill: (batch, seq) -> (batch, seq), pads at 0."""
+    return np.clip(np.cumsum(mask, axis=-1) - 1, 0, None).astype(np.int64)
+
+
+def torch_step(model: Any, exits: Sequence[Any], ids: np.ndarray, mask: np.ndarray, pos: np.ndarray,
+               cache: Any) -> tuple[dict[Any, torch.Tensor], Any]:
+    """The PyTorch model's last-position logits of each exit, (batch, vocab) each, and its cache."""
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                    position_ids=torch.from_numpy(pos), past_key_values=cache, use_cache=True,
+                    output_hidden_states=True)
+        by_exit = model.exit_logits(tuple(exits), out.logits[:, -1:, :], out.hidden_states)
+    return {e: v[:, -1, :].float() for e, v in by_exit.items()}, out.past_key_values
+
+
+def expected_outputs(spec: GraphSpec, by_exit: dict[Any, torch.Tensor]) -> dict[str, np.ndarray]:
+    """What a decode graph should return for one step, from the PyTorch exits' logits."""
+    expected = {spec.logits_output: torch.stack([by_exit[e] for e in spec.exits], dim=1).numpy()}
+    if spec.contrast is not None:
+        c = spec.contrast
+        expected[c.output] = calculate_contrasted_logits(by_exit[c.upper], by_exit[c.lower], alpha=c.alpha,
+                                                         minimum_candidates=c.minimum_candidates).numpy()
+    return expected
+
+
+def _cache_arrays(cache: Any) -> list[np.ndarray]:
+    return [t.numpy() for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+def validate_graphs(model: Any, bundle_dir: Path, graphs: Sequence[GraphSpec], kv: KVCacheSpec, *,
+                    tolerance: Tolerance, tokenizer: Any = None, steps: int = 4) -> dict[str, Any]:
+    """Compare every graph with PyTorch (prefill + `steps` decode steps); raise beyond tolerance."""
+    import onnxruntime as ort
+
+    vocab = model.config.vocab_size
+    ids, mask = validation_batch(tokenizer, vocab)
+    report: dict[str, Any] = {"tolerance": tolerance.to_dict(), "batch": int(ids.shape[0]),
+                              "prompt_length": int(ids.shape[1]), "decode_steps": steps, "graphs": {}}
+    sessions = {g.name: ort.InferenceSession(str(bundle_dir / g.file), providers=["CPUExecutionProvider"])
+                for g in graphs}
+    all_exits = tuple(dict.fromkeys(e for g in graphs for e in g.exits))
+    for g in graphs:
+        report["graphs"][g.name] = {}
+    # score graphs: every position of the prompt, no cache
+    for g in (g for g in graphs if g.kind != DECODE):
+        with torch.no_grad():
+            out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                        position_ids=torch.from_numpy(positions_for(mask)), use_cache=False,
+                        output_hidden_states=True)
+            by_exit = model.exit_logits(g.exits, out.logits, out.hidden_states)
+        expected = {g.logits_output: torch.stack([by_exit[e].float() for e in g.exits], dim=2).numpy()}
+        if g.contrast is not None:
+            c = g.contrast
+            expected[c.output] = calculate_contrasted_logits(by_exit[c.upper].float(), by_exit[c.lower].float(),
+                                                             alpha=c.alpha,
+                                                             minimum_candidates=c.minimum_candidates).numpy()
+        got = sessions[g.name].run(list(expected), {"input_ids": ids, "attention_mask": mask,
+                                                    "position_ids": positions_for(mask)})
+        valid = mask.astype(bool)  # padded positions' logits are meaningless: compare real tokens only
+        report["graphs"][g.name] = {name: max_abs_diff(want[valid], have[valid])
+                                    for (name, want), have in zip(expected.items(), got, strict=False)}
+    decode = [g for g in graphs if g.kind == DECODE]
+    if decode:
+        _validate_decode(model, decode, sessions, kv, all_exits, ids, mask, steps, report)
+    _check(report, graphs, tolerance)
+    return report
+
+
+def _validate_decode(model: Any, decode: Sequence[GraphSpec], sessions: dict[str, Any], kv: KVCacheSpec,
+                     all_exits: tuple[Any, ...], ids: np.ndarray, mask: np.ndarray, steps: int,
+                     report: dict[str, Any]) -> None:
+    batch = ids.shape[0]
+    empty = np.zeros((batch, kv.num_kv_heads, 0, kv.head_dim), np.float32)  # (batch, kv_heads, 0, head_dim)
+    pasts = {g.name: [empty] * (2 * kv.num_layers) for g in decode}
+    pos = positions_for(mask)
+    cache = None
+    for _ in range(steps + 1):
+        by_exit, cache = torch_step(model, all_exits, ids, mask, pos, cache)
+        want_present = _cache_arrays(cache)
+        for g in decode:
+            expected = expected_outputs(g, by_exit)
+            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+            feeds.update(zip(kv.past_names(), pasts[g.name], strict=False))
+            got = sessions[g.name].run(list(expected) + kv.present_names(), feeds)
+            figures = report["graphs"][g.name]
+            for (name, want), have in zip(expected.items(), got, strict=False):
+                figures[name] = max(figures.get(name, 0.0), max_abs_diff(want, have))
+            present = got[len(expected):]
+            real = mask.astype(bool)  # (batch, total): pads' cache entries are never attended to
+            figures["present.*"] = max([figures.get("present.*", 0.0)]
+                                       + [max_abs_diff(w.transpose(0, 2, 1, 3)[real], h.transpose(0, 2, 1, 3)[real])
+                                          for w, h in zip(want_present, present, strict=False)])
+            pasts[g.name] = [p.astype(np.float32) for p in present]
+        # teacher forcing: both sides get PyTorch's greedy token from the first exit
+        nxt = by_exit[all_exits[0]].argmax(-1).numpy().astype(np.int64)[:, None]  # (batch, 1)
+        ids, pos = nxt, pos[:, -1:] + 1
+        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+
+
+def _check(report: dict[str, Any], graphs: Sequence[GraphSpec], tolerance: Tolerance) -> None:
+    failures = []
+    for g in graphs:
+        for name, diff in report["graphs"][g.name].items():
+            limit = (tolerance.present if name == "present.*" else
+                     tolerance.contrast if g.contrast is not None and name == g.contrast.output else tolerance.logits)
+            if limit is not None and not diff <= limit:
+                failures.append(f"{g.name}:{name} differs by {diff:.3g} (tolerance {limit:g})")
+    report["passed"] = not failures
+    if failures:
+        raise ExportValidationError("exported graphs do not match PyTorch: " + "; ".join(failures)
+                                    + "; nothing was written")

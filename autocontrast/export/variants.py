@@ -1,0 +1,153 @@
+"""Bundle variants: fp16 (GPUs), ORT transformer fusions, int8 weight quantization (CPUs, edge).
+
+Each works on the traced graphs' files before the shared weights file is written, and the
+variant is validated like fp32 (with its own tolerance). Quantization changes tokens, so int8
+also measures teacher-forced agreement: the fp32 PyTorch model's greedy ACD tokens are fed to the
+int8 decode graph, and we count the steps where the int8 graph would have picked the same token.
+
+int8 recipe (the feasibility run's best): ORT's `quant_pre_process` (shape inference and
+symbolic simplification so every MatMul, the tied head included, is quantizable), then 8-bit
+`MatMulNBits` (block 32, accuracy_level 4: int8 activations on CPU); see `quantize_int8`.
+
+>>> paths = apply_variant({"decode_original": Path("raw/decode_original/model.onnx")},
+...                       model=model, options=ExportOptions(quantize="int8"), log=print)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autocontrast.bundle import DECODE, GraphSpec, KVCacheSpec
+
+AGREEMENT_PROMPTS = ("The history of the city begins in", "In mathematics, a prime number is",
+                     "The best way to learn a new language is")
+AGREEMENT_STEPS = 32  # per prompt
+
+
+def versions(*, opset: int) -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    import autocontrast
+
+    found = {"autocontrast": autocontrast.__version__, "torch": torch.__version__,
+             "transformers": transformers.__version__, "onnx": onnx.__version__,
+             "onnxruntime": onnxruntime.__version__, "opset": str(opset)}
+    try:
+        from importlib.metadata import version
+
+        found["optimum"] = version("optimum")
+        found["optimum-onnx"] = version("optimum-onnx")
+    except Exception:  # noqa: BLE001 - optional metadata
+        pass
+    return found
+
+
+def apply_variant(paths: dict[str, Path], *, model: Any, options: Any, log: Callable[[str], None]) -> dict[str, Path]:
+    """Transform each graph file; returns the new files (the traced ones are left in place)."""
+    out = {}
+    for name, path in paths.items():
+        current = path
+        if options.optimize:
+            current = optimize_graph(current, model=model, target=path.with_name("optimized.onnx"))
+        if options.dtype == "float16":
+            current = to_float16(current, target=path.with_name("fp16.onnx"))
+        if options.quantize == "int8":
+            current = quantize_int8(current, target=path.with_name("int8.onnx"))
+        log(f"      {name}: {current.name}")
+        out[name] = current
+    return out
+
+
+def _save(model: Any, target: Path) -> Path:
+    import onnx
+
+    onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=target.name + ".data", size_threshold=1024)
+    return target
+
+
+def optimize_graph(path: Path, *, model: Any, target: Path) -> Path:
+    """ONNX Runtime's transformer fusions (LayerNorm, Gelu, attention where it matches), CPU-safe."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    family = model.family
+    kind = {"gpt2": "gpt2", "gpt_neo": "gpt_neo", "llama": "gpt2"}.get(family.name, "gpt2")
+    optimized = optimize_model(str(path), model_type=kind, num_heads=model.config.num_attention_heads,
+                               hidden_size=family.hidden_size(model.config), opt_level=1, use_gpu=False)
+    return _save(optimized.model, target)
+
+
+def to_float16(path: Path, *, target: Path) -> Path:
+    """Weights and compute in fp16; inputs/outputs (and the KV cache) stay float32 for the runtime."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(path), load_external_data=True)
+    converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    return _save(converted, target)
+
+
+def quantize_int8(path: Path, *, target: Path) -> Path:
+    """8-bit weight quantization: quant_pre_process, then MatMulNBits (bits 8, block 32, accuracy 4)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    prepared = path.with_name("preprocessed.onnx")
+    quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True, save_as_external_data=True,
+                      all_tensors_to_one_file=True, external_data_location=prepared.name + ".data")
+    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=4, bits=8)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(prepared)), algo_config=config)
+    quantizer.process()
+    return _save(quantizer.model.model, target)
+
+
+def teacher_forced_agreement(model: Any, bundle_dir: Path, graphs: Sequence[GraphSpec], kv: KVCacheSpec, *,
+                             tokenizer: Any = None) -> dict[str, Any]:
+    """Share of steps where the exported decode graph picks the fp32 PyTorch model's token.
+
+    Uses the graph's fused contrast when it has one (ACD tokens), else its first exit.
+    """
+    import onnxruntime as ort
+
+    from autocontrast.export.validation import expected_outputs, torch_step
+
+    spec = next((g for g in graphs if g.kind == DECODE and g.contrast is not None), None) \
+        or next(g for g in graphs if g.kind == DECODE)
+    session = ort.InferenceSession(str(bundle_dir / spec.file), providers=["CPUExecutionProvider"])
+    pick = spec.contrast.output if spec.contrast else spec.logits_output
+    agreed = steps = 0
+    for prompt in AGREEMENT_PROMPTS:
+        if tokenizer is not None:
+            ids = np.array([tokenizer.encode(prompt, add_special_tokens=False)], np.int64)
+        else:
+            ids = np.random.default_rng(len(prompt)).integers(0, model.config.vocab_size, (1, 8))
+        mask, pos = np.ones_like(ids), np.arange(ids.shape[1], dtype=np.int64)[None]
+        past = [np.zeros((1, kv.num_kv_heads, 0, kv.head_dim), np.float32)] * (2 * kv.num_layers)
+        cache = None
+        for _ in range(AGREEMENT_STEPS):
+            by_exit, cache = torch_step(model, spec.exits, ids, mask, pos, cache)
+            want = expected_outputs(spec, by_exit)[pick]
+            want = want[:, 0] if want.ndim == 3 else want  # (1, vocab)
+            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **dict(zip(kv.past_names(), past, strict=False))}
+            got = session.run([pick] + kv.present_names(), feeds)
+            have = got[0][:, 0] if got[0].ndim == 3 else got[0]
+            token = int(np.argmax(want[0]))
+            agreed += int(np.argmax(have[0]) == token)
+            steps += 1
+            past = got[1:]
+            ids = np.array([[token]], np.int64)  # teacher forcing: the fp32 token, whatever int8 chose
+            pos = pos[:, -1:] + 1
+            mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+    return {"agreed": agreed, "steps": steps, "rate": agreed / steps, "measured_on": pick,
+            "prompts": len(AGREEMENT_PROMPTS), "reference": "fp32 PyTorch greedy tokens (teacher-forced)"}
