@@ -52,6 +52,8 @@ class ExportOptions:
     optimize: bool = False
     quantize: str | None = None
     tensorrt: bool = False
+    trt_max_batch: int = 8
+    trt_max_length: int = 2048
     validation_steps: int = 4
 
     def __post_init__(self) -> None:
@@ -113,7 +115,8 @@ def export_bundle(model: str | os.PathLike, output: str | os.PathLike, *, option
             from autocontrast.export.tensorrt import build_engines
 
             log("[6/6] building TensorRT engines")
-            manifest = build_engines(work, manifest, log=log)
+            manifest = build_engines(work, manifest, log=log, max_batch=options.trt_max_batch,
+                                     max_length=options.trt_max_length)
         write_manifest(work, manifest)
         work.chmod(0o755)  # mkdtemp made it private; a bundle is an ordinary directory
         _replace(work, output, force=force)
@@ -178,7 +181,7 @@ def _load(source: str, options: ExportOptions) -> _Loaded:
     mode = (VocabularyProjectionMode.parse(options.projection) if options.projection
             else detect_projection_mode(source))
     model = AutoMultiExitModel.from_pretrained(source, MultiExitConfiguration(vocab_projection_mode=mode),
-                                               torch_dtype="float32")
+                                               dtype="float32")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception:  # noqa: BLE001 - validation then uses fixed random ids

@@ -1,0 +1,100 @@
+"""`acd-export MODEL OUTPUT_DIR`: export a multi-exit model to a validated ONNX bundle.
+
+>>> main(["path/to/SmolLM2", "bundle", "--exits", "30,15", "--fuse-contrast", "30,15"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from autocontrast.cli_support import run_cli
+from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, parse_exits
+from autocontrast.errors import ExportError
+
+DESCRIPTION = """\
+Export a multi-exit language model (a local folder or a hub id) to a bundle that the torch-free
+runtime runs: ONNX graphs with a KV cache, the tokenizer, and manifest.json.
+
+The bundle holds three graphs sharing one weights file:
+  decode_original  the checkpoint's own head, last position only (plain decoding pays nothing extra)
+  decode_exits     the chosen exits stacked, last position only, plus the fused contrast if asked
+  score            every position's logits of every exit (perplexity, lm-eval log-likelihoods)
+Every graph is checked against PyTorch (a prefill and cached decode steps); an export that does
+not match within tolerance fails and leaves nothing behind.
+"""
+
+EXAMPLES = """\
+examples:
+  acd-export ~/models/SmolLM2-135M-Instruct smollm2-acd --exits 30,15 --fuse-contrast 30,15
+  acd-export IBM/gpt2-medium-multiexit gpt2-acd --exits 24,12 --fuse-contrast 24,12 --alpha 0.1
+  acd-export ~/models/SmolLM2-135M-Instruct smollm2-int8 --exits 30,15 --fuse-contrast 30,15 --quantize int8
+"""
+
+
+def _pair(text: str) -> tuple:
+    exits = parse_exits(text)
+    if exits is None or len(exits) != 2:
+        raise argparse.ArgumentTypeError(f"expected UPPER,LOWER (e.g. 30,15 or original,12), got {text!r}")
+    return exits
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="acd-export", description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="checkpoint folder or hub id (GPT-2, GPT-Neo, Llama, Mistral, Qwen2)")
+    p.add_argument("output", help="bundle directory to create (refused if it exists, unless --force)")
+    p.add_argument("--exits", type=parse_exits, default=None,
+                   help="exits to export, e.g. 30,15 or original,12 (default: the checkpoint's "
+                        "lm_head_layer_indices; a plain checkpoint: its top and middle layer)")
+    p.add_argument("--projection", default=None,
+                   help="vocabulary projection mode: SHARED_PROJECTION_DIRECT (works on any checkpoint), "
+                        "LAYER_SPECIFIC_PROJECTION or SHARED_PROJECTION_CAST_OUTPUTS (need trained "
+                        "heads/cast matrices); default: what the checkpoint has")
+    p.add_argument("--fuse-contrast", type=_pair, default=None, metavar="UPPER,LOWER",
+                   help="compute the ACD contrast of these exits inside decode_exits (output contrast_scores)")
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="plausibility threshold of the fused contrast")
+    p.add_argument("--minimum-candidates", type=int, default=DEFAULT_MINIMUM_CANDIDATES,
+                   help="minimum plausible candidates of the fused contrast")
+    p.add_argument("--no-score-graph", action="store_true", help="leave out the every-position score graph")
+    p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="float16 halves the weights, for GPUs (inputs, outputs and KV cache stay float32)")
+    p.add_argument("--optimize", action="store_true", help="apply ONNX Runtime's transformer graph fusions")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="8-bit weight quantization for CPUs and edge devices; token agreement with fp32 "
+                        "is measured and recorded")
+    p.add_argument("--tensorrt", action="store_true",
+                   help="also build TensorRT engines (needs a CUDA GPU, onnxruntime-gpu and TensorRT)")
+    p.add_argument("--trt-max-batch", type=int, default=8, help="largest batch of the TensorRT profile")
+    p.add_argument("--trt-max-length", type=int, default=2048, help="longest sequence of the TensorRT profile")
+    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists (only once validated)")
+    p.add_argument("--quiet", action="store_true", help="print only the summary")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from autocontrast.export.exporter import ExportOptions, export_bundle
+
+    if args.trt_max_batch < 1 or args.trt_max_length < 2:
+        raise ExportError("--trt-max-batch must be >= 1 and --trt-max-length >= 2")
+    options = ExportOptions(exits=args.exits, projection=args.projection, fuse_contrast=args.fuse_contrast,
+                            alpha=args.alpha, minimum_candidates=args.minimum_candidates,
+                            score_graph=not args.no_score_graph, dtype=args.dtype, optimize=args.optimize,
+                            quantize=args.quantize, tensorrt=args.tensorrt, trt_max_batch=args.trt_max_batch,
+                            trt_max_length=args.trt_max_length)
+
+    def log(message: str) -> None:
+        if not args.quiet or message.startswith("exported") or message.startswith("  "):
+            print(message, file=sys.stderr, flush=True)
+
+    export_bundle(args.model, args.output, options=options, force=args.force, log=log)
+    return 0
+
+
+def cli() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()
