@@ -170,7 +170,9 @@ class MultiExitMixin:
         hidden = outputs.decoder_hidden_states if self.family.is_encoder_decoder else outputs.hidden_states
         by_exit = self.exit_logits(exits, outputs.logits, hidden)
         if labels is not None:
-            outputs.loss = sum(self._head_loss(by_exit[e], labels) for e in self.exit_indices)
+            # item assignment, not attribute: a ModelOutput built with loss=None has no 'loss' key, and
+            # the Trainer reads outputs["loss"]
+            outputs["loss"] = sum(self._head_loss(by_exit[e], labels) for e in self.exit_indices)
         outputs.logits = self.combine(by_exit)
         return outputs
 
