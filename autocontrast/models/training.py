@@ -128,7 +128,7 @@ def _training_arguments(options: HeadTrainingOptions, checkpoint_dir: Path) -> A
         warmup_steps=options.warmup_steps, lr_scheduler_type="linear", logging_steps=options.logging_steps,
         save_strategy="steps", save_steps=options.save_steps, save_total_limit=options.save_total_limit,
         seed=options.seed, data_seed=options.seed, report_to=[], remove_unused_columns=False,
-        dataloader_num_workers=0, disable_tqdm=False)
+        dataloader_num_workers=0, dataloader_pin_memory=False, disable_tqdm=False)
     argv = [f"--{k}={v}" for k, v in defaults.items() if k != "report_to"] + ["--report_to", "none"]
     try:
         (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
@@ -146,12 +146,13 @@ def _latest_checkpoint(checkpoint_dir: Path) -> str | None:
 
 def train_heads(model_path: str | Path, output_dir: str | Path, *, layers: Sequence[int] | str,
                 data_files: Sequence[str | Path] = (), task_files: Sequence[str | Path] = (),
-                options: HeadTrainingOptions | None = None, resume: bool = False) -> TrainingResult:
+                options: HeadTrainingOptions | None = None, resume: bool = False,
+                callbacks: Sequence[Any] = ()) -> TrainingResult:
     """Train exit heads at `layers` on text (`data_files`) or task pairs (`task_files`, JSON Lines).
 
     Trainer checkpoints go to `<output_dir>/trainer/` (`resume=True` continues from the latest);
     the final model and tokenizer are written to a temporary folder and moved into `output_dir`
-    only when complete.
+    only when complete. `callbacks` are `transformers.TrainerCallback`s added to the Trainer's.
     """
     from transformers import AutoTokenizer, Trainer
 
@@ -181,7 +182,7 @@ def train_heads(model_path: str | Path, output_dir: str | Path, *, layers: Seque
           file=sys.stderr)
 
     trainer = Trainer(model=model, args=_training_arguments(options, checkpoint_dir), train_dataset=dataset,
-                      data_collator=collator)
+                      data_collator=collator, callbacks=list(callbacks))
     trainer.train(resume_from_checkpoint=latest if resume else None)
 
     model.eval()
