@@ -8,10 +8,19 @@ Graph conventions (all graphs of a bundle share them):
 - inputs `input_ids` (batch, seq) int64, `attention_mask` (batch, past+seq) int64,
   `position_ids` (batch, seq) int64, and for decode graphs the past KV cache named by `KVCacheSpec`
   (batch, kv_heads, past, head_dim).
-- decode graphs output `logits_output` (batch, n_exits, vocab) for the last position only, exits
-  in `GraphSpec.exits` order, plus the present KV cache (batch, kv_heads, past+seq, head_dim), and
-  optionally the fused contrast (batch, vocab).
-- score graphs output `logits_output` (batch, seq, n_exits, vocab) for every position.
+- decode graphs output `GraphSpec.logits_output` (default `exit_logits`, (batch, n_exits, vocab))
+  for the last position only, exits in `GraphSpec.exits` order, plus the present KV cache
+  (batch, kv_heads, past+seq, head_dim), and optionally the fused contrast named by
+  `ContrastSpec.output` (batch, vocab). A prefill passes a past of length 0.
+- score graphs take no past and output `logits_output` (batch, seq, n_exits, vocab) for every
+  position (and the fused contrast, if any, as (batch, seq, vocab)).
+- `GraphSpec.external_data`: files holding a graph's weights; acd-export writes one shared,
+  deduplicated `weights.bin` that every graph reads by offset.
+
+Manifest dicts: `variant` = {dtype, optimize, quantize, agreement (int8: teacher-forced token
+agreement with fp32), tensorrt (provider options per graph, cache paths relative to the bundle)};
+`validation` = {tolerance, batch, prompt_length, decode_steps, graphs: {graph: {output: max abs
+diff vs PyTorch}}, passed}; `special_tokens` = {bos_token_id, eos_token_ids, pad_token_id}.
 
 >>> m = Manifest.from_dict(Manifest.example().to_dict())
 >>> m.graph_for_exits([30, 15]).name
