@@ -11,6 +11,7 @@ identity, so any change to any of them makes a fresh export.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -54,10 +55,12 @@ def cached_bundle(model: str | Path | Callable[[], Path], options: ExportOptions
     """
     if callable(model) and identity is None:
         raise ValueError("a model given as a function needs an identity")
-    slug = (identity or str(model)).replace("/", "_").replace(":", "_")[-40:]
-    target = exports_dir() / f"{slug}-{bundle_key(options, identity or str(model))}"
+    slug = (identity or str(model)).replace("/", "_").replace(":", "_").strip("._")[:40]
+    code = source_hash()[:8]
+    target = exports_dir() / f"{slug}-{code}-{bundle_key(options, identity or str(model))}"
     if (target / MANIFEST_FILE).is_file():
         return target
+    _prune(slug, code)
     if callable(model):
         model = model()
     try:
@@ -66,3 +69,14 @@ def cached_bundle(model: str | Path | Callable[[], Path], options: ExportOptions
         if not (target / MANIFEST_FILE).is_file():  # not a concurrent export that won the race
             raise
     return target
+
+
+def _prune(slug: str, code: str) -> None:
+    """Remove this model's exports made by other code: stale, and a SmolLM2 bundle is ~0.5 GB."""
+    root = exports_dir()
+    if not root.is_dir():
+        return
+    for entry in root.glob(f"{slug}-*"):
+        parts = entry.name[len(slug) + 1:].split("-")
+        if len(parts) == 2 and parts[0] != code and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)

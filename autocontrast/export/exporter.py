@@ -237,6 +237,7 @@ def _plan(loaded: _Loaded, options: ExportOptions) -> tuple[tuple[Exit, ...], li
 def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dict[str, Any]],
            options: ExportOptions, work: Path, log: Callable[[str], None]) -> Manifest:
     from autocontrast.export.checkpoint import copy_tokenizer, special_tokens
+    from autocontrast.export.tied_head import untie_transposed_copies
     from autocontrast.export.trace import trace_graph
     from autocontrast.export.validation import TOLERANCES, validate_graphs
     from autocontrast.export.variants import apply_variant, versions
@@ -263,7 +264,10 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
         log(f"[3/6] applying variant {options.variant_name}{' + ORT fusions' if options.optimize else ''}")
         paths = apply_variant(paths, model=model, options=options, log=log)
     log("[4/6] writing graphs with one shared weights file")
-    write_shared_weights({name: load_graph(p) for name, p in paths.items()}, work)
+    protos = {name: load_graph(p) for name, p in paths.items()}
+    for proto in protos.values():
+        untie_transposed_copies(proto)  # a tied head reads the embedding matrix, not a transposed copy
+    write_shared_weights(protos, work)
     shutil.rmtree(raw, ignore_errors=True)
     log(f"[5/6] validating against PyTorch (prefill + {options.validation_steps} cached decode steps)")
     report = validate_graphs(model, work, specs, kv, tolerance=TOLERANCES[options.variant_name],
