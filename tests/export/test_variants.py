@@ -1,0 +1,54 @@
+"""Variants export, validate with their own tolerance, and say in the manifest what they are."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from autocontrast.bundle import read_manifest
+from autocontrast.config import VocabularyProjectionMode
+from autocontrast.export import ExportOptions, export_bundle
+from tests.export.ort_loop import GraphRunner
+
+DIRECT = VocabularyProjectionMode.SHARED_PROJECTION_DIRECT
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+def test_float16_bundle_stores_half_precision_weights_and_keeps_float32_io(tiny_checkpoint, tiny_bundle, tmp_path):
+    fp32 = tiny_bundle("llama", DIRECT)
+    export_bundle(tiny_checkpoint("llama", DIRECT), tmp_path / "b", options=ExportOptions(dtype="float16"), log=_quiet)
+    manifest = read_manifest(tmp_path / "b")
+    assert manifest.variant["dtype"] == "float16" and manifest.validation["passed"]
+    assert manifest.validation["tolerance"]["logits"] > 1e-3  # its own, looser tolerance
+    ratio = (tmp_path / "b" / "weights.bin").stat().st_size / (fp32 / "weights.bin").stat().st_size
+    assert 0.45 < ratio < 0.6
+    graph = onnx.load(str(tmp_path / "b" / "decode_exits.onnx"), load_external_data=False)
+    assert {i.type.tensor_type.elem_type for i in graph.graph.output} == {onnx.TensorProto.FLOAT}
+
+
+def test_float16_logits_stay_close_to_float32(tiny_checkpoint, tiny_bundle, tmp_path):
+    export_bundle(tiny_checkpoint("llama", DIRECT), tmp_path / "b", options=ExportOptions(dtype="float16"), log=_quiet)
+    ids, mask = np.array([[5, 6, 7, 8]]), np.ones((1, 4), np.int64)
+    half = GraphRunner(tmp_path / "b", "decode_exits").prefill(ids, mask)["exit_logits"]
+    full = GraphRunner(tiny_bundle("llama", DIRECT), "decode_exits").prefill(ids, mask)["exit_logits"]
+    np.testing.assert_allclose(half, full, atol=0.05)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_optimized_bundle_validates_and_is_marked(arch, tiny_checkpoint, tmp_path):
+    export_bundle(tiny_checkpoint(arch, DIRECT), tmp_path / "b",
+                  options=ExportOptions(optimize=True, fuse_contrast=(3, 1)), log=_quiet)
+    manifest = read_manifest(tmp_path / "b")
+    assert manifest.variant["optimize"] is True and manifest.validation["passed"]
+    assert manifest.validation["tolerance"]["logits"] == 1e-3
+
+
+def test_float16_and_int8_together_are_refused():
+    from autocontrast.errors import ExportError
+
+    with pytest.raises(ExportError, match="do not combine it with --dtype float16"):
+        ExportOptions(dtype="float16", quantize="int8")
