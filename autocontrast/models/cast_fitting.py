@@ -26,13 +26,14 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from autocontrast.cli_support import run_cli
 from autocontrast.config import MultiExitConfiguration, VocabularyProjectionMode
 from autocontrast.errors import ConfigurationError, DataError
-from autocontrast.models.multi_exit import MultiExitMixin, cast_matrix_name
+from autocontrast.models.multi_exit import CASTS, MultiExitMixin, cast_matrix_name
 from autocontrast.models.training import parse_layers
 from autocontrast.models.training_data import chunk_tokens, read_text_files, tokenize_texts
 
@@ -118,6 +119,27 @@ def check_layers(layers: Sequence[int], num_layers: int) -> None:
                                      "the top, which the model's head reads directly")
 
 
+def load_for_fitting(model_path: str | Path, config: Any, layers: Sequence[int]) -> MultiExitMixin:
+    """The model in cast mode with matrices for `layers` (to be fitted) and for any other layer whose
+    matrix the checkpoint already has (kept); exits of the checkpoint without a matrix are dropped."""
+    from autocontrast.models.auto import _model_class, prepare_config
+
+    existing = [e for e in getattr(config, "lm_head_layer_indices", None) or () if isinstance(e, int)]
+    mec = MultiExitConfiguration(vocab_projection_mode=VocabularyProjectionMode.SHARED_PROJECTION_CAST_OUTPUTS,
+                                 lm_head_layer_indices=tuple(sorted(set(existing) | set(layers))))
+    config = prepare_config(config, mec)
+    model, info = _model_class(config).from_pretrained(str(model_path), config=config, multi_exit_config=mec,
+                                                       output_loading_info=True, dtype=torch.float32)
+    missing = set(info.get("missing_keys", ()))
+    unfitted = [e for e in existing if e not in layers and e != model.num_layers
+                and f"{CASTS}.{cast_matrix_name(e, model.num_layers)}.weight" in missing]
+    for exit_ in unfitted:  # e.g. a direct-mode checkpoint's exits: no matrix to keep, none to fit
+        del model.name_to_conv_matrix[cast_matrix_name(exit_, model.num_layers)]
+    model.config.lm_head_layer_indices = [e for e in model.config.lm_head_layer_indices if e not in unfitted]
+    model.exit_indices = tuple(model.config.lm_head_layer_indices)
+    return model.eval()
+
+
 def fit_cast_matrices(model_path: str | Path, output_dir: str | Path, *, layers: Sequence[int] | str,
                       data_files: Sequence[str | Path], block_size: int = 256, batch_size: int = 4,
                       max_vectors: int | None = 20000) -> list[CastFit]:
@@ -125,7 +147,6 @@ def fit_cast_matrices(model_path: str | Path, output_dir: str | Path, *, layers:
     (`name_to_conv_matrix.<k>_to_<L>.weight`), loadable as `SHARED_PROJECTION_CAST_OUTPUTS`."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from autocontrast.models.auto import AutoMultiExitModel
     from autocontrast.models.families import family_for
 
     layers = parse_layers(layers)
@@ -136,11 +157,7 @@ def fit_cast_matrices(model_path: str | Path, output_dir: str | Path, *, layers:
     check_layers(layers, family_for(config).num_layers(config))
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
     blocks = chunk_tokens(tokenize_texts(tokenizer, read_text_files(data_files)), block_size=block_size)
-    existing = [e for e in getattr(config, "lm_head_layer_indices", None) or () if isinstance(e, int)]
-    mec = MultiExitConfiguration(vocab_projection_mode=VocabularyProjectionMode.SHARED_PROJECTION_CAST_OUTPUTS,
-                                 lm_head_layer_indices=tuple(sorted(set(existing) | set(layers))))
-    model = AutoMultiExitModel.from_pretrained(str(model_path), mec, allow_missing_exit_weights=True,
-                                               torch_dtype=torch.float32)
+    model = load_for_fitting(model_path, config, layers)
     fits = fit_all(model, blocks, layers, batch_size=batch_size, max_vectors=max_vectors)
     with torch.no_grad():
         for fit in fits:
