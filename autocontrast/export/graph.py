@@ -21,7 +21,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from autocontrast.bundle import DECODE, SCORE
-from autocontrast.config import ORIGINAL, Exit
+from autocontrast.config import Exit
 from autocontrast.models.contrast import calculate_contrasted_logits
 
 
@@ -111,7 +111,3 @@ def _flat_present(cache: Any, num_layers: int) -> list[torch.Tensor]:
         layer_cache = cache.layers[layer]
         flat.extend([layer_cache.keys, layer_cache.values])  # (batch, kv_heads, past+seq, head_dim)
     return flat
-
-
-def exit_label(exit_: Exit) -> str:
-    return ORIGINAL if exit_ == ORIGINAL else f"layer {exit_}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
@@ -71,7 +70,3 @@ def _point_at(tensor: TensorProto, location: str, offset: int, length: int) -> N
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
-
-
-def array_of(tensor: TensorProto) -> np.ndarray:
-    return numpy_helper.to_array(tensor)

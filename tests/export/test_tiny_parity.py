@@ -99,3 +99,15 @@ def test_manifest_records_a_passed_validation_of_every_graph(mode, tiny_bundle):
     assert set(manifest.validation["graphs"]) == {g.name for g in manifest.graphs}
     assert manifest.projection_mode == mode.name
     assert manifest.kv_cache.num_kv_heads == 2  # grouped-query attention: 4 query heads, 2 KV heads
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_other_llama_family_models_export_and_validate(arch, tiny_bundle):
+    manifest = read_manifest(tiny_bundle(arch, VocabularyProjectionMode.SHARED_PROJECTION_DIRECT))
+    assert manifest.architecture == "llama" and manifest.validation["passed"] is True
+
+
+def test_every_decoder_only_architecture_has_an_export_test():
+    from tests.tiny_models import DECODER_ONLY
+
+    assert set(DECODER_ONLY) == set(ARCHS) | {"mistral", "qwen2"}
