@@ -241,7 +241,7 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
     from autocontrast.export.trace import trace_graph
     from autocontrast.export.validation import TOLERANCES, validate_graphs
     from autocontrast.export.variants import apply_variant, versions
-    from autocontrast.export.weights import WEIGHTS_FILE, load_graph, write_shared_weights
+    from autocontrast.export.weights import WEIGHTS_FILE, write_shared_weights
 
     model = loaded.model
     family, config = model.family, model.config
@@ -264,10 +264,8 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
         log(f"[3/6] applying variant {options.variant_name}{' + ORT fusions' if options.optimize else ''}")
         paths = apply_variant(paths, model=model, options=options, log=log)
     log("[4/6] writing graphs with one shared weights file")
-    protos = {name: load_graph(p) for name, p in paths.items()}
-    for proto in protos.values():
-        untie_transposed_copies(proto)  # a tied head reads the embedding matrix, not a transposed copy
-    write_shared_weights(protos, work)
+    # a tied head reads the embedding matrix, not a transposed copy of it
+    write_shared_weights(paths, work, transform=untie_transposed_copies)
     shutil.rmtree(raw, ignore_errors=True)
     log(f"[5/6] validating against PyTorch (prefill + {options.validation_steps} cached decode steps)")
     report = validate_graphs(model, work, specs, kv, tolerance=TOLERANCES[options.variant_name],

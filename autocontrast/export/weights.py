@@ -6,12 +6,14 @@ points each initializer at its `(offset, length)` there. ONNX Runtime reads exte
 offset, so the graphs load unchanged; the bundle holds the weights once, not once per graph.
 This also lifts protobuf's 2 GB limit on a single .onnx file.
 
->>> files = write_shared_weights({"decode": proto_a, "score": proto_b}, bundle_dir)  # doctest: +SKIP
+>>> files = write_shared_weights({"decode": Path("raw/decode.onnx"), "score": Path("raw/score.onnx")},
+...                              bundle_dir)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx
@@ -33,16 +35,21 @@ def tensor_bytes(tensor: TensorProto) -> bytes:
     return numpy_helper.to_array(tensor).tobytes()
 
 
-def write_shared_weights(graphs: dict[str, onnx.ModelProto], bundle_dir: Path, *,
-                         weights_file: str = WEIGHTS_FILE) -> dict[str, str]:
+def write_shared_weights(graphs: dict[str, Path], bundle_dir: Path, *, weights_file: str = WEIGHTS_FILE,
+                         transform: Callable[[onnx.ModelProto], object] | None = None) -> dict[str, str]:
     """Write each graph as `<name>.onnx` with its weights in one shared, deduplicated file.
 
-    Returns {graph name: graph file name}. Graph protos are modified in place.
+    `graphs` maps names to exported graph files; they are loaded one at a time (so peak memory
+    is one graph's weights, not all of them), passed through `transform` if given, and written.
+    Returns {graph name: graph file name}.
     """
     stored: dict[tuple[int, str, str], tuple[int, int]] = {}  # (dtype, dims, sha1) -> (offset, length)
     files: dict[str, str] = {}
     with open(bundle_dir / weights_file, "wb") as out:
-        for name, model in graphs.items():
+        for name, path in graphs.items():
+            model = load_graph(path)
+            if transform is not None:
+                transform(model)
             for tensor in model.graph.initializer:
                 data = tensor_bytes(tensor)
                 if len(data) <= INLINE_LIMIT:
@@ -58,6 +65,7 @@ def write_shared_weights(graphs: dict[str, onnx.ModelProto], bundle_dir: Path, *
             file_name = f"{name}.onnx"
             onnx.save_model(model, str(bundle_dir / file_name))
             files[name] = file_name
+            del model
     return files
 
 
