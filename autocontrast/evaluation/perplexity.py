@@ -154,10 +154,14 @@ class TorchScorer:
 
 def load_torch_model(path: str | Path, *, projection: str = "auto") -> Any:
     """A multi-exit model for scoring: its projection mode detected from its weights unless given."""
+    from autocontrast.bundle import MANIFEST_FILE
     from autocontrast.config import MultiExitConfiguration, VocabularyProjectionMode
     from autocontrast.export.checkpoint import detect_projection_mode
     from autocontrast.models.auto import AutoMultiExitModel
 
+    if Path(path, MANIFEST_FILE).is_file():
+        raise ConfigurationError(f"{path} is an export bundle; acd-perplexity scores PyTorch model folders only "
+                                 "for now (the runtime has no scoring API yet): pass the model it was exported from")
     if not Path(path, "config.json").is_file():
         raise DataError(f"{path} is not a model folder (it has no config.json)")
     mode = detect_projection_mode(str(path)) if projection == "auto" else VocabularyProjectionMode.parse(projection)

@@ -119,7 +119,8 @@ def load_for_training(model_path: str | Path, layers: Sequence[int], *, train_ba
     return model
 
 
-def _training_arguments(options: HeadTrainingOptions, checkpoint_dir: Path) -> Any:
+def training_arguments(options: HeadTrainingOptions, checkpoint_dir: Path) -> Any:
+    """`TrainingArguments` from the options; `options.trainer_args` (command-line style) override them."""
     from transformers import HfArgumentParser, TrainingArguments
 
     defaults = dict(
@@ -133,8 +134,9 @@ def _training_arguments(options: HeadTrainingOptions, checkpoint_dir: Path) -> A
     try:
         (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
             args=argv + list(options.trainer_args))
-    except SystemExit:
-        raise ConfigurationError(f"invalid Trainer arguments: {' '.join(options.trainer_args)}") from None
+    except (SystemExit, ValueError) as err:  # argparse exits; HfArgumentParser raises on unknown names
+        detail = f" ({err})" if isinstance(err, ValueError) else ""
+        raise ConfigurationError(f"invalid Trainer arguments: {' '.join(options.trainer_args)}{detail}") from None
     return args
 
 
@@ -181,7 +183,7 @@ def train_heads(model_path: str | Path, output_dir: str | Path, *, layers: Seque
           f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters)",
           file=sys.stderr)
 
-    trainer = Trainer(model=model, args=_training_arguments(options, checkpoint_dir), train_dataset=dataset,
+    trainer = Trainer(model=model, args=training_arguments(options, checkpoint_dir), train_dataset=dataset,
                       data_collator=collator, callbacks=list(callbacks))
     trainer.train(resume_from_checkpoint=latest if resume else None)
 

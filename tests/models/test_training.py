@@ -228,3 +228,20 @@ def test_training_on_task_pairs_lowers_the_loss_on_their_targets(plain_llama, tm
     result = train_heads(plain_llama, tmp_path / "out", layers=(2,), task_files=[task],
                          options=HeadTrainingOptions(**{**FAST, "max_steps": 8}))
     assert result.losses[-1] < result.losses[0]
+
+
+def test_trainer_arguments_pass_through_and_override_the_defaults(tmp_path):
+    from autocontrast.models.training import training_arguments
+
+    options = HeadTrainingOptions(batch_size=3, trainer_args=("--gradient_accumulation_steps", "4",
+                                                              "--per_device_train_batch_size", "5"))
+    args = training_arguments(options, tmp_path)
+    assert (args.gradient_accumulation_steps, args.per_device_train_batch_size) == (4, 5)
+    assert args.output_dir == str(tmp_path)
+
+
+def test_unknown_trainer_argument_is_a_configuration_error(tmp_path):
+    from autocontrast.models.training import training_arguments
+
+    with pytest.raises(ConfigurationError, match="invalid Trainer arguments"):
+        training_arguments(HeadTrainingOptions(trainer_args=("--no_such_option", "1")), tmp_path)
