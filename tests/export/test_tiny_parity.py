@@ -22,12 +22,13 @@ ATOL = 1e-4
 
 def _batch(batch: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(batch)
-    lengths = [7] if batch == 1 else [7, 4, 1]  # rows 2 and 3 left-padded
-    ids = np.zeros((batch, 7), np.int64)
-    mask = np.zeros((batch, 7), np.int64)
+    # rows 2 and 3 left-padded; 12 + 8 steps > GPT-Neo's local attention window (16)
+    lengths = [12] if batch == 1 else [12, 7, 1]
+    ids = np.zeros((batch, 12), np.int64)
+    mask = np.zeros((batch, 12), np.int64)
     for row, n in enumerate(lengths):
-        ids[row, 7 - n:] = rng.integers(3, 49152, n)
-        mask[row, 7 - n:] = 1
+        ids[row, 12 - n:] = rng.integers(3, 49152, n)
+        mask[row, 12 - n:] = 1
     return ids, mask
 
 
