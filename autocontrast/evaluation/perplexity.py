@@ -139,13 +139,16 @@ class TorchScorer:
         with torch.no_grad():
             outputs = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
             # with use_original_head, outputs.logits are the model's own head's: (batch, block_size, vocab)
-            by_exit = model.exit_logits(self.needed, outputs.logits, outputs.hidden_states)
+            def logits(exit_: Exit) -> torch.Tensor:  # one exit at a time: vocab-sized tensors are large
+                return model.exit_logits((exit_,), outputs.logits, outputs.hidden_states)[exit_][:, :-1]
+
             scores = {}
             for exit_ in self.exits:
-                log_probs = torch.log_softmax(by_exit[exit_][:, :-1].float(), dim=-1)
+                log_probs = torch.log_softmax(logits(exit_).float(), dim=-1)  # (batch, block_size - 1, vocab)
                 scores[exit_label(exit_)] = log_probs.gather(-1, targets)[..., 0].double().numpy()
+                del log_probs
             if self.contrast:
-                upper, lower = (by_exit[e][:, :-1] for e in self.contrast)
+                upper, lower = (logits(e) for e in self.contrast)
                 contrasted = calculate_contrasted_logits(upper, lower, minimum_candidates=self.minimum_candidates,
                                                          alpha=self.alpha)  # (batch, block_size - 1, vocab)
                 scores[contrast_label(*self.contrast)] = contrasted.gather(-1, targets)[..., 0].double().numpy()

@@ -116,3 +116,26 @@ def test_cli_reports_an_empty_data_file(plain_llama, tmp_path, capsys):
     assert code == 2
     assert "is empty" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_cast_matrix_fitted_on_smollm2_beats_the_direct_projection_at_layer_15(smollm2_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from autocontrast.evaluation.perplexity import TorchScorer, perplexity, text_blocks
+    from autocontrast.models.cast_fitting import fit_all, load_for_fitting
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_path))
+    fit_blocks = text_blocks(tokenizer, [VALID], block_size=256, max_tokens=2048)  # (8, 256)
+    test_blocks = text_blocks(tokenizer, [VALID.with_name("test.txt")], block_size=256, max_tokens=512)
+    model = load_for_fitting(smollm2_path, AutoConfig.from_pretrained(str(smollm2_path)), (15,))
+    (fit,) = fit_all(model, torch.from_numpy(fit_blocks), (15,))
+    matrix = model.name_to_conv_matrix["15_to_30"].weight
+    scorer = TorchScorer(model, (15,))
+    with torch.no_grad():
+        matrix.copy_(torch.eye(matrix.shape[0]))  # the identity cast is the direct projection
+        direct = perplexity(scorer, test_blocks).perplexities["15"]
+        matrix.copy_(fit.weight)
+        cast = perplexity(scorer, test_blocks).perplexities["15"]
+    assert fit.cast_error < fit.direct_error
+    assert cast < direct / 2, (cast, direct)
