@@ -15,6 +15,7 @@ symbolic simplification so every MatMul, the tied head included, is quantizable)
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,13 @@ def quantize_int8(path: Path, *, target: Path) -> Path:
                       all_tensors_to_one_file=True, external_data_location=prepared.name + ".data")
     config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=4, bits=8)
     quantizer = MatMulNBitsQuantizer(onnx.load(str(prepared)), algo_config=config)
-    quantizer.process()
+    chatty = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = chatty.level
+    chatty.setLevel(logging.WARNING)  # it logs one INFO line per node it skips: thousands
+    try:
+        quantizer.process()
+    finally:
+        chatty.setLevel(level)
     return _save(quantizer.model.model, target)
 
 
