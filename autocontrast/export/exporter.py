@@ -117,6 +117,8 @@ def export_bundle(model: str | os.PathLike, output: str | os.PathLike, *, option
             log("[6/6] building TensorRT engines")
             manifest = build_engines(work, manifest, log=log, max_batch=options.trt_max_batch,
                                      max_length=options.trt_max_length)
+        else:
+            log("[6/6] writing the manifest")
         write_manifest(work, manifest)
         work.chmod(0o755)  # mkdtemp made it private; a bundle is an ordinary directory
         _replace(work, output, force=force)
@@ -220,6 +222,8 @@ def _plan(loaded: _Loaded, options: ExportOptions) -> tuple[tuple[Exit, ...], li
                                    f"({model.vocab_projection_mode.name}); it has exits: {listed}")
     if contrast is not None and contrast[1] == ORIGINAL:
         raise ExportError("'original' can only be the upper exit of a fused contrast")
+    if contrast is not None and isinstance(contrast[0], int) and contrast[1] >= contrast[0]:
+        raise ExportError(f"--fuse-contrast needs the lower exit below the upper one, got {contrast[0]},{contrast[1]}")
     layered = tuple(e for e in chosen if e != ORIGINAL)
     explicit_original = ORIGINAL in chosen
     stacked = graph_exit_order(model, chosen if explicit_original else layered) if layered else ()

@@ -102,3 +102,16 @@ def test_cli_reports_a_bad_option_as_an_error_line(tiny_checkpoint, tmp_path, ca
     assert code == 2
     assert "\nerror: exit 9 is not available in this checkpoint" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_model_folder_is_an_export_error(tmp_path):
+    with pytest.raises(ExportError, match="cannot read a model config"):
+        export_bundle(tmp_path / "no-such-model", tmp_path / "bundle", log=_quiet)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fused_contrast_upside_down_is_refused(tiny_checkpoint, tmp_path):
+    with pytest.raises(ExportError, match="lower exit below the upper"):
+        export_bundle(tiny_checkpoint("gpt2", DIRECT), tmp_path / "bundle", options=ExportOptions(fuse_contrast=(1, 3)),
+                      log=_quiet)
+    assert list(tmp_path.iterdir()) == []
