@@ -264,6 +264,11 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
                                logits_output=LOGITS_OUTPUT, contrast=spec_contrast,
                                external_data=(WEIGHTS_FILE,)))
     variant: dict[str, Any] = {"dtype": options.dtype, "optimize": options.optimize, "quantize": options.quantize}
+    if options.quantize:
+        from autocontrast.export.variants import INT8_ACCURACY_LEVEL, INT8_BLOCK
+
+        variant["quantization"] = {"method": "MatMulNBits", "bits": 8, "block_size": INT8_BLOCK,
+                                   "accuracy_level": INT8_ACCURACY_LEVEL, "symmetric": True}
     if options.variant_name != "float32" or options.optimize:
         log(f"[3/6] applying variant {options.variant_name}{' + ORT fusions' if options.optimize else ''}")
         paths = apply_variant(paths, model=model, options=options, log=log)

@@ -5,9 +5,11 @@ variant is validated like fp32 (with its own tolerance). Quantization changes to
 also measures teacher-forced agreement: the fp32 PyTorch model's greedy ACD tokens are fed to the
 int8 decode graph, and we count the steps where the int8 graph would have picked the same token.
 
-int8 recipe (the feasibility run's best): ORT's `quant_pre_process` (shape inference and
-symbolic simplification so every MatMul, the tied head included, is quantizable), then 8-bit
-`MatMulNBits` (block 32, accuracy_level 4: int8 activations on CPU); see `quantize_int8`.
+int8 recipe: ORT's `quant_pre_process` (shape inference and graph simplification so every MatMul,
+the tied head included, is quantizable), then 8-bit `MatMulNBits` with blocks of 16 and
+accuracy_level 4 (int8 activations on CPU). Measured on SmolLM2, ACD 30 vs 15, 96 teacher-forced
+steps: block 32 agreed on 92/96, block 16 on 94/96 at about the same speed; accuracy_level 0
+(fp32 activations) also agreed on 94/96 but ran ~20x slower on this CPU.
 
 >>> paths = apply_variant({"decode_original": Path("raw/decode_original/model.onnx")},
 ...                       model=model, options=ExportOptions(quantize="int8"), log=print)  # doctest: +SKIP
@@ -27,6 +29,8 @@ from autocontrast.bundle import DECODE, GraphSpec, KVCacheSpec
 AGREEMENT_PROMPTS = ("The history of the city begins in", "In mathematics, a prime number is",
                      "The best way to learn a new language is")
 AGREEMENT_STEPS = 32  # per prompt
+INT8_BLOCK = 16
+INT8_ACCURACY_LEVEL = 4
 
 
 def versions(*, opset: int) -> dict[str, str]:
@@ -96,7 +100,7 @@ def to_float16(path: Path, *, target: Path) -> Path:
 
 
 def quantize_int8(path: Path, *, target: Path) -> Path:
-    """8-bit weight quantization: quant_pre_process, then MatMulNBits (bits 8, block 32, accuracy 4)."""
+    """8-bit weight quantization: quant_pre_process, then MatMulNBits (bits 8, block 16, accuracy 4)."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
@@ -107,7 +111,8 @@ def quantize_int8(path: Path, *, target: Path) -> Path:
     prepared = path.with_name("preprocessed.onnx")
     quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True, save_as_external_data=True,
                       all_tensors_to_one_file=True, external_data_location=prepared.name + ".data")
-    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=4, bits=8)
+    config = DefaultWeightOnlyQuantConfig(block_size=INT8_BLOCK, is_symmetric=True,
+                                          accuracy_level=INT8_ACCURACY_LEVEL, bits=8)
     quantizer = MatMulNBitsQuantizer(onnx.load(str(prepared)), algo_config=config)
     chatty = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = chatty.level

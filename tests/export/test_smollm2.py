@@ -77,8 +77,8 @@ def test_onnx_acd_greedy_decode_yields_the_pytorch_tokens(prompt, smollm2_bundle
 
 def test_int8_variant_exports_runs_and_records_its_agreement(smollm2_int8_bundle, tokenizer):
     manifest = read_manifest(smollm2_int8_bundle)
-    assert manifest.variant["quantize"] == "int8"
+    assert manifest.variant["quantize"] == "int8" and manifest.variant["quantization"]["bits"] == 8
     agreement = manifest.variant["agreement"]
-    assert agreement["steps"] >= 64 and agreement["rate"] >= 0.9  # measured 0.958 (92/96) when written
+    assert agreement["steps"] >= 64 and agreement["rate"] >= 0.9  # measured 94/96 when written
     tokens = _onnx_acd(smollm2_int8_bundle, tokenizer.encode(PROMPTS[0]), eos={2})
     assert len(tokens) > 0 and all(0 <= t < manifest.vocab_size for t in tokens)
