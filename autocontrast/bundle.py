@@ -17,8 +17,9 @@ Graph conventions (all graphs of a bundle share them):
 - `GraphSpec.external_data`: files holding a graph's weights; acd-export writes one shared,
   deduplicated `weights.bin` that every graph reads by offset.
 
-Manifest dicts: `variant` = {dtype, optimize, quantize, agreement (int8: teacher-forced token
-agreement with fp32), tensorrt (provider options per graph, cache paths relative to the bundle)};
+Manifest dicts: `variant` = {dtype, optimize, quantize, quantization (int8 recipe), agreement
+(int8: teacher-forced token agreement with fp32), tensorrt (provider options per graph, cache
+paths relative to the bundle)};
 `validation` = {tolerance, batch, prompt_length, decode_steps, graphs: {graph: {output: max abs
 diff vs PyTorch}}, passed}; `special_tokens` = {bos_token_id, eos_token_ids, pad_token_id}.
 
