@@ -52,5 +52,6 @@ def calculate_contrasted_logits(upper_layer_logits: torch.Tensor, lower_layer_lo
     scores = torch.where(any_infinite, torch.where(infinite, zero, minus_inf), scores)
 
     mass = torch.where(plausible, pu, zero).sum(dim=-1, keepdim=True)  # (..., 1)
-    redistributed = torch.softmax(scores, dim=-1) * mass
-    return torch.where(plausible, torch.log(redistributed), log_pu)
+    # log(softmax(s) * mass) in log space: a candidate whose share underflows keeps a finite score
+    redistributed = torch.log_softmax(scores, dim=-1) + torch.log(mass)
+    return torch.where(plausible, redistributed, log_pu)
