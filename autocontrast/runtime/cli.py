@@ -1,0 +1,95 @@
+"""`acd-generate BUNDLE --prompt TEXT`: generate from an export bundle, streaming to the terminal.
+
+    acd-generate smollm2-acd --prompt "The history of Paris" --mode contrast --exits 30,15
+    acd-generate smollm2-acd --prompt "Tell me a joke" --chat --temperature 0.7 --top-p 0.9 --seed 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from autocontrast.cli_support import run_cli
+from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, MultiExitConfiguration, parse_exits
+from autocontrast.errors import ConfigurationError
+from autocontrast.runtime.generator import Generator
+from autocontrast.runtime.params import GenerationParams
+
+
+def multi_exit_from_args(mode: str, exits: str | None, alpha: float, minimum_candidates: int) -> MultiExitConfiguration:
+    """The MultiExitConfiguration a command line asks for."""
+    parsed = parse_exits(exits) if exits else None
+    if mode == "original":
+        if parsed:
+            raise ConfigurationError("--exits is for --mode exit or contrast; --mode original uses the model's own head")
+        return MultiExitConfiguration()
+    if mode == "exit":
+        if not parsed or len(parsed) != 1:
+            raise ConfigurationError("--mode exit needs one exit, e.g. --exits 15")
+        return MultiExitConfiguration(use_original_head=False, output_layer_index=parsed[0])
+    if not parsed or len(parsed) != 2:
+        raise ConfigurationError("--mode contrast needs two exits UPPER,LOWER, e.g. --exits 30,15")
+    return MultiExitConfiguration(use_original_head=False, contrast_layer_indices=parsed, alpha=alpha,
+                                  minimum_candidates=minimum_candidates)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="acd-generate", description=__doc__.split("\n\n")[0],
+                                epilog="examples:\n" + "\n".join(__doc__.strip().splitlines()[2:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("bundle", help="export bundle directory (made by acd-export)")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the bundle's chat template")
+    p.add_argument("--mode", choices=("original", "exit", "contrast"), default="contrast",
+                   help="decode with the model's own head, one exit, or the ACD contrast (default)")
+    p.add_argument("--exits", help="exit for --mode exit (15) or UPPER,LOWER for contrast (default 30,15 or the "
+                                   "bundle's fused contrast)")
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="contrast plausibility threshold (0.1)")
+    p.add_argument("--minimum-candidates", type=int, default=DEFAULT_MINIMUM_CANDIDATES,
+                   help="contrast minimum candidates (1)")
+    p.add_argument("--numpy-contrast", action="store_true", help="compute the contrast in NumPy even if fused")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--provider", default="cpu", help="cpu (default), cuda or tensorrt")
+    p.add_argument("--no-stream", action="store_true", help="print the whole text at the end")
+    p.add_argument("--timings", action="store_true", help="print time to first token and ms/token to stderr")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    generator = Generator(args.bundle, provider=args.provider)
+    exits = args.exits
+    if args.mode == "contrast" and exits is None:
+        fused = next((g.contrast for g in generator.manifest.graphs if g.contrast), None)
+        exits = f"{fused.upper},{fused.lower}" if fused else "30,15"
+    multi_exit = multi_exit_from_args(args.mode, exits, args.alpha, args.minimum_candidates)
+    params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
+                              stop_strings=tuple(args.stop))
+    kwargs = dict(multi_exit=multi_exit, chat=args.chat, fused_contrast=not args.numpy_contrast)
+    if args.no_stream or args.timings:
+        result = generator.generate(args.prompt, params, **kwargs)
+        print(result.text)
+        if args.timings:
+            t = result.timings
+            print(f"[{multi_exit.description}] time to first token {t.ttft_s * 1000:.1f} ms, "
+                  f"{t.per_token_ms:.1f} ms/token over {len(result.token_ids[0])} tokens", file=sys.stderr)
+        return 0
+    for delta in generator.stream(args.prompt, params, **kwargs):
+        print(delta, end="", flush=True)
+    print()
+    return 0
+
+
+def cli() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()
