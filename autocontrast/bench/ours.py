@@ -1,0 +1,50 @@
+"""Our runtime as a benchmarked system: one Generator, one decoding mode, one provider. Torch-free."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autocontrast.bench.stats import RunTiming
+
+
+class RuntimeSystem:
+    def __init__(self, bundle: str, *, mode: str, provider: str, contrast: tuple[Any, Any], exit_: Any) -> None:
+        self.bundle, self.mode_name, self.provider = bundle, mode, provider
+        self.contrast, self.exit_ = contrast, exit_
+        self.generator: Any = None
+        self.multi_exit: Any = None
+
+    def skip_reason(self) -> str | None:
+        from autocontrast.errors import AutocontrastError
+        from autocontrast.runtime.providers import resolve_providers
+
+        try:
+            resolve_providers(self.provider)
+        except AutocontrastError as err:
+            return str(err)
+        return None
+
+    def load(self) -> None:
+        from autocontrast.config import MultiExitConfiguration
+        from autocontrast.runtime import Generator
+
+        self.generator = Generator(self.bundle, provider=self.provider)
+        if self.mode_name == "original":
+            self.multi_exit = MultiExitConfiguration()
+        elif self.mode_name == "exit":
+            self.multi_exit = MultiExitConfiguration(use_original_head=False, output_layer_index=self.exit_)
+        else:
+            self.multi_exit = MultiExitConfiguration(use_original_head=False, contrast_layer_indices=self.contrast)
+        self.fused = self.mode_name != "acd-numpy"
+        mode = self.generator.mode(self.multi_exit, fused=self.fused)
+        if self.mode_name == "acd-fused" and not mode.fused:
+            raise RuntimeError(f"bundle {self.bundle} has no fused contrast {self.contrast}")
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> RunTiming:
+        result = self.generator.generate(prompts, multi_exit=self.multi_exit, fused_contrast=self.fused,
+                                         max_new_tokens=new_tokens, ignore_eos=True)
+        t = result.timings
+        ends = [t.ttft_s]
+        for step in t.step_s:
+            ends.append(ends[-1] + step)
+        return RunTiming(step_ends=tuple(ends), batch=len(prompts))

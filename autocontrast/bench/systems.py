@@ -1,0 +1,75 @@
+"""The benchmarked systems: which exist, and how a worker builds one from its spec."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from autocontrast.bench.workers import SystemSpec
+from autocontrast.errors import ConfigurationError
+
+# Our runtime, in each decoding mode (per provider and variant, see system_specs).
+OURS_MODES = ("original", "exit", "acd-fused", "acd-numpy")
+PEERS = ("torch-acd", "torch-greedy", "optimum-greedy")
+DEFAULT_SYSTEMS = tuple(f"ours-{m}" for m in OURS_MODES) + PEERS
+
+
+def _exits(text: str) -> tuple[Any, ...]:
+    from autocontrast.config import parse_exits
+
+    return tuple(parse_exits(text) or ())
+
+
+def system_specs(args: argparse.Namespace) -> list[SystemSpec]:
+    """Every system the command line asks for, with its provider/variant expanded."""
+    wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = [s for s in wanted if s not in DEFAULT_SYSTEMS]
+    if unknown:
+        raise ConfigurationError(f"unknown system(s) {unknown}; known: {', '.join(DEFAULT_SYSTEMS)}")
+    contrast = _exits(args.contrast)
+    if len(contrast) != 2:
+        raise ConfigurationError(f"--contrast needs UPPER,LOWER, got {args.contrast!r}")
+    exit_ = _exits(args.exit_)[0]
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    bundles = [("fp32", args.bundle), ("int8", args.int8_bundle), ("fp16", args.fp16_bundle)]
+    specs = []
+    for variant, bundle in bundles:
+        if bundle is None:
+            continue
+        for provider in providers:
+            for mode in OURS_MODES:
+                if f"ours-{mode}" not in wanted:
+                    continue
+                suffix = "" if (variant, provider) == ("fp32", "cpu") else f"-{variant}-{provider}"
+                specs.append(SystemSpec(f"ours-{mode}{suffix}", "ours", {
+                    "bundle": str(bundle), "mode": mode, "provider": provider, "contrast": contrast, "exit": exit_}))
+    model = str(args.model) if args.model else ""
+    if "torch-acd" in wanted:
+        specs.append(SystemSpec("torch-acd", "torch-acd", {"model": model, "contrast": contrast}))
+    if "torch-greedy" in wanted:
+        specs.append(SystemSpec("torch-greedy", "torch", {"model": model}))
+    if "optimum-greedy" in wanted:
+        from autocontrast.models.smollm2 import cache_dir
+
+        cache = cache_dir() / "optimum" / (args.model.name if args.model else "none")
+        specs.append(SystemSpec("optimum-greedy", "optimum", {"model": model, "cache_dir": str(cache)}))
+    return specs
+
+
+def build(spec: SystemSpec) -> Any:
+    """The system object for a spec (called inside the worker process)."""
+    p = spec.params
+    if spec.kind == "ours":
+        from autocontrast.bench.ours import RuntimeSystem
+
+        return RuntimeSystem(p["bundle"], mode=p["mode"], provider=p["provider"], contrast=tuple(p["contrast"]),
+                             exit_=p["exit"])
+    from autocontrast.bench import peers
+
+    if spec.kind == "torch":
+        return peers.TorchSystem(p["model"])
+    if spec.kind == "torch-acd":
+        return peers.TorchSystem(p["model"], contrast=tuple(p["contrast"]))
+    if spec.kind == "optimum":
+        return peers.OptimumSystem(p["model"], cache_dir=p["cache_dir"])
+    raise ConfigurationError(f"unknown system kind {spec.kind!r}")

@@ -1,0 +1,99 @@
+"""One worker process per benchmarked system: it loads the system once, then runs what it is sent.
+
+A process per system keeps each system's peak memory its own and lets torch-free systems run where
+torch is absent. The driver talks to workers over a pipe; nothing here knows what a system is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import resource
+import sys
+import traceback
+from typing import Any
+
+from autocontrast.bench.stats import RunTiming
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemSpec:
+    """A system to benchmark, built inside its worker by `autocontrast.bench.systems.build`."""
+
+    name: str
+    kind: str  # 'ours', 'torch', 'torch-acd', 'optimum'
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _rss_peak_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def _serve(conn: Any, spec: SystemSpec) -> None:
+    from autocontrast.bench.systems import build
+
+    try:
+        system = build(spec)
+        reason = system.skip_reason()
+        if reason is None:
+            system.load()
+    except Exception as err:  # a system that cannot load is reported as skipped, with why
+        reason = f"failed to load: {type(err).__name__}: {err}"
+    if reason is not None:
+        conn.send(("skip", reason))
+        return
+    conn.send(("ready", None))
+    while True:
+        message = conn.recv()
+        if message[0] == "stop":
+            return
+        _, prompts, new_tokens = message
+        try:
+            timing = system.generate(prompts, new_tokens)
+            device = getattr(system, "device_peak_mib", lambda: None)()
+            conn.send(("ok", dataclasses.replace(timing, rss_peak_mib=_rss_peak_mib(), device_peak_mib=device)))
+        except Exception as err:
+            traceback.print_exc()
+            conn.send(("error", f"{type(err).__name__}: {err}"))
+
+
+class Worker:
+    """Driver-side handle of a worker process."""
+
+    def __init__(self, spec: SystemSpec) -> None:
+        self.spec = spec
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child, spec), daemon=True)
+        self._process.start()
+        self.skipped: str | None = None
+
+    def wait_ready(self, timeout: float) -> None:
+        if not self._conn.poll(timeout):
+            self.skipped = f"did not load within {timeout:.0f} s"
+            self.close()
+            return
+        status, detail = self._conn.recv()
+        if status == "skip":
+            self.skipped = detail
+            self.close()
+
+    def run(self, prompts: list[list[int]], new_tokens: int, *, timeout: float) -> RunTiming | str:
+        """A timing, or a string saying why the run failed."""
+        self._conn.send(("run", prompts, new_tokens))
+        if not self._conn.poll(timeout):
+            self.close()
+            return f"run did not finish within {timeout:.0f} s"
+        status, detail = self._conn.recv()
+        return detail if status == "ok" else str(detail)
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            try:
+                self._conn.send(("stop",))
+            except (BrokenPipeError, OSError):
+                pass
+            self._process.join(timeout=10)
+            if self._process.is_alive():
+                self._process.kill()
