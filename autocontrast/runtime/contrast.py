@@ -46,8 +46,7 @@ def contrast_scores(upper: np.ndarray, lower: np.ndarray, *, alpha: float = 0.1,
     scores = np.where(any_infinite, np.where(infinite, 0.0, -np.inf), scores).astype(dtype, copy=False)
 
     mass = np.where(plausible, pu, 0.0).sum(axis=-1, keepdims=True)  # (..., 1)
-    top_score = scores.max(axis=-1, keepdims=True)
-    weights = np.exp(scores - top_score)
+    # log(softmax(s) * mass) in log space: a candidate whose share underflows keeps a finite score
     with np.errstate(divide="ignore"):
-        redistributed = np.log(weights / weights.sum(axis=-1, keepdims=True) * mass)
+        redistributed = log_softmax(scores) + np.log(mass)
     return np.where(plausible, redistributed, log_pu).astype(dtype, copy=False)
