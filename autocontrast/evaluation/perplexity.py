@@ -9,7 +9,8 @@ the upper exit's probabilities).
 
 Where the scores come from is a `Scorer`: anything that turns a batch of token blocks into the
 log-probability of each next token under each named source. `TorchScorer` reads a PyTorch
-multi-exit model; a scorer over an export bundle's scoring graph plugs in the same way.
+multi-exit model; `BundleScorer` an export bundle, through the runtime's score graph (no torch
+there; the contrast is then the runtime's NumPy one). A path holding a bundle manifest is a bundle.
 
 >>> from autocontrast.evaluation.perplexity import perplexity_of_model
 >>> report = perplexity_of_model("path/to/model", ["test.txt"], exits=(15, "original"),
@@ -157,32 +158,91 @@ class TorchScorer:
 
 def load_torch_model(path: str | Path, *, projection: str = "auto") -> Any:
     """A multi-exit model for scoring: its projection mode detected from its weights unless given."""
-    from autocontrast.bundle import MANIFEST_FILE
     from autocontrast.config import MultiExitConfiguration, VocabularyProjectionMode
     from autocontrast.export.checkpoint import detect_projection_mode
     from autocontrast.models.auto import AutoMultiExitModel
 
-    if Path(path, MANIFEST_FILE).is_file():
-        raise ConfigurationError(f"{path} is an export bundle; acd-perplexity scores PyTorch model folders only "
-                                 "for now (the runtime has no scoring API yet): pass the model it was exported from")
     if not Path(path, "config.json").is_file():
         raise DataError(f"{path} is not a model folder (it has no config.json)")
     mode = detect_projection_mode(str(path)) if projection == "auto" else VocabularyProjectionMode.parse(projection)
     return AutoMultiExitModel.from_pretrained(str(path), MultiExitConfiguration(vocab_projection_mode=mode))
 
 
+class BundleScorer:
+    """Scores with an export bundle's score graph through the runtime (no torch); the contrast with
+    the runtime's NumPy implementation."""
+
+    def __init__(self, bundle: str | Path, exits: Sequence[Exit] | None = None, *,
+                 contrast: tuple[Exit, Exit] | None = None, alpha: float = DEFAULT_ALPHA,
+                 minimum_candidates: int = DEFAULT_MINIMUM_CANDIDATES, provider: str = "cpu") -> None:
+        from autocontrast.runtime import Generator
+
+        self.generator = Generator(bundle, provider=provider)
+        self.exits = tuple(exits or self.generator.manifest.exits)
+        self.needed = tuple(dict.fromkeys(self.exits + tuple(contrast or ())))
+        self.contrast, self.alpha, self.minimum_candidates = contrast, alpha, minimum_candidates
+        self.labels = tuple(exit_label(e) for e in self.exits) + (
+            (contrast_label(*contrast),) if contrast else ())
+        self.generator.exit_logits_all_positions([[0, 0]], self.needed)  # a missing exit fails now, by name
+
+    @property
+    def tokenizer(self) -> Any:
+        """The bundle's tokenizer behind the small interface `text_blocks` uses."""
+        return _BundleTokenizer(self.generator.tokenizer, (self.generator.manifest.eos_token_ids or (None,))[0])
+
+    def score(self, blocks: np.ndarray) -> dict[str, np.ndarray]:
+        from autocontrast.runtime.contrast import contrast_scores, log_softmax
+
+        logits = np.stack(self.generator.exit_logits_all_positions(blocks.tolist(), self.needed))
+        logits = logits[:, :-1]  # (batch, block_size - 1, n_exits, vocab)
+        targets = np.asarray(blocks)[:, 1:, None]  # (batch, block_size - 1, 1)
+        column = {e: i for i, e in enumerate(self.needed)}
+        scores = {}
+        for exit_ in self.exits:
+            log_probs = log_softmax(logits[:, :, column[exit_]].astype(np.float64))
+            scores[exit_label(exit_)] = np.take_along_axis(log_probs, targets, -1)[..., 0]
+        if self.contrast:
+            upper, lower = (logits[:, :, column[e]] for e in self.contrast)
+            contrasted = contrast_scores(upper, lower, alpha=self.alpha, minimum_candidates=self.minimum_candidates)
+            scores[contrast_label(*self.contrast)] = np.take_along_axis(contrasted, targets, -1)[..., 0].astype(
+                np.float64)
+        return scores  # label -> (batch, block_size - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BundleTokenizer:
+    tokenizer: Any  # tokenizers.Tokenizer
+    eos_token_id: int | None
+
+    def __call__(self, text: str, *, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        return {"input_ids": self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids}
+
+
+def is_bundle(path: str | Path) -> bool:
+    from autocontrast.bundle import MANIFEST_FILE
+
+    return Path(path, MANIFEST_FILE).is_file()
+
+
 def perplexity_of_model(path: str | Path, data_files: Sequence[str | Path], *,
                         exits: Sequence[Exit] | None = None, contrast: tuple[Exit, Exit] | None = None,
                         projection: str = "auto", block_size: int = 256, batch_size: int = 2,
                         max_tokens: int | None = None, alpha: float = DEFAULT_ALPHA,
-                        minimum_candidates: int = DEFAULT_MINIMUM_CANDIDATES) -> PerplexityReport:
-    """Perplexity of a PyTorch model folder's exits (default: all it has) and of `contrast`, if given."""
-    from transformers import AutoTokenizer
+                        minimum_candidates: int = DEFAULT_MINIMUM_CANDIDATES, provider: str = "cpu",
+                        ) -> PerplexityReport:
+    """Perplexity of a PyTorch model folder's or an export bundle's exits (default: all it has) and
+    of `contrast`, if given. `projection` applies to model folders, `provider` to bundles."""
+    if is_bundle(path):
+        scorer: Any = BundleScorer(path, exits, contrast=contrast, alpha=alpha,
+                                   minimum_candidates=minimum_candidates, provider=provider)
+        tokenizer = scorer.tokenizer
+    else:
+        from transformers import AutoTokenizer
 
-    model = load_torch_model(path, projection=projection)
-    scorer = TorchScorer(model, exits or model.available_exits, contrast=contrast, alpha=alpha,
-                         minimum_candidates=minimum_candidates)
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+        model = load_torch_model(path, projection=projection)
+        scorer = TorchScorer(model, exits or model.available_exits, contrast=contrast, alpha=alpha,
+                             minimum_candidates=minimum_candidates)
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
     blocks = text_blocks(tokenizer, data_files, block_size=block_size, max_tokens=max_tokens)
     return perplexity(scorer, blocks, batch_size=batch_size)
 
@@ -190,7 +250,7 @@ def perplexity_of_model(path: str | Path, data_files: Sequence[str | Path], *,
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acd-perplexity",
                                      description="Per-exit perplexity (and of the contrast) of a multi-exit model.")
-    parser.add_argument("model", help="a PyTorch model folder (export bundles are not supported yet)")
+    parser.add_argument("model", help="a PyTorch model folder or an export bundle (scored by its score graph)")
     parser.add_argument("--data", nargs="+", required=True, metavar="FILE", help="text files to score")
     parser.add_argument("--exits", help="exits to score, e.g. 15,30,original (default: all the model has)")
     parser.add_argument("--contrast", help="upper,lower exits of a contrast to score too, e.g. original,15")
@@ -199,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--projection", default="auto",
                         help="auto (from the weights), LAYER_SPECIFIC_PROJECTION, SHARED_PROJECTION_CAST_OUTPUTS "
                              "or SHARED_PROJECTION_DIRECT")
+    parser.add_argument("--provider", default="cpu", help="bundles only: cpu, cuda or tensorrt")
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
@@ -222,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     report = perplexity_of_model(args.model, args.data, exits=parse_exits(args.exits), contrast=parse_contrast(args.contrast),
                                  projection=args.projection, block_size=args.block_size, batch_size=args.batch_size,
                                  max_tokens=args.max_tokens, alpha=args.alpha,
-                                 minimum_candidates=args.minimum_candidates)
+                                 minimum_candidates=args.minimum_candidates, provider=args.provider)
     print(report.table())
     if args.json:
         Path(args.json).write_text(report.to_json() + "\n", encoding="utf-8")

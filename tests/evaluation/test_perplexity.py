@@ -110,3 +110,19 @@ def test_cli_reports_a_missing_data_file(heads_llama, tmp_path, capsys):
 def test_path_that_is_not_a_model_folder_is_a_data_error(tmp_path, text_file):
     with pytest.raises(DataError, match="no config.json"):
         perplexity_of_model(tmp_path, [text_file])
+
+
+def test_bundle_perplexities_equal_the_pytorch_models(tiny_bundle, report, text_file):
+    bundle = tiny_bundle("llama", VocabularyProjectionMode.LAYER_SPECIFIC_PROJECTION)
+    from_bundle = perplexity_of_model(bundle, [text_file], exits=(2, "original"), contrast=("original", 2),
+                                      block_size=BLOCK, max_tokens=TOKENS)
+    assert (from_bundle.blocks, from_bundle.tokens) == (report.blocks, report.tokens)
+    assert from_bundle.perplexities.keys() == report.perplexities.keys()
+    for label, value in report.perplexities.items():
+        assert from_bundle.perplexities[label] == pytest.approx(value, rel=1e-4), label
+
+
+def test_bundle_without_the_exit_is_refused(tiny_bundle, text_file):
+    bundle = tiny_bundle("llama", VocabularyProjectionMode.LAYER_SPECIFIC_PROJECTION)
+    with pytest.raises(UnknownExitError):
+        perplexity_of_model(bundle, [text_file], exits=(7,), block_size=BLOCK, max_tokens=TOKENS)
