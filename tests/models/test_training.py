@@ -107,13 +107,20 @@ def test_trained_checkpoint_is_in_the_original_format_and_reloads(trained):
     assert (trained / "tokenizer.json").is_file()
 
 
-def test_trained_checkpoint_exports_to_a_validated_bundle(trained, tmp_path):
-    from autocontrast.bundle import read_manifest
+def test_trained_checkpoint_exports_and_generates_in_the_runtime_like_pytorch(trained, tmp_path):
     from autocontrast.export.exporter import ExportOptions, export_bundle
+    from autocontrast.runtime import Generator
 
     result = export_bundle(trained, tmp_path / "bundle", options=ExportOptions(validation_steps=2), log=lambda _: None)
-    manifest = read_manifest(result.path)
-    assert set(LAYERS) <= set(manifest.exits)
+    assert set(LAYERS) <= set(result.manifest.exits)
+    mec = MultiExitConfiguration(vocab_projection_mode="LAYER_SPECIFIC_PROJECTION", use_original_head=False,
+                                 contrast_layer_indices="3;1")
+    prompt = [1, 450, 3303, 5012, 302]
+    runtime = Generator(result.path).generate([prompt], multi_exit=mec, max_new_tokens=6, ignore_eos=True)
+    model = AutoMultiExitModel.from_pretrained(trained, mec)
+    with torch.no_grad():
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    assert runtime.token_ids[0] == expected[0, len(prompt):].tolist()
 
 
 def test_resuming_an_interrupted_run_gives_the_uninterrupted_result(plain_llama, trained, text_file, tmp_path):
