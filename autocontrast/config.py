@@ -17,12 +17,12 @@ import ast
 import dataclasses
 from collections.abc import Callable, Iterable
 from enum import Enum
-from typing import Any, Union
+from typing import Any
 
 from autocontrast.errors import ConfigurationError, UnknownExitError
 
 ORIGINAL = "original"
-Exit = Union[int, str]  # a layer index (0 = embeddings, num_layers = top) or 'original'
+Exit = int | str  # a layer index (0 = embeddings, num_layers = top) or 'original'
 
 DEFAULT_ALPHA = 0.1
 DEFAULT_MINIMUM_CANDIDATES = 1

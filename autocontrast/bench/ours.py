@@ -28,7 +28,6 @@ class RuntimeSystem:
         from autocontrast.config import MultiExitConfiguration
         from autocontrast.runtime import Generator
 
-        self.generator = Generator(self.bundle, provider=self.provider)
         if self.mode_name == "original":
             self.multi_exit = MultiExitConfiguration()
         elif self.mode_name == "exit":
@@ -36,7 +35,10 @@ class RuntimeSystem:
         else:
             self.multi_exit = MultiExitConfiguration(use_original_head=False, contrast_layer_indices=self.contrast)
         self.fused = self.mode_name != "acd-numpy"
+        # Only this mode's graph is loaded: the memory figure is that of a service running this mode.
+        self.generator = Generator(self.bundle, provider=self.provider, preload=())
         mode = self.generator.mode(self.multi_exit, fused=self.fused)
+        self.generator.session(mode.graph)
         if self.mode_name == "acd-fused" and not mode.fused:
             raise RuntimeError(f"bundle {self.bundle} has no fused contrast {self.contrast}")
 

@@ -14,7 +14,12 @@ from typing import Any
 
 from transformers import AutoConfig
 
-from autocontrast.config import ORIGINAL, MultiExitConfiguration, VocabularyProjectionMode, check_exit_in_range
+from autocontrast.config import (
+    ORIGINAL,
+    MultiExitConfiguration,
+    VocabularyProjectionMode,
+    check_exit_in_range,
+)
 from autocontrast.errors import MissingExitWeightsError, UnsupportedArchitectureError
 from autocontrast.models.families import family_for
 from autocontrast.models.multi_exit import CASTS, HEADS, MODEL_CLASSES, MultiExitMixin, default_exit_indices

@@ -61,7 +61,7 @@ class Family:
 
     @classmethod
     def max_positions(cls, config: Any) -> int:
-        return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions"))
+        return int(getattr(config, "max_position_embeddings", None) or config.n_positions)
 
 
 @register

@@ -70,7 +70,7 @@ class Generator:
     """A loaded bundle. `provider`: 'cpu' (default), 'cuda' or 'tensorrt', never silently swapped."""
 
     def __init__(self, bundle: str | Path, *, provider: str = "cpu", device_id: int = 0,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, preload: Sequence[MultiExitConfiguration] | None = None) -> None:
         self.bundle_dir = Path(bundle)
         self.manifest = read_manifest(self.bundle_dir)
         self.tokenizer = load_tokenizer(self.bundle_dir)
@@ -81,8 +81,11 @@ class Generator:
         special = self.manifest.special_tokens
         self.pad_token_id = int(special.get("pad_token_id") if special.get("pad_token_id") is not None
                                 else (self.manifest.eos_token_ids or (0,))[0])
-        # Check the provider now: asking for CUDA where there is none fails at construction.
-        self.session(resolve_mode(self.manifest, MultiExitConfiguration()).graph)
+        # Open the graphs of the `preload` modes now (default: the original head), so a bad bundle
+        # or provider fails at construction; other graphs open on first use. A service that only
+        # runs ACD preloads that mode and never holds the plain graph's weights.
+        for config in (MultiExitConfiguration(),) if preload is None else preload:
+            self.session(self.mode(config).graph)
 
     # -- pieces -------------------------------------------------------------------------------
 
