@@ -67,3 +67,26 @@ def smollm2_bundle(smollm2_path) -> Path:
     from autocontrast.export.exporter import ExportOptions
 
     return cached_bundle(smollm2_path, ExportOptions(**SMOLLM2_EXPORT), identity="smollm2-135m-instruct")
+
+
+WIKITEXT_VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+
+
+@pytest.fixture(scope="session")
+def wikitext_sample(tmp_path_factory):
+    """Factory: wikitext_sample(chars) -> a file holding the first `chars` characters of WikiText-2 validation."""
+
+    def make(chars: int) -> Path:
+        path = tmp_path_factory.mktemp("data") / f"valid-head-{chars}.txt"
+        path.write_text(WIKITEXT_VALID.read_text(encoding="utf-8")[:chars], encoding="utf-8")
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def plain_llama(tiny_checkpoint) -> Path:
+    """A tiny Llama checkpoint with no exit weights (shared direct mode, tied head)."""
+    from autocontrast.config import VocabularyProjectionMode
+
+    return tiny_checkpoint("llama", VocabularyProjectionMode.SHARED_PROJECTION_DIRECT)

@@ -15,16 +15,13 @@ from autocontrast.config import VocabularyProjectionMode
 from autocontrast.errors import DataError, UnknownExitError
 from autocontrast.evaluation.perplexity import main, perplexity_of_model
 
-VALID = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2" / "valid.txt"
 BLOCK = 32
 TOKENS = 4 * BLOCK
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "valid-head.txt"
-    path.write_text(VALID.read_text(encoding="utf-8")[:4000], encoding="utf-8")
-    return path
+def text_file(wikitext_sample) -> Path:
+    return wikitext_sample(4000)
 
 
 @pytest.fixture(scope="module")

@@ -23,15 +23,9 @@ VECTORS = 1024  # 16 blocks of 64 tokens; hidden size 32
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "valid-head.txt"
-    path.write_text(VALID.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    return path
+def text_file(wikitext_sample) -> Path:
+    return wikitext_sample(20_000)
 
-
-@pytest.fixture(scope="module")
-def plain_llama(tiny_checkpoint) -> Path:
-    return tiny_checkpoint("llama", VocabularyProjectionMode.SHARED_PROJECTION_DIRECT)
 
 
 @pytest.fixture(scope="module")

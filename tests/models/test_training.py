@@ -22,23 +22,14 @@ from autocontrast.models.training_data import (
     read_text_files,
 )
 
-VALID = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2" / "valid.txt"
 LAYERS = (1, 3)
 FAST = dict(block_size=32, batch_size=2, max_steps=6, learning_rate=1e-2, logging_steps=1, save_steps=2)
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    """About 4,000 tokens of real text (wikitext-2 validation): enough blocks, quick to tokenize."""
-    path = tmp_path_factory.mktemp("data") / "valid-head.txt"
-    path.write_text(VALID.read_text(encoding="utf-8")[:20_000], encoding="utf-8")
-    return path
+def text_file(wikitext_sample) -> Path:
+    return wikitext_sample(20_000)
 
-
-@pytest.fixture(scope="module")
-def plain_llama(tiny_checkpoint) -> Path:
-    """A tiny Llama checkpoint with no exit weights (shared direct mode, tied head)."""
-    return tiny_checkpoint("llama", VocabularyProjectionMode.SHARED_PROJECTION_DIRECT)
 
 
 @pytest.fixture(scope="module")
