@@ -76,13 +76,12 @@ class GPT2Family(Family):
 
 
 @register
-class GPTNeoFamily(Family):
+class GPTNeoFamily(GPT2Family):
+    """Built like GPT-2 (final LayerNorm at `transformer.ln_f`); its config names the width differently."""
+
     name = "gpt_neo"
     model_types = ("gpt_neo",)
-
-    @staticmethod
-    def final_norm(model: Any) -> torch.nn.Module:
-        return model.transformer.ln_f
+    hidden_size_key = "hidden_size"
 
 
 @register
