@@ -16,7 +16,6 @@ one Generator serves many threads at once.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import queue
 import threading
@@ -29,11 +28,11 @@ import numpy as np
 
 from autocontrast.bundle import SCORE, GraphSpec, read_manifest
 from autocontrast.config import Exit, MultiExitConfiguration
-from autocontrast.errors import BundleError, GenerationParameterError, PromptError, UnknownExitError
+from autocontrast.errors import GenerationParameterError, PromptError, UnknownExitError
 from autocontrast.runtime import sampling
 from autocontrast.runtime.detokenizer import StreamDecoder
 from autocontrast.runtime.kv_cache import KVCache
-from autocontrast.runtime.modes import DecodeMode, exit_aliases, resolve_mode
+from autocontrast.runtime.modes import DecodeMode, graph_with_exits, resolve_mode
 from autocontrast.runtime.params import GenerationParams
 from autocontrast.runtime.session import ExitSession
 from autocontrast.runtime.stopping import finish_reason, stop_string_cut
@@ -263,7 +262,11 @@ class Generator:
         if longest > self.manifest.max_positions:
             raise PromptError(f"a sequence of {longest} tokens exceeds the model's maximum positions "
                               f"({self.manifest.max_positions})")
-        graph, names = self._score_graph(tuple(exits))
+        found = graph_with_exits(self.manifest, tuple(exits), kind=SCORE)
+        if found is None:
+            raise UnknownExitError(f"this bundle has no score graph returning exits {list(exits)}; "
+                                   "re-export without --no-score-graph and with those exits")
+        graph, names = found
         ids = np.full((len(rows), longest), self.pad_token_id, dtype=np.int64)  # (batch, seq), right-padded
         mask = np.zeros_like(ids)
         for i, row in enumerate(rows):
@@ -272,12 +275,3 @@ class Generator:
         out = self.session(graph).step(ids, mask, positions, None)  # (batch, seq, n_exits, vocab)
         picked = out.exit_logits[:, :, [graph.exit_position(n) for n in names], :]
         return [picked[i, :len(row)] for i, row in enumerate(rows)]
-
-    def _score_graph(self, exits: tuple[Exit, ...]) -> tuple[GraphSpec, tuple[Exit, ...]]:
-        for names in itertools.product(*(exit_aliases(self.manifest, e) for e in exits)):
-            try:
-                return self.manifest.graph_for_exits(names, kind=SCORE), names
-            except BundleError:
-                continue
-        raise UnknownExitError(f"this bundle has no score graph returning exits {list(exits)}; "
-                               "re-export without --no-score-graph and with those exits")

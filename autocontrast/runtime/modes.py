@@ -32,6 +32,18 @@ def exit_aliases(manifest: Manifest, exit_: Exit) -> tuple[Exit, ...]:
     return (exit_,)
 
 
+def graph_with_exits(manifest: Manifest, exits: tuple[Exit, ...], *,
+                     kind: str) -> tuple[GraphSpec, tuple[Exit, ...]] | None:
+    """The cheapest graph of `kind` returning `exits` (under any alias), with the names it uses; None if none."""
+    candidates = []
+    for names in itertools.product(*(exit_aliases(manifest, e) for e in exits)):
+        try:
+            candidates.append((manifest.graph_for_exits(names, kind=kind), names))
+        except BundleError:
+            continue
+    return min(candidates, key=lambda c: (len(c[0].exits), c[0].contrast is not None), default=None)
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeMode:
     """A resolved mode: the graph to run and how to turn its outputs into (batch, vocab) scores."""
@@ -69,17 +81,12 @@ def resolve_mode(manifest: Manifest, config: MultiExitConfiguration, *, fused: b
             if graph is not None:
                 return DecodeMode(graph, "contrast", (graph.exit_position(u), graph.exit_position(lo)), fused=True,
                                   alpha=config.alpha, minimum_candidates=config.minimum_candidates)
-    candidates = []
-    for names in itertools.product(*(exit_aliases(manifest, e) for e in wanted)):
-        try:
-            candidates.append((manifest.graph_for_exits(names, kind=DECODE), names))
-        except BundleError:
-            continue
-    if not candidates:
+    found = graph_with_exits(manifest, wanted, kind=DECODE)
+    if found is None:
         have = ", ".join(str(e) for e in manifest.exits)
         raise UnknownExitError(f"this bundle cannot decode with exit(s) {', '.join(map(str, wanted))}: its "
                                f"decode graphs return {have}; re-export with --exits including them")
-    graph, names = min(candidates, key=lambda c: (len(c[0].exits), c[0].contrast is not None))
+    graph, names = found
     return DecodeMode(graph, config.mode, tuple(graph.exit_position(n) for n in names),
                       alpha=config.alpha, minimum_candidates=config.minimum_candidates,
                       contrast_function=config.contrast_function)
