@@ -221,6 +221,31 @@ class MultiExitConfiguration:
         return dataclasses.replace(self, **changes)
 
 
+SHARED_MODES = (VocabularyProjectionMode.SHARED_PROJECTION_DIRECT, VocabularyProjectionMode.SHARED_PROJECTION_CAST_OUTPUTS)
+
+
+def is_original_logits(mode: VocabularyProjectionMode | str, exit_: Exit, *, num_layers: int) -> bool:
+    """Whether an exit's logits are the model's own head's: 'original', and the top exit in the
+    shared projection modes (there the top layer is projected by the model's own head).
+
+    The one home of this rule: the models, the exporter and the runtime's graph lookup use it.
+
+    >>> is_original_logits("SHARED_PROJECTION_DIRECT", 30, num_layers=30)
+    True
+    """
+    if exit_ == ORIGINAL:
+        return True
+    return exit_ == num_layers and VocabularyProjectionMode.parse(mode) in SHARED_MODES
+
+
+def exit_aliases(mode: VocabularyProjectionMode | str, exit_: Exit, *, num_layers: int) -> tuple[Exit, ...]:
+    """Names of the same logits: (exit_,) or, for the original head's logits, (exit_, its other name)."""
+    if is_original_logits(mode, exit_, num_layers=num_layers) and is_original_logits(mode, num_layers,
+                                                                                        num_layers=num_layers):
+        return (exit_, num_layers if exit_ == ORIGINAL else ORIGINAL)
+    return (exit_,)
+
+
 def check_exit_in_range(exit_: Exit, num_layers: int) -> None:
     if exit_ == ORIGINAL:
         return

@@ -10,39 +10,79 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPTNeoConfig, LlamaConfig, MistralConfig, Qwen2Config, T5Config
+from transformers import (
+    GemmaConfig,
+    GPT2Config,
+    GPTNeoConfig,
+    GraniteConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+    T5Config,
+)
 
 from autocontrast.config import MultiExitConfiguration, VocabularyProjectionMode
 from autocontrast.models.auto import AutoMultiExitModel
+from autocontrast.models.families import FAMILIES, model_types
 
 VOCAB = 49152
 NUM_LAYERS = 4
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
-# Every architecture with a multi-exit class; tests/models/test_families.py checks this covers them all.
-ARCHITECTURES = ("gpt2", "gpt_neo", "llama", "mistral", "qwen2", "t5")
-DECODER_ONLY = ("gpt2", "gpt_neo", "llama", "mistral", "qwen2")
+# Every registered architecture; tests/models/test_families.py checks each has a tiny config below.
+ARCHITECTURES = model_types()
+DECODER_ONLY = model_types(exportable=True)
+
+
+
+def export_cases() -> list[tuple[str, VocabularyProjectionMode]]:
+    """(model type, projection mode) of the export and runtime parity tests, from the registry.
+
+    Each family's first model type runs every projection mode (a family is one code path for
+    exits: its norm, its head scaling); its other model types differ only inside the layers and
+    run the shared direct mode.
+    """
+    cases = []
+    for family in FAMILIES.values():
+        if family.is_encoder_decoder:
+            continue
+        first, *others = family.model_types
+        cases += [(first, mode) for mode in VocabularyProjectionMode]
+        cases += [(arch, VocabularyProjectionMode.SHARED_PROJECTION_DIRECT) for arch in others]
+    return cases
+
+
+_COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+# grouped-query attention (4 query heads, 2 KV heads), tied head
+_LLAMA_LIKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **_COMMON)
+TINY_CONFIGS = {
+    "gpt2": lambda: GPT2Config(n_embd=32, n_layer=NUM_LAYERS, n_head=4, n_positions=256, **_COMMON),
+    "gpt_neo": lambda: GPTNeoConfig(hidden_size=32, num_layers=NUM_LAYERS, num_heads=4, max_position_embeddings=256,
+                                    attention_types=[[["global", "local"], NUM_LAYERS // 2]], window_size=16,
+                                    **_COMMON),
+    "llama": lambda: LlamaConfig(**_LLAMA_LIKE),
+    "mistral": lambda: MistralConfig(**_LLAMA_LIKE),
+    "qwen2": lambda: Qwen2Config(**_LLAMA_LIKE),
+    "qwen3": lambda: Qwen3Config(**{**_LLAMA_LIKE, "head_dim": 8}),  # its default head_dim is 128
+    # untied head: Phi-3's checkpoints have their own lm_head
+    "phi3": lambda: Phi3Config(**{**_LLAMA_LIKE, "tie_word_embeddings": False}),
+    "gemma": lambda: GemmaConfig(**{**_LLAMA_LIKE, "head_dim": 8}),  # sqrt(hidden) embedding scale, (1+w) norm
+    # every multiplier away from 1, so a missed one shows
+    "granite": lambda: GraniteConfig(**_LLAMA_LIKE, embedding_multiplier=3.0, residual_multiplier=0.5,
+                                     attention_multiplier=0.2, logits_scaling=4.0),
+    "t5": lambda: T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=NUM_LAYERS, num_heads=4,
+                           decoder_start_token_id=0, vocab_size=VOCAB, eos_token_id=2, pad_token_id=0),
+}
 
 
 def tiny_config(arch: str):
-    common = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    if arch == "gpt2":
-        return GPT2Config(n_embd=32, n_layer=NUM_LAYERS, n_head=4, n_positions=256, **common)
-    if arch == "gpt_neo":
-        return GPTNeoConfig(hidden_size=32, num_layers=NUM_LAYERS, num_heads=4, max_position_embeddings=256,
-                            attention_types=[[["global", "local"], NUM_LAYERS // 2]], window_size=16, **common)
-    llama_like = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
-    if arch == "llama":
-        return LlamaConfig(**llama_like)
-    if arch == "mistral":
-        return MistralConfig(**llama_like)
-    if arch == "qwen2":
-        return Qwen2Config(**llama_like)
-    if arch == "t5":
-        return T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=NUM_LAYERS, num_heads=4,
-                        decoder_start_token_id=0, vocab_size=VOCAB, eos_token_id=2, pad_token_id=0)
-    raise ValueError(f"no tiny config for {arch}")
+    try:
+        return TINY_CONFIGS[arch]()
+    except KeyError:
+        raise ValueError(f"no tiny config for {arch}; add one to tests/tiny_models.py TINY_CONFIGS") from None
 
 
 def exits_for(mode: VocabularyProjectionMode) -> tuple:

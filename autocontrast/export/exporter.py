@@ -170,7 +170,7 @@ def _load(source: str, options: ExportOptions) -> _Loaded:
     from autocontrast.config import MultiExitConfiguration, VocabularyProjectionMode
     from autocontrast.export.checkpoint import detect_projection_mode
     from autocontrast.models.auto import AutoMultiExitModel
-    from autocontrast.models.families import family_for
+    from autocontrast.models.families import family_for, labels
 
     try:
         config = AutoConfig.from_pretrained(source)
@@ -179,7 +179,7 @@ def _load(source: str, options: ExportOptions) -> _Loaded:
     if family_for(config).is_encoder_decoder:
         raise UnsupportedArchitectureError(
             f"{config.model_type!r} is an encoder-decoder model; acd-export supports decoder-only models "
-            "(GPT-2, GPT-Neo, Llama, Mistral, Qwen2)")
+            f"({labels(exportable=True)})")
     mode = (VocabularyProjectionMode.parse(options.projection) if options.projection
             else detect_projection_mode(source))
     model = AutoMultiExitModel.from_pretrained(source, MultiExitConfiguration(vocab_projection_mode=mode),

@@ -93,7 +93,8 @@ class ExitGraph(nn.Module):
                                  dim=-2)  # (batch, [seq,] n_group, hidden)
             stacked.append(head(hidden.to(head.weight.dtype)))  # (batch, [seq,] n_group, vocab)
         logits = stacked[0] if len(stacked) == 1 else torch.cat(stacked, dim=-2)
-        logits = logits.float()
+        # every head's logits scaled as the model's own head scales them (Granite's logits_scaling)
+        logits = self.model.family.scale_logits(self.model.config, logits.float())
         results = [logits]
         if self.contrast is not None:
             upper, lower, alpha, k = self.contrast

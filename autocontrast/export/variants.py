@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from autocontrast.bundle import DECODE, GraphSpec, KVCacheSpec
+from autocontrast.errors import ExportError
 
 AGREEMENT_PROMPTS = ("The history of the city begins in", "In mathematics, a prime number is",
                      "The best way to learn a new language is")
@@ -83,8 +84,9 @@ def optimize_graph(path: Path, *, model: Any, target: Path) -> Path:
     from onnxruntime.transformers.optimizer import optimize_model
 
     family = model.family
-    kind = {"gpt2": "gpt2", "gpt_neo": "gpt_neo", "llama": "gpt2"}.get(family.name, "gpt2")
-    optimized = optimize_model(str(path), model_type=kind, num_heads=model.config.num_attention_heads,
+    if family.ort_fusion is None:  # the registry says which fusion set fits; never guess one
+        raise ExportError(f"--optimize has no ONNX Runtime fusions for {family.name!r} models; export without it")
+    optimized = optimize_model(str(path), model_type=family.ort_fusion, num_heads=model.config.num_attention_heads,
                                hidden_size=family.hidden_size(model.config), opt_level=1, use_gpu=False)
     return _save(optimized.model, target)
 

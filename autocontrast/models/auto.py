@@ -20,17 +20,13 @@ from autocontrast.config import (
     VocabularyProjectionMode,
     check_exit_in_range,
 )
-from autocontrast.errors import MissingExitWeightsError, UnsupportedArchitectureError
+from autocontrast.errors import MissingExitWeightsError
 from autocontrast.models.families import family_for
-from autocontrast.models.multi_exit import CASTS, HEADS, MODEL_CLASSES, MultiExitMixin, default_exit_indices
+from autocontrast.models.multi_exit import CASTS, HEADS, MultiExitMixin, default_exit_indices, model_class
 
 
 def _model_class(config: Any) -> type[MultiExitMixin]:
-    family_for(config)  # raises the clear error for an unknown architecture
-    try:
-        return MODEL_CLASSES[config.model_type]
-    except KeyError:
-        raise UnsupportedArchitectureError(f"model_type {config.model_type!r} has no multi-exit class") from None
+    return model_class(getattr(config, "model_type", None))
 
 
 def prepare_config(config: Any, mec: MultiExitConfiguration) -> Any:
@@ -52,7 +48,7 @@ def prepare_config(config: Any, mec: MultiExitConfiguration) -> Any:
 
 
 class AutoMultiExitModel:
-    """Picks the multi-exit class for a checkpoint's architecture (GPT-2, GPT-Neo, Llama family, T5)."""
+    """Picks the multi-exit class for a checkpoint's architecture (any in `autocontrast.models.families`)."""
 
     @staticmethod
     def from_pretrained(model_name_or_path: str, multi_exit_config: MultiExitConfiguration | None = None, *,

@@ -1,22 +1,50 @@
-"""Architecture families: what differs between GPT-2, GPT-Neo, the Llama family and T5.
+"""The architecture registry: everything that differs between the supported model families.
 
-One small registered class per family says where the final norm lives, which config keys hold the
-sizes, and the KV-cache layout. Adding a family means adding a class here (and a tiny-model test:
-tests/models/test_families.py fails for a registered family without one).
+One registered class per family is the only place an architecture is declared. It says which HF
+`model_type`s it covers and their `transformers` classes (the multi-exit classes are built from
+these, see `autocontrast.models.multi_exit.model_class`), where the final norm lives, which config
+keys hold the sizes (and so the KV-cache layout), how the model's own head scales its logits, and
+which ONNX Runtime fusion set `acd-export --optimize` uses. The exporter's messages and the tests'
+parametrisation (tests/tiny_models.py) read this registry too.
+
+How to add an architecture (DESIGN): if it is built like one already here, add its model type to
+that family's `models`; otherwise declare a class below with `@register`. Then give it a tiny
+config in tests/tiny_models.py `TINY_CONFIGS`; tests/models/test_families.py fails for a
+registered model type without one, and every tiny-model test (PyTorch exits, export parity,
+runtime tokens, transformers' own greedy) runs over it. Faithfulness rule: an exit at layer k
+applies the final norm to `hidden_states[k]` and projects through its head exactly as the model's
+own head does, so that the top exit equals the original head.
+
+Torch-free at import (CLIs read it for their messages); the hooks take a loaded model.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from autocontrast.errors import UnsupportedArchitectureError
+
+if TYPE_CHECKING:
+    import torch
 
 FAMILIES: dict[str, type[Family]] = {}
 
 
+class HFModel(NamedTuple):
+    """One HF model type a family covers."""
+
+    model_type: str  # config.model_type
+    hf_class: str  # the `transformers` class the multi-exit class extends
+    label: str  # how messages name it
+
+
 def register(cls: type[Family]) -> type[Family]:
+    """Add a family to the registry (a class decorator); a model type may belong to one family only."""
+    taken = {t for f in FAMILIES.values() for t in f.model_types if f.name != cls.name}
+    clash = taken & {m.model_type for m in cls.models}
+    if clash:
+        raise ValueError(f"model type(s) {sorted(clash)} are already registered")
+    cls.model_types = tuple(m.model_type for m in cls.models)
     FAMILIES[cls.name] = cls
     return cls
 
@@ -24,11 +52,25 @@ def register(cls: type[Family]) -> type[Family]:
 class Family:
     """Architecture specifics of one model family (all class-level, never instantiated)."""
 
-    name: ClassVar[str]
-    model_types: ClassVar[tuple[str, ...]]  # HF config.model_type values
+    name: ClassVar[str]  # the manifest's `architecture`
+    models: ClassVar[tuple[HFModel, ...]]
+    model_types: ClassVar[tuple[str, ...]]  # set by `register` from `models`
+    final_norm_path: ClassVar[str]  # attribute path of the final norm, from the *ForCausalLM object
     hidden_size_key: ClassVar[str] = "hidden_size"
     num_layers_key: ClassVar[str] = "num_hidden_layers"
     is_encoder_decoder: ClassVar[bool] = False
+    # config key of a number the model's own head divides its logits by (Granite); every exit's
+    # projection is divided by it too, so the top exit equals the original head
+    logits_divisor_key: ClassVar[str | None] = None
+    # `onnxruntime.transformers.optimizer` model_type for --optimize; None: no fusions offered
+    ort_fusion: ClassVar[str | None] = None
+
+    @classmethod
+    def final_norm(cls, model: Any) -> torch.nn.Module:
+        module = model
+        for part in cls.final_norm_path.split("."):
+            module = getattr(module, part)
+        return module
 
     @classmethod
     def normalize(cls, model: Any, hidden: torch.Tensor, *, is_last_layer: bool) -> torch.Tensor:
@@ -39,9 +81,10 @@ class Family:
         """
         return hidden if is_last_layer else cls.final_norm(model)(hidden)
 
-    @staticmethod
-    def final_norm(model: Any) -> torch.nn.Module:
-        raise NotImplementedError
+    @classmethod
+    def scale_logits(cls, config: Any, logits: torch.Tensor) -> torch.Tensor:
+        """A projection's output as the model's own head returns it: (..., vocab) -> (..., vocab)."""
+        return logits if cls.logits_divisor_key is None else logits / getattr(config, cls.logits_divisor_key)
 
     @classmethod
     def num_layers(cls, config: Any) -> int:
@@ -67,12 +110,10 @@ class Family:
 @register
 class GPT2Family(Family):
     name = "gpt2"
-    model_types = ("gpt2",)
+    models = (HFModel("gpt2", "GPT2LMHeadModel", "GPT-2"),)
+    final_norm_path = "transformer.ln_f"
     hidden_size_key = "n_embd"
-
-    @staticmethod
-    def final_norm(model: Any) -> torch.nn.Module:
-        return model.transformer.ln_f
+    ort_fusion = "gpt2"
 
 
 @register
@@ -80,33 +121,68 @@ class GPTNeoFamily(GPT2Family):
     """Built like GPT-2 (final LayerNorm at `transformer.ln_f`); its config names the width differently."""
 
     name = "gpt_neo"
-    model_types = ("gpt_neo",)
+    models = (HFModel("gpt_neo", "GPTNeoForCausalLM", "GPT-Neo"),)
     hidden_size_key = "hidden_size"
+    ort_fusion = "gpt2"  # ORT has no GPT-Neo optimizer; GPT-2's fusions (LayerNorm, GELU) match its blocks
 
 
 @register
 class LlamaFamily(Family):
-    """Llama and the models built like it: final RMSNorm at `model.norm`, then `lm_head`."""
+    """Llama and the models built like it: final RMSNorm at `model.norm`, then `lm_head`.
+
+    Mistral, Qwen2 and Qwen3 differ only inside the layers (sliding window, qkv bias, q/k norms);
+    exits see none of it.
+    """
 
     name = "llama"
-    model_types = ("llama", "mistral", "qwen2")
+    models = (HFModel("llama", "LlamaForCausalLM", "Llama"), HFModel("mistral", "MistralForCausalLM", "Mistral"),
+              HFModel("qwen2", "Qwen2ForCausalLM", "Qwen2"), HFModel("qwen3", "Qwen3ForCausalLM", "Qwen3"))
+    final_norm_path = "model.norm"
+    # ORT's optimizer has no Llama class (its Llama path is the model builder); GPT-2's optimizer is
+    # the generic decoder one (RMSNorm -> SimplifiedLayerNormalization, skip-norm fusions), the same
+    # class ORT itself registers for "qwen3".
+    ort_fusion = "gpt2"
 
-    @staticmethod
-    def final_norm(model: Any) -> torch.nn.Module:
-        return model.model.norm
+
+@register
+class Phi3Family(LlamaFamily):
+    """Phi-3: the Llama layout with fused `qkv_proj` and `gate_up_proj` inside the layers (exits see neither)."""
+
+    name = "phi3"
+    models = (HFModel("phi3", "Phi3ForCausalLM", "Phi-3"),)
+    ort_fusion = "gpt2"  # ORT's "phi" optimizer is for Phi-2's dynamo export, not this graph
+
+
+@register
+class GemmaFamily(LlamaFamily):
+    """Gemma: embeddings scaled by sqrt(hidden) and an RMSNorm of (1 + weight), both inside HF's modules.
+
+    `hidden_states[0]` is the scaled embedding and `model.norm` is Gemma's own norm, so exits need
+    nothing beyond the Llama rule.
+    """
+
+    name = "gemma"
+    models = (HFModel("gemma", "GemmaForCausalLM", "Gemma"),)
+
+
+@register
+class GraniteFamily(LlamaFamily):
+    """Granite: embedding, residual and attention multipliers act inside the model; its head divides
+    the logits by `logits_scaling`, and so does every exit's projection."""
+
+    name = "granite"
+    models = (HFModel("granite", "GraniteForCausalLM", "Granite"),)
+    logits_divisor_key = "logits_scaling"
 
 
 @register
 class T5Family(Family):
     name = "t5"
-    model_types = ("t5",)
+    models = (HFModel("t5", "T5ForConditionalGeneration", "T5"),)
+    final_norm_path = "decoder.final_layer_norm"
     hidden_size_key = "d_model"
     num_layers_key = "num_decoder_layers"
     is_encoder_decoder = True
-
-    @staticmethod
-    def final_norm(model: Any) -> torch.nn.Module:
-        return model.decoder.final_layer_norm
 
     @classmethod
     def normalize(cls, model: Any, hidden: torch.Tensor, *, is_last_layer: bool) -> torch.Tensor:
@@ -129,12 +205,32 @@ class T5Family(Family):
         return int(getattr(config, "n_positions", 512) or 512)
 
 
-def family_for(config: Any) -> type[Family]:
-    """The family of an HF config, by `model_type`."""
-    model_type = getattr(config, "model_type", None)
+def family_of_type(model_type: str | None) -> type[Family]:
+    """The family registered for an HF `model_type`; raises `UnsupportedArchitectureError`."""
     for family in FAMILIES.values():
         if model_type in family.model_types:
             return family
-    supported = ", ".join(t for f in FAMILIES.values() for t in f.model_types)
     raise UnsupportedArchitectureError(
-        f"model_type {model_type!r} has no multi-exit support; supported model types: {supported}")
+        f"model_type {model_type!r} has no multi-exit support; supported model types: {', '.join(model_types())}")
+
+
+def family_for(config: Any) -> type[Family]:
+    """The family of an HF config, by `model_type`."""
+    return family_of_type(getattr(config, "model_type", None))
+
+
+def model_types(*, exportable: bool = False) -> tuple[str, ...]:
+    """Every registered model type (`exportable`: decoder-only ones, which acd-export takes)."""
+    return tuple(m.model_type for f in FAMILIES.values() if not (exportable and f.is_encoder_decoder)
+                 for m in f.models)
+
+
+def labels(*, exportable: bool = False) -> str:
+    """The registered architectures as messages name them: 'GPT-2, GPT-Neo, Llama, ...'."""
+    return ", ".join(m.label for f in FAMILIES.values() if not (exportable and f.is_encoder_decoder)
+                     for m in f.models)
+
+
+def hf_model(model_type: str) -> HFModel:
+    family = family_of_type(model_type)
+    return next(m for m in family.models if m.model_type == model_type)

@@ -1,6 +1,7 @@
 """Multi-exit models: a Hugging Face LM plus exit heads, with the original library's behaviour.
 
-`MultiExitMixin` is combined with an HF class (`class MultiExitGPT2(MultiExitMixin, GPT2LMHeadModel)`),
+`MultiExitMixin` is combined with the HF class the architecture registry names
+(`autocontrast.models.families`): `model_class("gpt2")` is `MultiExitGPT2(MultiExitMixin, GPT2LMHeadModel)`,
 so weights keep their HF names and the extra modules keep the original library's names:
 `name_to_lm_exit_head.lm_head_<layer>.weight` (layer-specific heads) and
 `name_to_conv_matrix.<layer>_to_<L>.weight` (cast matrices). `save_pretrained` therefore writes the
@@ -17,17 +18,18 @@ import functools
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
-from transformers import GPT2LMHeadModel, GPTNeoForCausalLM, LlamaForCausalLM, T5ForConditionalGeneration
 
-try:  # Mistral and Qwen2 are Llama-family models; present in every transformers we support
-    from transformers import MistralForCausalLM, Qwen2ForCausalLM
-except ImportError:  # pragma: no cover
-    MistralForCausalLM = Qwen2ForCausalLM = None
-
-from autocontrast.config import ORIGINAL, Exit, MultiExitConfiguration, VocabularyProjectionMode
+from autocontrast.config import (
+    ORIGINAL,
+    Exit,
+    MultiExitConfiguration,
+    VocabularyProjectionMode,
+    is_original_logits,
+)
 from autocontrast.models.contrast import calculate_contrasted_logits
-from autocontrast.models.families import Family, GPT2Family, GPTNeoFamily, LlamaFamily, T5Family
+from autocontrast.models.families import Family, family_of_type, hf_model, model_types
 
 LM_HEAD_PREFIX = "lm_head_"
 HEADS = "name_to_lm_exit_head"
@@ -118,10 +120,15 @@ class MultiExitMixin:
 
     def uses_original_logits(self, exit_: Exit) -> bool:
         """Whether an exit's logits are the model's own output (no extra projection)."""
-        if exit_ == ORIGINAL:
-            return True
-        return (self.vocab_projection_mode == VocabularyProjectionMode.SHARED_PROJECTION_CAST_OUTPUTS
-                and exit_ == self.num_layers)
+        return is_original_logits(self.vocab_projection_mode, exit_, num_layers=self.num_layers)
+
+    def project(self, exit_: Exit, prepared: torch.Tensor) -> torch.Tensor:
+        """An exit's logits from its prepared hidden state, scaled as the model's own head scales.
+
+        prepared: (..., hidden) from `exit_hidden` -> (..., vocab)
+        """
+        head = self.exit_head(exit_)
+        return self.family.scale_logits(self.config, head(prepared.to(head.weight.dtype)))
 
     def exit_logits(self, exits: tuple[Exit, ...], original_logits: torch.Tensor,
                     hidden_states: tuple[torch.Tensor, ...] | None) -> dict[Exit, torch.Tensor]:
@@ -136,8 +143,7 @@ class MultiExitMixin:
                 result[exit_] = original_logits
             else:
                 hidden = hidden_states[exit_][..., -keep:, :]
-                head = self.exit_head(exit_)
-                result[exit_] = head(self.exit_hidden(exit_, hidden).to(head.weight.dtype))
+                result[exit_] = self.project(exit_, self.exit_hidden(exit_, hidden))
         return result
 
     def combine(self, by_exit: dict[Exit, torch.Tensor]) -> torch.Tensor:
@@ -183,29 +189,37 @@ class MultiExitMixin:
                                            labels.reshape(-1).to(logits.device), ignore_index=-100)
 
 
-class MultiExitGPT2(MultiExitMixin, GPT2LMHeadModel):
-    family = GPT2Family
+_CLASSES: dict[str, type[MultiExitMixin]] = {}
+_SUFFIXES = ("ForConditionalGeneration", "ForCausalLM", "LMHeadModel")
 
 
-class MultiExitGPTNeo(MultiExitMixin, GPTNeoForCausalLM):
-    family = GPTNeoFamily
+def class_name(model_type: str) -> str:
+    """'MultiExitLlama' for 'llama': the HF class's name without its head suffix."""
+    name = hf_model(model_type).hf_class
+    for suffix in _SUFFIXES:
+        name = name.removesuffix(suffix)
+    return f"MultiExit{name}"
 
 
-class MultiExitLlama(MultiExitMixin, LlamaForCausalLM):
-    family = LlamaFamily
+def model_class(model_type: str) -> type[MultiExitMixin]:
+    """The multi-exit class of a registered model type, built once from the registry's HF class.
+
+    >>> model_class("llama").__name__
+    'MultiExitLlama'
+    """
+    if model_type not in _CLASSES:
+        family = family_of_type(model_type)  # raises the clear error for an unknown architecture
+        base = getattr(transformers, hf_model(model_type).hf_class)
+        name = class_name(model_type)
+        _CLASSES[model_type] = type(name, (MultiExitMixin, base), {
+            "family": family, "__module__": __name__, "__qualname__": name,
+            "__doc__": f"{base.__name__} with exits ({family.__name__})."})
+    return _CLASSES[model_type]
 
 
-class MultiExitT5(MultiExitMixin, T5ForConditionalGeneration):
-    family = T5Family
-
-
-MODEL_CLASSES: dict[str, type] = {"gpt2": MultiExitGPT2, "gpt_neo": MultiExitGPTNeo, "llama": MultiExitLlama,
-                                  "t5": MultiExitT5}
-if MistralForCausalLM is not None:
-    class MultiExitMistral(MultiExitMixin, MistralForCausalLM):
-        family = LlamaFamily
-
-    class MultiExitQwen2(MultiExitMixin, Qwen2ForCausalLM):
-        family = LlamaFamily
-
-    MODEL_CLASSES.update({"mistral": MultiExitMistral, "qwen2": MultiExitQwen2})
+def __getattr__(name: str) -> type[MultiExitMixin]:
+    """`multi_exit.MultiExitLlama` and friends by name (imports, pickling)."""
+    for model_type in model_types():
+        if class_name(model_type) == name:
+            return model_class(model_type)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,5 +1,6 @@
-"""Tiny GPT-2, GPT-Neo and Llama (GQA) bundles in every projection mode match PyTorch, exit by exit,
-for a prefill and 8 cached decode steps, at batch 1 and at batch 3 with left padding."""
+"""Tiny bundles of every registered decoder-only architecture (tests/tiny_models.py export_cases: each
+family in every projection mode) match PyTorch, exit by exit, for a prefill and 8 cached decode
+steps, at batch 1 and at batch 3 with left padding."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from autocontrast.bundle import read_manifest
 from autocontrast.config import MultiExitConfiguration, VocabularyProjectionMode
 from autocontrast.models.auto import AutoMultiExitModel
 from autocontrast.models.contrast import calculate_contrasted_logits
+from autocontrast.models.families import family_of_type
 from tests.export.ort_loop import GraphRunner
+from tests.tiny_models import DECODER_ONLY, VOCAB, export_cases
 
-ARCHS = ("gpt2", "gpt_neo", "llama")
+CASES = export_cases()
+IDS = [f"{arch}-{mode.name.lower()}" for arch, mode in CASES]
 MODES = tuple(VocabularyProjectionMode)
 CONTRAST = (3, 1)
 STEPS = 8
@@ -27,7 +31,7 @@ def _batch(batch: int) -> tuple[np.ndarray, np.ndarray]:
     ids = np.zeros((batch, 12), np.int64)
     mask = np.zeros((batch, 12), np.int64)
     for row, n in enumerate(lengths):
-        ids[row, 12 - n:] = rng.integers(3, 49152, n)
+        ids[row, 12 - n:] = rng.integers(3, VOCAB, n)
         mask[row, 12 - n:] = 1
     return ids, mask
 
@@ -47,8 +51,7 @@ def _torch_last(model, exits, ids, mask, positions, cache):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name.lower())
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch,mode", CASES, ids=IDS)
 def test_every_exit_matches_pytorch_over_cached_decode_steps(arch, mode, batch, tiny_bundle, tiny_checkpoint):
     bundle = tiny_bundle(arch, mode, fuse_contrast=CONTRAST)
     model = _torch_model(tiny_checkpoint(arch, mode), mode)
@@ -71,7 +74,7 @@ def test_every_exit_matches_pytorch_over_cached_decode_steps(arch, mode, batch, 
         mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", sorted({a for a, m in CASES if m == VocabularyProjectionMode.LAYER_SPECIFIC_PROJECTION}))
 def test_score_graph_matches_pytorch_at_every_real_position(arch, tiny_bundle, tiny_checkpoint):
     mode = VocabularyProjectionMode.LAYER_SPECIFIC_PROJECTION
     bundle = tiny_bundle(arch, mode, fuse_contrast=CONTRAST)
@@ -102,13 +105,13 @@ def test_manifest_records_a_passed_validation_of_every_graph(mode, tiny_bundle):
     assert manifest.kv_cache.num_kv_heads == 2  # grouped-query attention: 4 query heads, 2 KV heads
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
-def test_other_llama_family_models_export_and_validate(arch, tiny_bundle):
-    manifest = read_manifest(tiny_bundle(arch, VocabularyProjectionMode.SHARED_PROJECTION_DIRECT))
-    assert manifest.architecture == "llama" and manifest.validation["passed"] is True
-
-
-def test_every_decoder_only_architecture_has_an_export_test():
-    from tests.tiny_models import DECODER_ONLY
-
-    assert set(DECODER_ONLY) == set(ARCHS) | {"mistral", "qwen2"}
+@pytest.mark.parametrize("arch", DECODER_ONLY)
+def test_manifest_names_the_registered_family_and_the_models_own_kv_layout(arch, tiny_bundle, tiny_checkpoint):
+    mode = VocabularyProjectionMode.SHARED_PROJECTION_DIRECT
+    manifest = read_manifest(tiny_bundle(arch, mode))
+    assert manifest.architecture == family_of_type(arch).name and manifest.validation["passed"] is True
+    with torch.no_grad():  # the layout transformers' own cache has
+        cache = _torch_model(tiny_checkpoint(arch, mode), mode)(torch.tensor([[5, 6, 7]]), use_cache=True).past_key_values
+    keys = cache.layers[0].keys  # (batch, kv_heads, seq, head_dim)
+    assert (manifest.kv_cache.num_layers, manifest.kv_cache.num_kv_heads, manifest.kv_cache.head_dim) == \
+        (len(cache.layers), keys.shape[1], keys.shape[3])

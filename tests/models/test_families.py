@@ -1,26 +1,55 @@
-"""Every registered architecture family is covered by a tiny-model test."""
+"""The architecture registry: every registered model type has a tiny model under test, a multi-exit
+class built from its declared HF class, and (decoder-only) an ORT fusion set ORT really has."""
 
 from __future__ import annotations
 
-from autocontrast.models.families import FAMILIES, family_for
-from autocontrast.models.multi_exit import MODEL_CLASSES
-from tests.tiny_models import ARCHITECTURES, tiny_config
+import pytest
+
+from autocontrast.errors import UnsupportedArchitectureError
+from autocontrast.models.families import FAMILIES, family_for, labels, model_types
+from autocontrast.models.multi_exit import model_class
+from tests.tiny_models import ARCHITECTURES, TINY_CONFIGS, tiny_config
 
 
 def test_every_registered_model_type_has_a_tiny_config_under_test():
-    registered = {t for family in FAMILIES.values() for t in family.model_types}
-    missing = registered - set(ARCHITECTURES)
+    missing = set(model_types()) - set(TINY_CONFIGS)
     assert not missing, f"model types without a tiny test model in tests/tiny_models.py: {sorted(missing)}"
 
 
-def test_every_tiny_config_resolves_to_its_family_and_a_multi_exit_class():
-    for arch in ARCHITECTURES:
-        config = tiny_config(arch)
-        assert config.model_type == arch
-        assert arch in family_for(config).model_types
-        assert arch in MODEL_CLASSES
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_tiny_config_resolves_to_its_family_and_a_multi_exit_subclass_of_the_declared_hf_class(arch):
+    config = tiny_config(arch)
+    family = family_for(config)
+    assert config.model_type == arch and arch in family.model_types
+    cls = model_class(arch)
+    declared = next(m.hf_class for m in family.models if m.model_type == arch)
+    assert declared in [base.__name__ for base in cls.__mro__] and cls.family is family
 
 
-def test_every_multi_exit_class_belongs_to_a_registered_family():
-    registered = {t for family in FAMILIES.values() for t in family.model_types}
-    assert set(MODEL_CLASSES) <= registered
+def test_multi_exit_classes_are_importable_by_name():
+    from autocontrast.models import multi_exit
+
+    assert multi_exit.MultiExitLlama is model_class("llama")
+    assert multi_exit.MultiExitPhi3 is model_class("phi3")
+
+
+def test_an_unregistered_model_type_is_a_clear_error():
+    with pytest.raises(UnsupportedArchitectureError, match=r"'bloom' has no multi-exit support.*granite"):
+        model_class("bloom")
+
+
+def test_every_exportable_family_names_an_ort_fusion_set_that_onnxruntime_has():
+    from onnxruntime.transformers.optimizer import MODEL_TYPES
+
+    for family in FAMILIES.values():
+        if not family.is_encoder_decoder:
+            assert family.ort_fusion in MODEL_TYPES, f"{family.name}: {family.ort_fusion!r}"
+
+
+def test_export_messages_name_every_decoder_only_architecture():
+    from autocontrast.export.cli import parser
+
+    text = parser().format_help()
+    for label in labels(exportable=True).split(", "):
+        assert label in text
+    assert "T5" not in labels(exportable=True)

@@ -2,8 +2,8 @@
 
 References are computed independently: the plain Hugging Face model (loaded from the same folder,
 which ignores the exit weights) gives `output_hidden_states`; the test applies the final norm by
-hand (intermediate layers only), T5's rescale when the head is tied, and the exit weights read
-straight from the saved safetensors file.
+hand (intermediate layers only), T5's rescale when the head is tied, Granite's `logits_scaling`,
+and the exit weights read straight from the saved safetensors file.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def _reference_exit_logits(arch, mode, plain, weights, inputs, exit_: int, label
             head = plain.get_output_embeddings().weight
             if mode == VocabularyProjectionMode.SHARED_PROJECTION_CAST_OUTPUTS:
                 hidden = hidden @ weights[f"name_to_conv_matrix.{exit_}_to_{L}.weight"].T
-        return hidden @ head.T
+        # Granite's head divides its logits by logits_scaling; an exit read through a head does too
+        return hidden @ head.T / getattr(plain.config, "logits_scaling", 1.0)
 
 
 def _exit_model_logits(model, inputs, exit_) -> torch.Tensor:

@@ -1,16 +1,19 @@
 """Greedy tokens of the runtime equal the PyTorch multi-exit model's `generate()` tokens, for tiny
-models of every exportable architecture and projection mode, in every decoding mode, with the
-graph's fused contrast and with the NumPy contrast."""
+models of every registered decoder-only architecture (tests/tiny_models.py export_cases), in every
+decoding mode, with the graph's fused contrast and with the NumPy contrast; and with the original
+head they equal transformers' own greedy tokens for that architecture."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from autocontrast.config import MultiExitConfiguration, VocabularyProjectionMode
 from autocontrast.models.auto import AutoMultiExitModel
 from autocontrast.runtime import Generator
 from tests.runtime.conftest import CONTRAST
+from tests.tiny_models import DECODER_ONLY, VOCAB, export_cases
 
 PROMPTS = ("The capital of France is", "Once upon a time, in a small village by the sea, there lived")
 NEW_TOKENS = 12
@@ -22,9 +25,7 @@ MODES = {
     "contrast_alpha0": dict(use_original_head=False, contrast_layer_indices=CONTRAST, alpha=0.0),
 }
 SHARED_ONLY = {"contrast_original_upper": dict(use_original_head=False, contrast_layer_indices=("original", 2))}
-BUNDLES = [(a, m) for a in ("gpt2", "gpt_neo", "llama") for m in VocabularyProjectionMode] + \
-          [("mistral", VocabularyProjectionMode.SHARED_PROJECTION_DIRECT),
-           ("qwen2", VocabularyProjectionMode.SHARED_PROJECTION_DIRECT)]
+BUNDLES = export_cases()
 
 
 def _torch_tokens(checkpoint, projection, fields: dict, prompt_ids: list[int]) -> list[int]:
@@ -59,6 +60,20 @@ def test_greedy_tokens_equal_pytorch_in_every_mode(arch, projection, tiny_bundle
     assert not mismatches, "\n".join(mismatches)
 
 
+@pytest.mark.parametrize("arch", DECODER_ONLY)
+def test_original_head_greedy_tokens_equal_transformers_own_greedy(arch, tiny_bundle, tiny_checkpoint):
+    projection = VocabularyProjectionMode.SHARED_PROJECTION_DIRECT
+    generator = Generator(tiny_bundle(arch, projection, fuse_contrast=CONTRAST))
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_checkpoint(arch, projection))).eval()
+    for prompt in PROMPTS:
+        ids = generator.encode(prompt)
+        prompt_ids = torch.tensor([ids])
+        with torch.no_grad():
+            want = plain.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=NEW_TOKENS,
+                                  do_sample=False, eos_token_id=2, pad_token_id=2)[0, len(ids):].tolist()
+        assert generator.generate(ids, max_new_tokens=NEW_TOKENS).token_ids[0] == want, prompt
+
+
 def test_fused_contrast_is_used_when_it_matches(llama_generator):
     fused = llama_generator.mode(MultiExitConfiguration(use_original_head=False, contrast_layer_indices=CONTRAST))
     other = llama_generator.mode(MultiExitConfiguration(use_original_head=False, contrast_layer_indices=CONTRAST,
@@ -80,4 +95,4 @@ def test_custom_contrast_function_gets_upper_and_lower_logits(llama_generator):
     exit_1 = MultiExitConfiguration(use_original_head=False, output_layer_index=CONTRAST[1])
     got = llama_generator.generate("Hello there", multi_exit=custom, max_new_tokens=6).token_ids
     assert got == llama_generator.generate("Hello there", multi_exit=exit_1, max_new_tokens=6).token_ids
-    assert calls and calls[0] == ((1, 49152), (1, 49152))
+    assert calls and calls[0] == ((1, VOCAB), (1, VOCAB))
