@@ -1,8 +1,11 @@
-"""The export bundle's manifest: the contract between the exporter and the runtime. Torch-free.
+"""The export bundle's manifest and graph facts: the contract between the exporter and the runtime.
 
 A bundle is a directory holding ONNX graph(s), the tokenizer files and `manifest.json`. This is
 the one module that writes and reads that manifest; a reader refuses a wrong format or version
-by name, and a manifest that names files the bundle lacks.
+by name, and a manifest that names files the bundle lacks. It is also the one home of the graphs'
+input and output names and of graph selection (which graph returns which exits, exit aliases
+resolved once when the manifest is read): the tracer, the session, validation, variants,
+TensorRT and the tests import them from here. Torch-free.
 
 Graph conventions (all graphs of a bundle share them):
 - inputs `input_ids` (batch, seq) int64, `attention_mask` (batch, past+seq) int64,
@@ -36,15 +39,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from autocontrast.config import Exit, parse_exit
+from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, Exit, exit_aliases, parse_exit
 from autocontrast.errors import BundleError
 
 FORMAT = "autocontrast-bundle"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 
+# graph kinds and the graphs acd-export writes
 DECODE = "decode"
 SCORE = "score"
+DECODE_ORIGINAL = "decode_original"
+DECODE_EXITS = "decode_exits"
+SCORE_GRAPH = "score"
+# input and output names every graph uses
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+TOKEN_INPUTS = (INPUT_IDS, ATTENTION_MASK, POSITION_IDS)
+LOGITS_OUTPUT = "exit_logits"
+CONTRAST_OUTPUT = "contrast_scores"
+PAST_KEY, PAST_VALUE = "past_key_values.{layer}.key", "past_key_values.{layer}.value"
+PRESENT_KEY, PRESENT_VALUE = "present.{layer}.key", "present.{layer}.value"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +69,10 @@ class KVCacheSpec:
     num_kv_heads: int
     head_dim: int
     dtype: str = "float32"  # numpy dtype name of the cache tensors
-    past_key: str = "past_key_values.{layer}.key"
-    past_value: str = "past_key_values.{layer}.value"
-    present_key: str = "present.{layer}.key"
-    present_value: str = "present.{layer}.value"
+    past_key: str = PAST_KEY
+    past_value: str = PAST_VALUE
+    present_key: str = PRESENT_KEY
+    present_value: str = PRESENT_VALUE
 
     def past_names(self) -> list[str]:
         """Input names in graph order: key then value of layer 0, 1, ..."""
@@ -83,7 +99,7 @@ class GraphSpec:
     file: str
     kind: str  # DECODE or SCORE
     exits: tuple[Exit, ...]
-    logits_output: str = "exit_logits"
+    logits_output: str = LOGITS_OUTPUT
     contrast: ContrastSpec | None = None
     external_data: tuple[str, ...] = ()  # files the graph's weights live in, relative to the bundle
 
@@ -120,24 +136,61 @@ class Manifest:
                 return g
         raise BundleError(f"bundle has no graph named {name!r}; it has: {[g.name for g in self.graphs]}")
 
+    def __post_init__(self) -> None:
+        # Exit aliases, resolved once: in the shared projection modes the top exit and 'original'
+        # are the same logits, so a graph returning either serves both names.
+        names: dict[Exit, tuple[Exit, ...]] = {}
+        for exit_ in self.exits:
+            for alias in exit_aliases(self.projection_mode, exit_, num_layers=self.num_layers):
+                names[alias] = tuple(dict.fromkeys((alias,) + names.get(alias, ()) + (exit_,)))
+        object.__setattr__(self, "_names", names)
+
+    def aliases(self, exit_: Exit) -> tuple[Exit, ...]:
+        """Every name of `exit_`'s logits in this bundle (itself first when the bundle has it)."""
+        return self._names.get(exit_, (exit_,))
+
+    def graph_names(self, graph: GraphSpec, exits: Sequence[Exit]) -> tuple[Exit, ...] | None:
+        """The names under which `graph` returns each of `exits` (aliases resolved); None if it lacks one."""
+        found = []
+        for exit_ in exits:
+            name = next((n for n in self.aliases(exit_) if n in graph.exits), None)
+            if name is None:
+                return None
+            found.append(name)
+        return tuple(found)
+
+    def find_graph(self, exits: Sequence[Exit], *, kind: str = DECODE) -> tuple[GraphSpec, tuple[Exit, ...]] | None:
+        """The cheapest graph of `kind` (fewest exits) returning all of `exits`, with the names it
+        uses for them; None if no graph does."""
+        fitting = [(g, names) for g in self.graphs if g.kind == kind
+                   for names in (self.graph_names(g, exits),) if names is not None]
+        return min(fitting, key=lambda c: (len(c[0].exits), c[0].contrast is not None), default=None)
+
     def graph_for_exits(self, exits: Sequence[Exit], *, kind: str = DECODE) -> GraphSpec:
-        """The cheapest graph of `kind` (fewest exits) that returns all of `exits`."""
-        wanted = set(exits)
-        fitting = [g for g in self.graphs if g.kind == kind and wanted <= set(g.exits)]
-        if not fitting:
+        """The cheapest graph of `kind` (fewest exits) that returns all of `exits`; raises `BundleError`."""
+        found = self.find_graph(exits, kind=kind)
+        if found is None:
             have = sorted({str(e) for g in self.graphs if g.kind == kind for e in g.exits})
             raise BundleError(f"no {kind} graph in this bundle returns exits {list(exits)}; "
                               f"its {kind} graphs return: {', '.join(have) or 'nothing'}")
-        return min(fitting, key=lambda g: (len(g.exits), g.contrast is not None))
+        return found[0]
 
-    def fused_graph(self, upper: Exit, lower: Exit, alpha: float, minimum_candidates: int) -> GraphSpec | None:
-        """A decode graph whose fused contrast is exactly this one, if the bundle has it."""
+    def fused_graph(self, upper: Exit, lower: Exit, alpha: float,
+                    minimum_candidates: int) -> tuple[GraphSpec, tuple[Exit, Exit]] | None:
+        """A decode graph whose fused contrast is exactly this one (aliases resolved), with the names
+        of upper and lower in it; None if the bundle has none."""
         for g in self.graphs:
             c = g.contrast
-            if g.kind == DECODE and c and (c.upper, c.lower, c.minimum_candidates) == (upper, lower, minimum_candidates) \
-                    and abs(c.alpha - alpha) <= 1e-12:
-                return g
+            if g.kind != DECODE or not c or c.minimum_candidates != minimum_candidates or abs(c.alpha - alpha) > 1e-12:
+                continue
+            if c.upper in self.aliases(upper) and c.lower in self.aliases(lower):
+                return g, (c.upper, c.lower)
         return None
+
+    @property
+    def fused_contrast(self) -> ContrastSpec | None:
+        """The contrast the bundle's decode graphs fuse (the exporter's choice), if any."""
+        return next((g.contrast for g in self.graphs if g.kind == DECODE and g.contrast), None)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -175,10 +228,10 @@ class Manifest:
             source_model="example", architecture="llama", num_layers=30, hidden_size=576, vocab_size=49152,
             max_positions=8192, projection_mode="SHARED_PROJECTION_DIRECT", exits=(15, 30, "original"),
             kv_cache=kv, graphs=(
-                GraphSpec("decode_original", "decode_original.onnx", DECODE, ("original",)),
-                GraphSpec("decode_exits", "decode_exits.onnx", DECODE, (30, 15),
-                          contrast=ContrastSpec("contrast_scores", 30, 15, 0.1, 1)),
-                GraphSpec("score", "score.onnx", SCORE, (15, 30, "original")),
+                GraphSpec(DECODE_ORIGINAL, "decode_original.onnx", DECODE, ("original",)),
+                GraphSpec(DECODE_EXITS, "decode_exits.onnx", DECODE, (30, 15),
+                          contrast=ContrastSpec(CONTRAST_OUTPUT, 30, 15, DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES)),
+                GraphSpec(SCORE_GRAPH, "score.onnx", SCORE, (15, 30, "original")),
             ))
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from autocontrast.bench import machine, report
 from autocontrast.bench.stats import RunTiming, latency_by_position, summarise
-from autocontrast.bench.systems import DEFAULT_SYSTEMS, system_specs
+from autocontrast.bench.systems import DEFAULT_SYSTEMS, build, system_specs
 from autocontrast.bench.workers import Worker
 from autocontrast.cli_support import run_cli
 from autocontrast.errors import ConfigurationError, DataError
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     workers: dict[str, Worker] = {}
     for spec in specs:  # load one at a time: loads do not compete for the CPU
         print(f"loading {spec.name} ...", file=sys.stderr, flush=True)
-        worker = Worker(spec)
+        worker = Worker(spec, build)
         worker.wait_ready(args.timeout)
         workers[spec.name] = worker
         if worker.skipped:

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
-from autocontrast.bench.workers import SystemSpec
 from autocontrast.errors import ConfigurationError
 
 # Our runtime, in each decoding mode (per provider and variant, see system_specs).
 OURS_MODES = ("original", "exit", "acd-fused", "acd-numpy")
 PEERS = ("torch-acd", "torch-greedy", "optimum-greedy")
 DEFAULT_SYSTEMS = tuple(f"ours-{m}" for m in OURS_MODES) + PEERS
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemSpec:
+    """A system to benchmark, built inside its worker by `build`."""
+
+    name: str
+    kind: str  # 'ours', 'torch', 'torch-acd', 'optimum'
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _exits(text: str) -> tuple[Any, ...]:

@@ -1,7 +1,8 @@
 """One worker process per benchmarked system: it loads the system once, then runs what it is sent.
 
 A process per system keeps each system's peak memory its own and lets torch-free systems run where
-torch is absent. The driver talks to workers over a pipe; nothing here knows what a system is.
+torch is absent. The driver talks to workers over a pipe; nothing here knows what a system is: the
+driver hands each worker a spec and the (module-level, picklable) function that builds it.
 """
 
 from __future__ import annotations
@@ -11,18 +12,10 @@ import multiprocessing
 import resource
 import sys
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from autocontrast.bench.stats import RunTiming
-
-
-@dataclasses.dataclass(frozen=True)
-class SystemSpec:
-    """A system to benchmark, built inside its worker by `autocontrast.bench.systems.build`."""
-
-    name: str
-    kind: str  # 'ours', 'torch', 'torch-acd', 'optimum'
-    params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _rss_peak_mib() -> float:
@@ -30,9 +23,7 @@ def _rss_peak_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
-def _serve(conn: Any, spec: SystemSpec) -> None:
-    from autocontrast.bench.systems import build
-
+def _serve(conn: Any, spec: Any, build: Callable[[Any], Any]) -> None:
     try:
         system = build(spec)
         reason = system.skip_reason()
@@ -61,11 +52,11 @@ def _serve(conn: Any, spec: SystemSpec) -> None:
 class Worker:
     """Driver-side handle of a worker process."""
 
-    def __init__(self, spec: SystemSpec) -> None:
+    def __init__(self, spec: Any, build: Callable[[Any], Any]) -> None:
         self.spec = spec
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, spec), daemon=True)
+        self._process = context.Process(target=_serve, args=(child, spec, build), daemon=True)
         self._process.start()
         self.skipped: str | None = None
 

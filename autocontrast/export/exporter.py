@@ -27,12 +27,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from autocontrast.bundle import DECODE, SCORE, ContrastSpec, GraphSpec, KVCacheSpec, Manifest, write_manifest
+from autocontrast.bundle import (
+    CONTRAST_OUTPUT,
+    DECODE,
+    DECODE_EXITS,
+    DECODE_ORIGINAL,
+    LOGITS_OUTPUT,
+    SCORE,
+    SCORE_GRAPH,
+    ContrastSpec,
+    GraphSpec,
+    KVCacheSpec,
+    Manifest,
+    write_manifest,
+)
 from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, ORIGINAL, Exit, sort_exits
 from autocontrast.errors import ExportError, UnknownExitError, UnsupportedArchitectureError
 
-CONTRAST_OUTPUT = "contrast_scores"
-LOGITS_OUTPUT = "exit_logits"
 OPSET = 17
 DTYPES = ("float32", "float16")
 QUANTIZATIONS = ("int8",)
@@ -228,12 +239,12 @@ def _plan(loaded: _Loaded, options: ExportOptions) -> tuple[tuple[Exit, ...], li
     explicit_original = ORIGINAL in chosen
     stacked = graph_exit_order(model, chosen if explicit_original else layered) if layered else ()
     fused = (contrast + (options.alpha, options.minimum_candidates)) if contrast else None
-    graphs = [{"name": "decode_original", "kind": DECODE, "exits": (ORIGINAL,), "contrast": None}]
+    graphs = [{"name": DECODE_ORIGINAL, "kind": DECODE, "exits": (ORIGINAL,), "contrast": None}]
     if stacked:
-        graphs.append({"name": "decode_exits", "kind": DECODE, "exits": stacked, "contrast": fused})
+        graphs.append({"name": DECODE_EXITS, "kind": DECODE, "exits": stacked, "contrast": fused})
     all_exits = tuple(sort_exits(set(chosen) | {ORIGINAL}))
     if options.score_graph:
-        graphs.append({"name": "score", "kind": SCORE, "exits": graph_exit_order(model, all_exits),
+        graphs.append({"name": SCORE_GRAPH, "kind": SCORE, "exits": graph_exit_order(model, all_exits),
                        "contrast": fused})
     return all_exits, graphs
 

@@ -22,7 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from autocontrast.bundle import DECODE, GraphSpec, Manifest
+from autocontrast.bundle import (
+    ATTENTION_MASK,
+    DECODE,
+    INPUT_IDS,
+    POSITION_IDS,
+    TOKEN_INPUTS,
+    GraphSpec,
+    Manifest,
+)
 from autocontrast.errors import ProviderUnavailableError
 
 TRT_PROVIDER = "TensorrtExecutionProvider"
@@ -69,7 +77,7 @@ def check_tensorrt() -> None:
 def _shapes(graph: GraphSpec, manifest: Manifest, *, batch: int, seq: int, past: int) -> str:
     """An ORT TensorRT profile string: 'input_ids:1x1,attention_mask:1x1,...'."""
     kv = manifest.kv_cache
-    dims = {"input_ids": (batch, seq), "position_ids": (batch, seq), "attention_mask": (batch, past + seq)}
+    dims = {INPUT_IDS: (batch, seq), POSITION_IDS: (batch, seq), ATTENTION_MASK: (batch, past + seq)}
     if graph.kind == DECODE:
         dims.update({n: (batch, kv.num_kv_heads, past, kv.head_dim) for n in kv.past_names()})
     return ",".join(f"{name}:{'x'.join(map(str, shape))}" for name, shape in dims.items())
@@ -120,6 +128,6 @@ def _opt_feeds(profile: str) -> dict[str, np.ndarray]:
     for item in profile.split(","):
         name, shape = item.split(":")
         dims = tuple(int(d) for d in shape.split("x"))
-        feeds[name] = np.ones(dims, np.int64) if name in ("input_ids", "attention_mask", "position_ids") \
+        feeds[name] = np.ones(dims, np.int64) if name in TOKEN_INPUTS \
             else np.zeros(dims, np.float32)
     return feeds

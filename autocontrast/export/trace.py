@@ -15,19 +15,24 @@ from typing import Any
 
 import torch
 
-from autocontrast.bundle import DECODE, KVCacheSpec
+from autocontrast.bundle import (
+    ATTENTION_MASK,
+    CONTRAST_OUTPUT,
+    DECODE,
+    INPUT_IDS,
+    LOGITS_OUTPUT,
+    POSITION_IDS,
+    TOKEN_INPUTS,
+    KVCacheSpec,
+)
 from autocontrast.config import Exit
-
-INPUTS = ("input_ids", "attention_mask", "position_ids")
+from autocontrast.export.graph import ExitGraph
+from autocontrast.export.patcher import export_patches
 
 
 def trace_graph(model: Any, exits: tuple[Exit, ...], *, kind: str, contrast: tuple[Exit, Exit, float, int] | None,
                 kv: KVCacheSpec, directory: Path, opset: int = 17) -> Path:
     """Export one graph to `directory/model.onnx` (weights beside it); returns the path."""
-    from autocontrast.export.exporter import CONTRAST_OUTPUT, LOGITS_OUTPUT
-    from autocontrast.export.graph import ExitGraph
-    from autocontrast.export.patcher import export_patches
-
     graph = ExitGraph(model, exits, kind=kind, contrast=contrast)
     batch, seq, past = 2, 3, 4
     vocab = model.config.vocab_size
@@ -38,25 +43,25 @@ def trace_graph(model: Any, exits: tuple[Exit, ...], *, kind: str, contrast: tup
     past_kv = [torch.zeros(batch, kv.num_kv_heads, past, kv.head_dim, dtype=dtype)  # (batch, kv_heads, past, head_dim)
                for _ in range(2 * kv.num_layers)] if kind == DECODE else []
     outputs = [LOGITS_OUTPUT] + ([CONTRAST_OUTPUT] if contrast else [])
-    dynamic = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_length"},
-               "position_ids": {0: "batch", 1: "sequence"}, LOGITS_OUTPUT: {0: "batch"},
+    dynamic = {INPUT_IDS: {0: "batch", 1: "sequence"}, ATTENTION_MASK: {0: "batch", 1: "total_length"},
+               POSITION_IDS: {0: "batch", 1: "sequence"}, LOGITS_OUTPUT: {0: "batch"},
                CONTRAST_OUTPUT: {0: "batch"}}
     if kind != DECODE:
         mask = torch.ones(batch, seq, dtype=torch.int64)
         positions = torch.arange(seq).expand(batch, seq).contiguous()
-        dynamic["attention_mask"] = {0: "batch", 1: "sequence"}
+        dynamic[ATTENTION_MASK] = {0: "batch", 1: "sequence"}
         dynamic[LOGITS_OUTPUT] = dynamic[CONTRAST_OUTPUT] = {0: "batch", 1: "sequence"}
     else:
         dynamic.update({n: {0: "batch", 2: "past_length"} for n in kv.past_names()})
         dynamic.update({n: {0: "batch", 2: "total_length"} for n in kv.present_names()})
         outputs += kv.present_names()
-    dynamic = {k: v for k, v in dynamic.items() if k in set(INPUTS) | set(kv.past_names()) | set(outputs)}
+    dynamic = {k: v for k, v in dynamic.items() if k in set(TOKEN_INPUTS) | set(kv.past_names()) | set(outputs)}
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "model.onnx"
     with torch.no_grad(), export_patches(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings about Python values: validation is the real check
         torch.onnx.export(graph, (ids, mask, positions, *past_kv), str(path), dynamo=False,
-                          input_names=list(INPUTS) + (kv.past_names() if kind == DECODE else []),
+                          input_names=list(TOKEN_INPUTS) + (kv.past_names() if kind == DECODE else []),
                           output_names=outputs, dynamic_axes=dynamic, opset_version=opset,
                           do_constant_folding=True, external_data=True)
     return path

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from autocontrast.bundle import DECODE, GraphSpec, KVCacheSpec
+from autocontrast.bundle import ATTENTION_MASK, DECODE, INPUT_IDS, POSITION_IDS, GraphSpec, KVCacheSpec
 from autocontrast.errors import ExportValidationError
 from autocontrast.models.contrast import calculate_contrasted_logits
 
@@ -131,8 +131,8 @@ def validate_graphs(model: Any, bundle_dir: Path, graphs: Sequence[GraphSpec], k
             expected[c.output] = calculate_contrasted_logits(by_exit[c.upper].float(), by_exit[c.lower].float(),
                                                              alpha=c.alpha,
                                                              minimum_candidates=c.minimum_candidates).numpy()
-        got = sessions[g.name].run(list(expected), {"input_ids": ids, "attention_mask": mask,
-                                                    "position_ids": positions_for(mask)})
+        got = sessions[g.name].run(list(expected), {INPUT_IDS: ids, ATTENTION_MASK: mask,
+                                                    POSITION_IDS: positions_for(mask)})
         valid = mask.astype(bool)  # padded positions' logits are meaningless: compare real tokens only
         report["graphs"][g.name] = {name: max_abs_diff(want[valid], have[valid])
                                     for (name, want), have in zip(expected.items(), got, strict=False)}
@@ -156,7 +156,7 @@ def _validate_decode(model: Any, decode: Sequence[GraphSpec], sessions: dict[str
         want_present = _cache_arrays(cache)
         for g in decode:
             expected = expected_outputs(g, by_exit)
-            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+            feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask, POSITION_IDS: pos}
             feeds.update(zip(kv.past_names(), pasts[g.name], strict=False))
             got = sessions[g.name].run(list(expected) + kv.present_names(), feeds)
             figures = report["graphs"][g.name]

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from autocontrast.bundle import DECODE, GraphSpec, KVCacheSpec
+from autocontrast.bundle import ATTENTION_MASK, DECODE, INPUT_IDS, POSITION_IDS, GraphSpec, KVCacheSpec
 from autocontrast.errors import ExportError
 
 AGREEMENT_PROMPTS = ("The history of the city begins in", "In mathematics, a prime number is",
@@ -153,7 +153,8 @@ def teacher_forced_agreement(model: Any, bundle_dir: Path, graphs: Sequence[Grap
             by_exit, cache = torch_step(model, spec.exits, ids, mask, pos, cache)
             want = expected_outputs(spec, by_exit)[pick]
             want = want[:, 0] if want.ndim == 3 else want  # (1, vocab)
-            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **dict(zip(kv.past_names(), past, strict=False))}
+            feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask, POSITION_IDS: pos,
+                     **dict(zip(kv.past_names(), past, strict=False))}
             got = session.run([pick] + kv.present_names(), feeds)
             have = got[0][:, 0] if got[0].ndim == 3 else got[0]
             token = int(np.argmax(want[0]))

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import torch
 
+from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES
+
 
 def calculate_contrasted_logits(upper_layer_logits: torch.Tensor, lower_layer_logits: torch.Tensor,
-                                minimum_candidates: int = 1, alpha: float = 0.1) -> torch.Tensor:
+                                minimum_candidates: int = DEFAULT_MINIMUM_CANDIDATES,
+                                alpha: float = DEFAULT_ALPHA) -> torch.Tensor:
     """Contrast scores (log-probabilities) of the upper exit against the lower one.
 
     Works on any leading shape: (..., vocab) -> (..., vocab), computed in float32 at least.

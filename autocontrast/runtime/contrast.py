@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES
+
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
     """log_softmax over the last axis; rows of all -inf give -inf, not NaN."""
@@ -22,8 +24,8 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
         return shifted - np.log(np.sum(np.exp(shifted), axis=-1, keepdims=True))
 
 
-def contrast_scores(upper: np.ndarray, lower: np.ndarray, *, alpha: float = 0.1,
-                    minimum_candidates: int = 1) -> np.ndarray:
+def contrast_scores(upper: np.ndarray, lower: np.ndarray, *, alpha: float = DEFAULT_ALPHA,
+                    minimum_candidates: int = DEFAULT_MINIMUM_CANDIDATES) -> np.ndarray:
     """Contrast scores (log-probabilities): (..., vocab), (..., vocab) -> (..., vocab).
 
     Computed in float32 (float64 if given float64).

@@ -4,44 +4,35 @@ The same configuration that drives the PyTorch models drives the runtime: the or
 exit, or the contrast of two exits. The graph's fused contrast is used when it is exactly the
 contrast asked for; otherwise the NumPy contrast (or a custom function) runs on the raw exit logits.
 In the shared projection modes the top exit and 'original' are the same logits, so either name
-finds a graph that has the other.
+finds a graph that has the other (the manifest resolves those aliases, see `autocontrast.bundle`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Callable
 
 import numpy as np
 
 from autocontrast.bundle import DECODE, GraphSpec, Manifest
-from autocontrast.config import ORIGINAL, Exit, MultiExitConfiguration, check_exit_in_range
-from autocontrast.errors import BundleError, UnknownExitError
+from autocontrast.config import (
+    DEFAULT_ALPHA,
+    DEFAULT_MINIMUM_CANDIDATES,
+    Exit,
+    MultiExitConfiguration,
+    check_exit_in_range,
+)
+from autocontrast.errors import UnknownExitError
 from autocontrast.runtime.contrast import contrast_scores
 from autocontrast.runtime.session import StepOutput
 
 ContrastFunction = Callable[[np.ndarray, np.ndarray], np.ndarray]
-SHARED_MODES = ("SHARED_PROJECTION_DIRECT", "SHARED_PROJECTION_CAST_OUTPUTS")
-
-
-def exit_aliases(manifest: Manifest, exit_: Exit) -> tuple[Exit, ...]:
-    """Names under which a graph may return `exit_`'s logits."""
-    if manifest.projection_mode in SHARED_MODES and exit_ in (ORIGINAL, manifest.num_layers):
-        return (exit_, manifest.num_layers if exit_ == ORIGINAL else ORIGINAL)
-    return (exit_,)
 
 
 def graph_with_exits(manifest: Manifest, exits: tuple[Exit, ...], *,
                      kind: str) -> tuple[GraphSpec, tuple[Exit, ...]] | None:
     """The cheapest graph of `kind` returning `exits` (under any alias), with the names it uses; None if none."""
-    candidates = []
-    for names in itertools.product(*(exit_aliases(manifest, e) for e in exits)):
-        try:
-            candidates.append((manifest.graph_for_exits(names, kind=kind), names))
-        except BundleError:
-            continue
-    return min(candidates, key=lambda c: (len(c[0].exits), c[0].contrast is not None), default=None)
+    return manifest.find_graph(exits, kind=kind)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +43,8 @@ class DecodeMode:
     name: str  # 'original', 'exit' or 'contrast'
     positions: tuple[int, ...]  # indices into the graph's exits: (exit,) or (upper, lower)
     fused: bool = False
-    alpha: float = 0.1
-    minimum_candidates: int = 1
+    alpha: float = DEFAULT_ALPHA
+    minimum_candidates: int = DEFAULT_MINIMUM_CANDIDATES
     contrast_function: ContrastFunction | None = None
 
     def scores(self, out: StepOutput) -> np.ndarray:
@@ -75,13 +66,12 @@ def resolve_mode(manifest: Manifest, config: MultiExitConfiguration, *, fused: b
     for exit_ in wanted:
         check_exit_in_range(exit_, manifest.num_layers)
     if config.mode == "contrast" and fused and config.contrast_function is None:
-        upper, lower = wanted
-        for u, lo in itertools.product(exit_aliases(manifest, upper), exit_aliases(manifest, lower)):
-            graph = manifest.fused_graph(u, lo, config.alpha, config.minimum_candidates)
-            if graph is not None:
-                return DecodeMode(graph, "contrast", (graph.exit_position(u), graph.exit_position(lo)), fused=True,
-                                  alpha=config.alpha, minimum_candidates=config.minimum_candidates)
-    found = graph_with_exits(manifest, wanted, kind=DECODE)
+        found = manifest.fused_graph(*wanted, config.alpha, config.minimum_candidates)
+        if found is not None:
+            graph, (u, lo) = found
+            return DecodeMode(graph, "contrast", (graph.exit_position(u), graph.exit_position(lo)), fused=True,
+                              alpha=config.alpha, minimum_candidates=config.minimum_candidates)
+    found = manifest.find_graph(wanted, kind=DECODE)
     if found is None:
         have = ", ".join(str(e) for e in manifest.exits)
         raise UnknownExitError(f"this bundle cannot decode with exit(s) {', '.join(map(str, wanted))}: its "

@@ -13,12 +13,18 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from autocontrast.bundle import DECODE, GraphSpec, Manifest
+from autocontrast.bundle import (
+    ATTENTION_MASK,
+    DECODE,
+    INPUT_IDS,
+    POSITION_IDS,
+    TOKEN_INPUTS,
+    GraphSpec,
+    Manifest,
+)
 from autocontrast.errors import BundleError
 from autocontrast.runtime.kv_cache import KVCache
 from autocontrast.runtime.providers import check_session_providers, output_device, resolve_providers
-
-TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +85,9 @@ class ExitSession:
         Decode graphs read `cache` as the past and leave the present in it (on the session's device).
         """
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", input_ids)
-        binding.bind_cpu_input("attention_mask", attention_mask)
-        binding.bind_cpu_input("position_ids", position_ids)
+        binding.bind_cpu_input(INPUT_IDS, input_ids)
+        binding.bind_cpu_input(ATTENTION_MASK, attention_mask)
+        binding.bind_cpu_input(POSITION_IDS, position_ids)
         names = [self.graph.logits_output]
         if self.graph.contrast is not None:
             names.append(self.graph.contrast.output)

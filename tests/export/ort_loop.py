@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from autocontrast.bundle import ATTENTION_MASK, INPUT_IDS, LOGITS_OUTPUT, POSITION_IDS, KVCacheSpec
+
 
 class GraphRunner:
     """Runs one decode graph of a bundle step by step, keeping the KV cache between calls."""
@@ -17,8 +19,8 @@ class GraphRunner:
         spec = next(g for g in manifest["graphs"] if g["name"] == graph)
         kv = manifest["kv_cache"]
         self.layers, self.heads, self.head_dim = kv["num_layers"], kv["num_kv_heads"], kv["head_dim"]
-        self.past_names = [f"past_key_values.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
-        self.present_names = [f"present.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
+        spec_kv = KVCacheSpec(**kv)
+        self.past_names, self.present_names = spec_kv.past_names(), spec_kv.present_names()
         self.exits = [e if e == "original" else int(e) for e in spec["exits"]]
         self.contrast = spec["contrast"]["output"] if spec.get("contrast") else None
         self.session = ort.InferenceSession(str(bundle / spec["file"]), providers=["CPUExecutionProvider"])
@@ -41,8 +43,8 @@ class GraphRunner:
 
     def _run(self, ids: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
         self.positions = positions
-        names = ["exit_logits"] + ([self.contrast] if self.contrast else []) + self.present_names
-        feeds = {"input_ids": ids, "attention_mask": self.mask, "position_ids": positions,
+        names = [LOGITS_OUTPUT] + ([self.contrast] if self.contrast else []) + self.present_names
+        feeds = {INPUT_IDS: ids, ATTENTION_MASK: self.mask, POSITION_IDS: positions,
                  **dict(zip(self.past_names, self.past, strict=True))}
         out = dict(zip(names, self.session.run(names, feeds), strict=True))
         self.past = [out[n] for n in self.present_names]
