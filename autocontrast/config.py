@@ -221,6 +221,34 @@ class MultiExitConfiguration:
         return dataclasses.replace(self, **changes)
 
 
+MODE_NAMES = ("original", "exit", "contrast")
+
+
+def configuration_for_mode(mode: str, exits: Iterable[Exit] | str | None = None, *, alpha: float = DEFAULT_ALPHA,
+                           minimum_candidates: int = DEFAULT_MINIMUM_CANDIDATES, **fields: Any) -> MultiExitConfiguration:
+    """The configuration of a decoding mode named on a command line: 'original' (no exits), 'exit'
+    (one exit) or 'contrast' (UPPER,LOWER). Every CLI builds its configurations here.
+
+    >>> configuration_for_mode("contrast", "30,15").description
+    '30_vs_15'
+    """
+    parsed = parse_exits(exits) or ()
+    if mode == "original":
+        if parsed:
+            raise ConfigurationError("exits are for mode exit or contrast; mode original uses the model's own head")
+        return MultiExitConfiguration(**fields)
+    if mode == "exit":
+        if len(parsed) != 1:
+            raise ConfigurationError(f"mode exit needs one exit, e.g. 15; got {list(parsed)}")
+        return MultiExitConfiguration(use_original_head=False, output_layer_index=parsed[0], **fields)
+    if mode == "contrast":
+        if len(parsed) != 2:
+            raise ConfigurationError(f"mode contrast needs two exits UPPER,LOWER, e.g. 30,15; got {list(parsed)}")
+        return MultiExitConfiguration(use_original_head=False, contrast_layer_indices=parsed, alpha=alpha,
+                                      minimum_candidates=minimum_candidates, **fields)
+    raise ConfigurationError(f"unknown mode {mode!r}; choose one of: {', '.join(MODE_NAMES)}")
+
+
 SHARED_MODES = (VocabularyProjectionMode.SHARED_PROJECTION_DIRECT, VocabularyProjectionMode.SHARED_PROJECTION_CAST_OUTPUTS)
 
 

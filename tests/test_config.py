@@ -147,3 +147,40 @@ def test_unsupported_architecture_is_named():
     with pytest.raises(UnsupportedArchitectureError, match="model_type 'bert' has no multi-exit support"):
         AutoMultiExitModel.from_config(BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
                                                   intermediate_size=64))
+
+
+def test_configuration_for_mode_builds_each_mode_with_the_shared_defaults():
+    from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, configuration_for_mode
+
+    assert configuration_for_mode("original") == MultiExitConfiguration()
+    assert configuration_for_mode("exit", "12").required_exits == (12,)
+    contrast = configuration_for_mode("contrast", "original,12")
+    assert contrast.required_exits == ("original", 12)
+    assert (contrast.alpha, contrast.minimum_candidates) == (DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES)
+
+
+@pytest.mark.parametrize("mode,exits,message", [("original", "12", "mode original"), ("exit", None, "one exit"),
+                                                ("contrast", "30", "two exits"), ("beam", None, "unknown mode")])
+def test_configuration_for_mode_refuses_what_does_not_fit(mode, exits, message):
+    from autocontrast.config import configuration_for_mode
+
+    with pytest.raises(ConfigurationError, match=message):
+        configuration_for_mode(mode, exits)
+
+
+def test_bench_takes_its_default_contrast_and_exit_from_the_bundle(tmp_path):
+    import argparse
+
+    from autocontrast.bench.systems import system_specs
+    from autocontrast.bundle import Manifest, write_manifest
+
+    manifest = Manifest.example()
+    write_manifest(tmp_path, manifest)
+    for name in [g.file for g in manifest.graphs] + list(manifest.tokenizer_files):
+        (tmp_path / name).write_text("")
+    args = argparse.Namespace(systems="ours-exit,ours-acd-fused", contrast=None, exit_=None, providers="cpu",
+                              bundle=tmp_path, int8_bundle=None, fp16_bundle=None, model=None)
+    specs = system_specs(args)
+    fused = manifest.fused_contrast
+    assert [s.params["contrast"] for s in specs] == [(fused.upper, fused.lower)] * 2
+    assert [s.params["exit"] for s in specs] == [fused.lower] * 2

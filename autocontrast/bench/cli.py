@@ -70,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-bundle", type=Path, help="int8 bundle (acd-export --quantize int8), adds int8 systems")
     p.add_argument("--fp16-bundle", type=Path, help="fp16 bundle (GPU), adds fp16 systems")
     p.add_argument("--model", type=Path, help="HF model folder for the PyTorch and optimum peers (optional)")
-    p.add_argument("--contrast", default="30,15", help="UPPER,LOWER exits for ACD systems (default 30,15)")
-    p.add_argument("--exit", dest="exit_", default="15", help="exit for the one-exit system (default 15)")
+    p.add_argument("--contrast", help="UPPER,LOWER exits for ACD systems (default: the bundle's fused contrast)")
+    p.add_argument("--exit", dest="exit_", help="exit for the one-exit system (default: the contrast's lower exit)")
     p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                    help="comma-separated system names (default: all); `--list-systems` shows them")
     p.add_argument("--list-systems", action="store_true", help="print the systems and exit")

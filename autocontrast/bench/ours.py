@@ -25,15 +25,11 @@ class RuntimeSystem:
         return None
 
     def load(self) -> None:
-        from autocontrast.config import MultiExitConfiguration
+        from autocontrast.config import configuration_for_mode
         from autocontrast.runtime import Generator
 
-        if self.mode_name == "original":
-            self.multi_exit = MultiExitConfiguration()
-        elif self.mode_name == "exit":
-            self.multi_exit = MultiExitConfiguration(use_original_head=False, output_layer_index=self.exit_)
-        else:
-            self.multi_exit = MultiExitConfiguration(use_original_head=False, contrast_layer_indices=self.contrast)
+        mode = "contrast" if self.mode_name.startswith("acd") else self.mode_name  # acd-fused, acd-numpy
+        self.multi_exit = configuration_for_mode(mode, {"original": (), "exit": (self.exit_,)}.get(mode, self.contrast))
         self.fused = self.mode_name != "acd-numpy"
         # Only this mode's graph is loaded: the memory figure is that of a service running this mode.
         self.generator = Generator(self.bundle, provider=self.provider, preload=())

@@ -29,16 +29,26 @@ def _exits(text: str) -> tuple[Any, ...]:
     return tuple(parse_exits(text) or ())
 
 
+def _bundle_contrast(bundle: Any) -> tuple[Any, ...]:
+    """The contrast the bundle fuses: a generic tool takes its exits from the bundle, never a model's numbers."""
+    from autocontrast.bundle import read_manifest
+
+    fused = read_manifest(bundle).fused_contrast
+    if fused is None:
+        raise ConfigurationError(f"{bundle} fuses no contrast; pass --contrast UPPER,LOWER")
+    return (fused.upper, fused.lower)
+
+
 def system_specs(args: argparse.Namespace) -> list[SystemSpec]:
     """Every system the command line asks for, with its provider/variant expanded."""
     wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in wanted if s not in DEFAULT_SYSTEMS]
     if unknown:
         raise ConfigurationError(f"unknown system(s) {unknown}; known: {', '.join(DEFAULT_SYSTEMS)}")
-    contrast = _exits(args.contrast)
+    contrast = _exits(args.contrast) if args.contrast else _bundle_contrast(args.bundle)
     if len(contrast) != 2:
         raise ConfigurationError(f"--contrast needs UPPER,LOWER, got {args.contrast!r}")
-    exit_ = _exits(args.exit_)[0]
+    exit_ = _exits(args.exit_)[0] if args.exit_ else contrast[1]
     providers = [p.strip() for p in args.providers.split(",") if p.strip()]
     bundles = [("fp32", args.bundle), ("int8", args.int8_bundle), ("fp16", args.fp16_bundle)]
     specs = []

@@ -25,7 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from autocontrast.cli_support import run_cli
-from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, MultiExitConfiguration, parse_exit
+from autocontrast.config import (
+    DEFAULT_ALPHA,
+    DEFAULT_MINIMUM_CANDIDATES,
+    ORIGINAL,
+    MultiExitConfiguration,
+    configuration_for_mode,
+    parse_exit,
+)
 from autocontrast.errors import ConfigurationError, DataError
 from autocontrast.evaluation.generation_backends import load_backend
 from autocontrast.evaluation.quality_metrics import REP_ORDERS, SentenceEmbedder, coherence, diversity, rep_n
@@ -82,13 +89,11 @@ def setting_config(name: str, *, upper: Any, lower: int, alpha: float, minimum_c
                    ) -> MultiExitConfiguration:
     """The multi-exit configuration a setting generates with."""
     if name in ("greedy", "sampling"):
-        return MultiExitConfiguration() if upper == "original" else MultiExitConfiguration(
-            use_original_head=False, output_layer_index=upper)
+        return configuration_for_mode("original") if upper == ORIGINAL else configuration_for_mode("exit", (upper,))
     if name == "exit":
-        return MultiExitConfiguration(use_original_head=False, output_layer_index=lower)
+        return configuration_for_mode("exit", (lower,))
     if name == "acd":
-        return MultiExitConfiguration(use_original_head=False, contrast_layer_indices=(upper, lower), alpha=alpha,
-                                      minimum_candidates=minimum_candidates)
+        return configuration_for_mode("contrast", (upper, lower), alpha=alpha, minimum_candidates=minimum_candidates)
     raise ConfigurationError(f"unknown setting {name!r}; choose from {', '.join(SETTINGS)}")
 
 

@@ -10,7 +10,13 @@ import argparse
 import sys
 
 from autocontrast.cli_support import run_cli
-from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, MultiExitConfiguration, parse_exits
+from autocontrast.config import (
+    DEFAULT_ALPHA,
+    DEFAULT_MINIMUM_CANDIDATES,
+    MODE_NAMES,
+    MultiExitConfiguration,
+    configuration_for_mode,
+)
 from autocontrast.errors import ConfigurationError
 from autocontrast.runtime.generator import Generator
 from autocontrast.runtime.params import GenerationParams
@@ -18,19 +24,7 @@ from autocontrast.runtime.params import GenerationParams
 
 def multi_exit_from_args(mode: str, exits: str | None, alpha: float, minimum_candidates: int) -> MultiExitConfiguration:
     """The MultiExitConfiguration a command line asks for."""
-    parsed = parse_exits(exits) if exits else None
-    if mode == "original":
-        if parsed:
-            raise ConfigurationError("--exits is for --mode exit or contrast; --mode original uses the model's own head")
-        return MultiExitConfiguration()
-    if mode == "exit":
-        if not parsed or len(parsed) != 1:
-            raise ConfigurationError("--mode exit needs one exit, e.g. --exits 15")
-        return MultiExitConfiguration(use_original_head=False, output_layer_index=parsed[0])
-    if not parsed or len(parsed) != 2:
-        raise ConfigurationError("--mode contrast needs two exits UPPER,LOWER, e.g. --exits 30,15")
-    return MultiExitConfiguration(use_original_head=False, contrast_layer_indices=parsed, alpha=alpha,
-                                  minimum_candidates=minimum_candidates)
+    return configuration_for_mode(mode, exits, alpha=alpha, minimum_candidates=minimum_candidates)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,13 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="export bundle directory (made by acd-export)")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the bundle's chat template")
-    p.add_argument("--mode", choices=("original", "exit", "contrast"), default="contrast",
+    p.add_argument("--mode", choices=MODE_NAMES, default="contrast",
                    help="decode with the model's own head, one exit, or the ACD contrast (default)")
-    p.add_argument("--exits", help="exit for --mode exit (15) or UPPER,LOWER for contrast (default 30,15 or the "
+    p.add_argument("--exits", help="exit for --mode exit (e.g. 15) or UPPER,LOWER for contrast (default: the "
                                    "bundle's fused contrast)")
-    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="contrast plausibility threshold (0.1)")
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
+                   help=f"contrast plausibility threshold ({DEFAULT_ALPHA})")
     p.add_argument("--minimum-candidates", type=int, default=DEFAULT_MINIMUM_CANDIDATES,
-                   help="contrast minimum candidates (1)")
+                   help=f"contrast minimum candidates ({DEFAULT_MINIMUM_CANDIDATES})")
     p.add_argument("--numpy-contrast", action="store_true", help="compute the contrast in NumPy even if fused")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
@@ -65,9 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     generator = Generator(args.bundle, provider=args.provider)
     exits = args.exits
-    if args.mode == "contrast" and exits is None:
-        fused = next((g.contrast for g in generator.manifest.graphs if g.contrast), None)
-        exits = f"{fused.upper},{fused.lower}" if fused else "30,15"
+    if args.mode == "contrast" and exits is None:  # the bundle's own choice, never a model's numbers
+        fused = generator.manifest.fused_contrast
+        if fused is None:
+            raise ConfigurationError(f"{args.bundle} fuses no contrast; pass --exits UPPER,LOWER")
+        exits = (fused.upper, fused.lower)
     multi_exit = multi_exit_from_args(args.mode, exits, args.alpha, args.minimum_candidates)
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
