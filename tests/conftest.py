@@ -1,4 +1,4 @@
-"""Shared fixtures: the real SmolLM2 model (converted once, cached) and tiny checkpoints."""
+"""Shared fixtures: the real SmolLM2 model (converted once, cached), a tiny tokenizer and tiny checkpoints."""
 
 from __future__ import annotations
 
@@ -15,7 +15,16 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory, smollm2_path):
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """A folder with a tiny byte-level BPE tokenizer (tests/tiny_models.py) trained on WikiText-2 lines."""
+    from tests.tiny_models import TOKENIZER_TRAINING_LINES, save_tiny_tokenizer
+
+    lines = WIKITEXT_VALID.read_text(encoding="utf-8").splitlines()[:TOKENIZER_TRAINING_LINES]
+    return save_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"), lines)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_tokenizer):
     """Factory: tiny_checkpoint(arch, mode) -> folder with a saved tiny multi-exit checkpoint (cached per session)."""
     from tests.tiny_models import save_tiny_checkpoint
 
@@ -25,7 +34,7 @@ def tiny_checkpoint(tmp_path_factory, smollm2_path):
         key = (arch, mode.name)
         if key not in made:
             directory = tmp_path_factory.mktemp(f"tiny-{arch}-{mode.name.lower()}")
-            made[key] = save_tiny_checkpoint(arch, mode, directory, tokenizer_dir=smollm2_path)
+            made[key] = save_tiny_checkpoint(arch, mode, directory, tokenizer_dir=tiny_tokenizer)
         return made[key]
 
     return make

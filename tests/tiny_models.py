@@ -1,12 +1,16 @@
 """Tiny random models of every supported architecture, for fast unit tests (never for claims).
 
-They use the real SmolLM2 tokenizer (vocab 49152), so bundles made from them are complete and
-text round-trips; everything else is a few layers of 32 hidden units.
+They use a tiny byte-level BPE tokenizer (vocab 512) trained in a fixture on WikiText-2 lines
+(`save_tiny_tokenizer`), with ChatML special tokens and chat template, so bundles made from them
+are complete and text round-trips without the real model; everything else is a few layers of 32
+hidden units. Tests about the real model use SmolLM2 and its own tokenizer.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -27,9 +31,35 @@ from autocontrast.config import MultiExitConfiguration, VocabularyProjectionMode
 from autocontrast.models.auto import AutoMultiExitModel
 from autocontrast.models.families import FAMILIES, model_types
 
-VOCAB = 49152
+VOCAB = 512
 NUM_LAYERS = 4
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# ids 0, 1, 2: the tiny configs' pad, bos and eos (SmolLM2's ids for the same tokens)
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+                 "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TOKENIZER_TRAINING_LINES = 2000
+
+
+def save_tiny_tokenizer(directory: Path, lines: Iterable[str]) -> Path:
+    """Train a byte-level BPE tokenizer of `VOCAB` ids on `lines` and save it as an HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(lines, trainer)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    pad, bos, eos = SPECIAL_TOKENS
+    special = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": pad}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 256, "chat_template": CHAT_TEMPLATE,
+              **special}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
+    return directory
 
 # Every registered architecture; tests/models/test_families.py checks each has a tiny config below.
 ARCHITECTURES = model_types()
@@ -108,7 +138,7 @@ def make_tiny_model(arch: str, mode: VocabularyProjectionMode, *, seed: int = 0,
 
 def save_tiny_checkpoint(arch: str, mode: VocabularyProjectionMode, directory: Path, *, tokenizer_dir: Path,
                          seed: int = 0) -> Path:
-    """Save a tiny multi-exit checkpoint (original library format) plus the SmolLM2 tokenizer."""
+    """Save a tiny multi-exit checkpoint (original library format) plus the tokenizer in `tokenizer_dir`."""
     model = make_tiny_model(arch, mode, seed=seed)
     model.save_pretrained(directory)
     for name in TOKENIZER_FILES:

@@ -26,7 +26,7 @@ L = NUM_LAYERS
 
 
 def _inputs(arch: str) -> dict:
-    ids = torch.tensor([[5, 17, 923, 4011, 88, 12000, 7], [31, 2, 640, 9, 77, 300, 41]])
+    ids = torch.tensor([[5, 17, 423, 411, 88, 500, 7], [31, 2, 340, 9, 77, 300, 41]])
     if arch == "t5":
         return {"input_ids": ids, "decoder_input_ids": torch.tensor([[0, 44, 9, 310], [0, 12, 12, 5]])}
     return {"input_ids": ids}
