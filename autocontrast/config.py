@@ -86,6 +86,27 @@ def parse_exits(value: Iterable[Exit] | str | int | None) -> tuple[Exit, ...] | 
     return tuple(parse_exit(v) for v in value)
 
 
+def contrast_problem(upper: Exit, lower: Exit) -> str | None:
+    """What is wrong with contrasting `upper` against `lower` (None: nothing).
+
+    The one home of the rule; the configuration and the exporter's fused contrast both apply it.
+    """
+    if lower == ORIGINAL:
+        return "'original' can only be the upper exit of a contrast, not the lower one"
+    if isinstance(upper, int) and isinstance(lower, int) and lower >= upper:
+        return f"the lower exit of a contrast must be below the upper one, got upper={upper}, lower={lower}"
+    return None
+
+
+def contrast_parameters_problem(alpha: float, minimum_candidates: int) -> str | None:
+    """What is wrong with the contrast's parameters (None: nothing)."""
+    if not 0.0 <= alpha <= 1.0:
+        return f"alpha ({alpha}) must be within [0, 1]"
+    if minimum_candidates < 1:
+        return f"minimum_candidates ({minimum_candidates}) must be at least 1"
+    return None
+
+
 def _parse_bool(name: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -152,12 +173,9 @@ class MultiExitConfiguration:
                 raise ConfigurationError(
                     f"contradiction: use_original_head=True but contrast_layer_indices={contrast!r} was also "
                     "given; set use_original_head=False to generate with the contrast")
-            upper, lower = contrast
-            if lower == ORIGINAL:
-                raise ConfigurationError("'original' can only be the upper exit of a contrast, not the lower one")
-            if isinstance(upper, int) and lower >= upper:
-                raise ConfigurationError(
-                    f"the lower exit of a contrast must be below the upper one, got upper={upper}, lower={lower}")
+            problem = contrast_problem(*contrast)
+            if problem:
+                raise ConfigurationError(problem)
             if self.output_layer_index is not None:
                 raise ConfigurationError(
                     f"contradiction: both output_layer_index={self.output_layer_index} and "
@@ -169,10 +187,9 @@ class MultiExitConfiguration:
         elif not self.use_original_head and self.output_layer_index is None:
             raise ConfigurationError(
                 "use_original_head=False needs output_layer_index (one exit) or contrast_layer_indices (a contrast)")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigurationError(f"alpha ({self.alpha}) must be within [0, 1]")
-        if self.minimum_candidates < 1:
-            raise ConfigurationError(f"minimum_candidates ({self.minimum_candidates}) must be at least 1")
+        problem = contrast_parameters_problem(self.alpha, self.minimum_candidates)
+        if problem:
+            raise ConfigurationError(problem)
         for exit_ in self.lm_head_layer_indices or ():
             if isinstance(exit_, int) and exit_ < 0:
                 raise ConfigurationError(f"exit index {exit_} is negative; exits are 0..num_layers")

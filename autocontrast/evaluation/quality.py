@@ -120,7 +120,7 @@ def write_chart(report: QualityReport, path: str | Path) -> None:
 
 
 def run_quality(model: str | Path, data: str | Path, *, settings: Sequence[str] = ("greedy", "exit", "acd"),
-                upper: Any = "original", lower: int = 15, prompts: int = 100, prompt_tokens: int = 32,
+                upper: Any = "original", lower: int, prompts: int = 100, prompt_tokens: int = 32,
                 max_new_tokens: int = 128, batch_size: int = 8, alpha: float = DEFAULT_ALPHA,
                 minimum_candidates: int = DEFAULT_MINIMUM_CANDIDATES, top_p: float = 0.95, seed: int = 0,
                 projection: str = "auto", with_coherence: bool = True, samples: int = 3) -> QualityReport:
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="text file whose paragraph prefixes are the prompts")
     p.add_argument("--settings", default="greedy,exit,acd", help=f"comma list of {', '.join(SETTINGS)}")
     p.add_argument("--upper", default="original", help="upper exit (greedy/sampling/acd): 'original' or a layer")
-    p.add_argument("--lower", type=int, default=15, help="lower exit (exit/acd)")
+    p.add_argument("--lower", type=int, help="lower exit (exit/acd); default: a bundle's fused contrast's lower exit")
     p.add_argument("--prompts", type=int, default=100)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -178,10 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _bundle_lower_exit(model: str) -> int:
+    """The lower exit of the contrast a bundle fuses: a generic tool takes it from the bundle."""
+    from autocontrast.bundle import MANIFEST_FILE, read_manifest
+
+    fused = read_manifest(model).fused_contrast if (Path(model) / MANIFEST_FILE).is_file() else None
+    if fused is None:
+        raise ConfigurationError(f"pass --lower: {model} is not a bundle with a fused contrast to take it from")
+    return int(fused.lower)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
-    report = run_quality(args.model, args.data, settings=settings, upper=args.upper, lower=args.lower,
+    lower = args.lower if args.lower is not None else _bundle_lower_exit(args.model)
+    report = run_quality(args.model, args.data, settings=settings, upper=args.upper, lower=lower,
                          prompts=args.prompts, prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens,
                          batch_size=args.batch_size, alpha=args.alpha, minimum_candidates=args.minimum_candidates,
                          top_p=args.top_p, seed=args.seed, projection=args.projection,

@@ -41,7 +41,15 @@ from autocontrast.bundle import (
     Manifest,
     write_manifest,
 )
-from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, ORIGINAL, Exit, sort_exits
+from autocontrast.config import (
+    DEFAULT_ALPHA,
+    DEFAULT_MINIMUM_CANDIDATES,
+    ORIGINAL,
+    Exit,
+    contrast_parameters_problem,
+    contrast_problem,
+    sort_exits,
+)
 from autocontrast.errors import ExportError, UnknownExitError, UnsupportedArchitectureError
 
 OPSET = 17
@@ -76,9 +84,9 @@ class ExportOptions:
             raise ExportError("--quantize int8 quantizes float32 weights; do not combine it with --dtype float16")
         if self.fuse_contrast is not None and len(self.fuse_contrast) != 2:
             raise ExportError(f"--fuse-contrast needs UPPER,LOWER, got {self.fuse_contrast!r}")
-        if not 0.0 <= self.alpha <= 1.0 or self.minimum_candidates < 1:
-            raise ExportError(f"alpha ({self.alpha}) must be in [0, 1] and minimum candidates "
-                              f"({self.minimum_candidates}) at least 1")
+        problem = contrast_parameters_problem(self.alpha, self.minimum_candidates)
+        if problem:
+            raise ExportError(f"fused contrast: {problem}")
 
     @property
     def variant_name(self) -> str:
@@ -231,10 +239,9 @@ def _plan(loaded: _Loaded, options: ExportOptions) -> tuple[tuple[Exit, ...], li
         if exit_ not in available:
             raise UnknownExitError(f"exit {exit_!r} is not available in this checkpoint "
                                    f"({model.vocab_projection_mode.name}); it has exits: {listed}")
-    if contrast is not None and contrast[1] == ORIGINAL:
-        raise ExportError("'original' can only be the upper exit of a fused contrast")
-    if contrast is not None and isinstance(contrast[0], int) and contrast[1] >= contrast[0]:
-        raise ExportError(f"--fuse-contrast needs the lower exit below the upper one, got {contrast[0]},{contrast[1]}")
+    problem = contrast_problem(*contrast) if contrast is not None else None
+    if problem:
+        raise ExportError(f"--fuse-contrast: {problem}")
     layered = tuple(e for e in chosen if e != ORIGINAL)
     explicit_original = ORIGINAL in chosen
     stacked = graph_exit_order(model, chosen if explicit_original else layered) if layered else ()

@@ -111,7 +111,14 @@ def test_a_missing_model_folder_is_an_export_error(tmp_path):
 
 
 def test_a_fused_contrast_upside_down_is_refused(tiny_checkpoint, tmp_path):
-    with pytest.raises(ExportError, match="lower exit below the upper"):
+    with pytest.raises(ExportError, match="--fuse-contrast: the lower exit of a contrast must be below the upper"):
         export_bundle(tiny_checkpoint("gpt2", DIRECT), tmp_path / "bundle", options=ExportOptions(fuse_contrast=(1, 3)),
                       log=_quiet)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fields,message", [(dict(alpha=1.5), r"alpha \(1.5\) must be within \[0, 1\]"),
+                                            (dict(minimum_candidates=0), r"minimum_candidates \(0\) must be at least 1")])
+def test_fused_contrast_parameters_follow_the_configurations_rule(fields, message):
+    with pytest.raises(ExportError, match="fused contrast: " + message):
+        ExportOptions(**fields)
