@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from autocontrast.bundle import read_manifest
+from autocontrast.bundle import CONTRAST_OUTPUT, DECODE_EXITS, DECODE_ORIGINAL, read_manifest
 from autocontrast.config import MultiExitConfiguration
 from autocontrast.models.auto import AutoMultiExitModel
 from tests.export.ort_loop import GraphRunner
@@ -43,11 +43,11 @@ def smollm2_int8_bundle(smollm2_path):
 
 
 def _onnx_acd(bundle, ids: list[int], eos: set[int]) -> list[int]:
-    runner = GraphRunner(bundle, "decode_exits")
+    runner = GraphRunner(bundle, DECODE_EXITS)
     out = runner.prefill(np.array([ids]), np.ones((1, len(ids)), np.int64))
     tokens: list[int] = []
     for _ in range(NEW_TOKENS):
-        token = int(np.argmax(out["contrast_scores"][0]))
+        token = int(np.argmax(out[CONTRAST_OUTPUT][0]))
         tokens.append(token)
         if token in eos:
             break
@@ -59,9 +59,9 @@ def test_bundle_validates_within_fp32_tolerance(smollm2_bundle):
     manifest = read_manifest(smollm2_bundle)
     assert manifest.validation["passed"] is True
     assert manifest.validation["tolerance"]["logits"] <= 1e-3
-    exits_graph = manifest.graph("decode_exits")
+    exits_graph = manifest.graph(DECODE_EXITS)
     assert exits_graph.exits[:2] == (30, 20) and exits_graph.contrast.upper == 30 and exits_graph.contrast.lower == 15
-    assert manifest.graph("decode_original").exits == ("original",)
+    assert manifest.graph(DECODE_ORIGINAL).exits == ("original",)
     assert manifest.special_tokens["eos_token_ids"] == [2] and manifest.chat_template
 
 

@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from autocontrast.bundle import read_manifest
+from autocontrast.bundle import (
+    ATTENTION_MASK,
+    CONTRAST_OUTPUT,
+    DECODE_EXITS,
+    DECODE_ORIGINAL,
+    INPUT_IDS,
+    LOGITS_OUTPUT,
+    POSITION_IDS,
+    SCORE_GRAPH,
+    read_manifest,
+)
 from autocontrast.config import MultiExitConfiguration, VocabularyProjectionMode
 from autocontrast.models.auto import AutoMultiExitModel
 from autocontrast.models.contrast import calculate_contrasted_logits
@@ -55,7 +65,7 @@ def _torch_last(model, exits, ids, mask, positions, cache):
 def test_every_exit_matches_pytorch_over_cached_decode_steps(arch, mode, batch, tiny_bundle, tiny_checkpoint):
     bundle = tiny_bundle(arch, mode, fuse_contrast=CONTRAST)
     model = _torch_model(tiny_checkpoint(arch, mode), mode)
-    runners = [GraphRunner(bundle, name) for name in ("decode_original", "decode_exits")]
+    runners = [GraphRunner(bundle, name) for name in (DECODE_ORIGINAL, DECODE_EXITS)]
     ids, mask = _batch(batch)
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     outs = [r.prefill(ids, mask) for r in runners]
@@ -64,10 +74,10 @@ def test_every_exit_matches_pytorch_over_cached_decode_steps(arch, mode, batch, 
         want, cache = _torch_last(model, runners[1].exits + ["original"], ids, mask, positions, cache)
         for runner, out in zip(runners, outs, strict=True):
             for i, exit_ in enumerate(runner.exits):
-                np.testing.assert_allclose(out["exit_logits"][:, i], want[exit_].numpy(), atol=ATOL, rtol=0,
+                np.testing.assert_allclose(out[LOGITS_OUTPUT][:, i], want[exit_].numpy(), atol=ATOL, rtol=0,
                                            err_msg=f"exit {exit_} of {arch}/{mode.name} at step {step}")
         contrast = calculate_contrasted_logits(want[CONTRAST[0]], want[CONTRAST[1]]).numpy()
-        np.testing.assert_allclose(outs[1]["contrast_scores"], contrast, atol=ATOL, rtol=0)
+        np.testing.assert_allclose(outs[1][CONTRAST_OUTPUT], contrast, atol=ATOL, rtol=0)
         tokens = want["original"].argmax(-1).numpy()  # both sides continue with the same tokens
         outs = [r.step(tokens) for r in runners]
         ids, positions = tokens[:, None], positions[:, -1:] + 1
@@ -79,14 +89,14 @@ def test_score_graph_matches_pytorch_at_every_real_position(arch, tiny_bundle, t
     mode = VocabularyProjectionMode.LAYER_SPECIFIC_PROJECTION
     bundle = tiny_bundle(arch, mode, fuse_contrast=CONTRAST)
     manifest = read_manifest(bundle)
-    spec = manifest.graph("score")
+    spec = manifest.graph(SCORE_GRAPH)
     model = _torch_model(tiny_checkpoint(arch, mode), mode)
     ids, mask = _batch(3)
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(bundle / spec.file), providers=["CPUExecutionProvider"])
-    logits, = session.run(["exit_logits"], {"input_ids": ids, "attention_mask": mask, "position_ids": positions})
+    logits, = session.run([LOGITS_OUTPUT], {INPUT_IDS: ids, ATTENTION_MASK: mask, POSITION_IDS: positions})
     with torch.no_grad():
         out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                     position_ids=torch.from_numpy(positions), output_hidden_states=True)

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from autocontrast.bundle import read_manifest
+from autocontrast.bundle import DECODE_EXITS, LOGITS_OUTPUT, read_manifest
 from autocontrast.config import VocabularyProjectionMode
 from autocontrast.export import ExportOptions, export_bundle
 from tests.export.ort_loop import GraphRunner
@@ -33,8 +33,8 @@ def test_float16_bundle_stores_half_precision_weights_and_keeps_float32_io(tiny_
 def test_float16_logits_stay_close_to_float32(tiny_checkpoint, tiny_bundle, tmp_path):
     export_bundle(tiny_checkpoint("llama", DIRECT), tmp_path / "b", options=ExportOptions(dtype="float16"), log=_quiet)
     ids, mask = np.array([[5, 6, 7, 8]]), np.ones((1, 4), np.int64)
-    half = GraphRunner(tmp_path / "b", "decode_exits").prefill(ids, mask)["exit_logits"]
-    full = GraphRunner(tiny_bundle("llama", DIRECT), "decode_exits").prefill(ids, mask)["exit_logits"]
+    half = GraphRunner(tmp_path / "b", DECODE_EXITS).prefill(ids, mask)[LOGITS_OUTPUT]
+    full = GraphRunner(tiny_bundle("llama", DIRECT), DECODE_EXITS).prefill(ids, mask)[LOGITS_OUTPUT]
     np.testing.assert_allclose(half, full, atol=0.05)
 
 
