@@ -35,11 +35,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, Exit, exit_aliases, parse_exit
+from autocontrast.config import (
+    DEFAULT_ALPHA,
+    DEFAULT_MINIMUM_CANDIDATES,
+    ORIGINAL,
+    Exit,
+    exit_aliases,
+    parse_exit,
+)
 from autocontrast.errors import BundleError
 
 FORMAT = "autocontrast-bundle"
@@ -61,6 +69,14 @@ LOGITS_OUTPUT = "exit_logits"
 CONTRAST_OUTPUT = "contrast_scores"
 PAST_KEY, PAST_VALUE = "past_key_values.{layer}.key", "past_key_values.{layer}.value"
 PRESENT_KEY, PRESENT_VALUE = "present.{layer}.key", "present.{layer}.value"
+# ONNX metadata key under which each graph records the exits it returns (JSON list, graph order),
+# so a reader can refuse a manifest that does not describe the graph it sits beside.
+EXITS_METADATA_KEY = "autocontrast.exits"
+
+
+def exits_metadata(exits: Sequence[Exit]) -> str:
+    """The value stored under `EXITS_METADATA_KEY` for a graph returning `exits`."""
+    return json.dumps([str(e) for e in exits])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,17 +153,15 @@ class Manifest:
         raise BundleError(f"bundle has no graph named {name!r}; it has: {[g.name for g in self.graphs]}")
 
     def __post_init__(self) -> None:
-        # Exit aliases, resolved once: in the shared projection modes the top exit and 'original'
-        # are the same logits, so a graph returning either serves both names.
-        names: dict[Exit, tuple[Exit, ...]] = {}
-        for exit_ in self.exits:
-            for alias in exit_aliases(self.projection_mode, exit_, num_layers=self.num_layers):
-                names[alias] = tuple(dict.fromkeys((alias,) + names.get(alias, ()) + (exit_,)))
-        object.__setattr__(self, "_names", names)
+        # Exit aliases, resolved once (config.exit_aliases is the rule): in the shared projection
+        # modes the top exit and 'original' are the same logits, so a graph returning either serves both.
+        aliases = {e: exit_aliases(self.projection_mode, e, num_layers=self.num_layers)
+                   for e in (ORIGINAL, self.num_layers)}
+        object.__setattr__(self, "_aliases", aliases)
 
     def aliases(self, exit_: Exit) -> tuple[Exit, ...]:
-        """Every name of `exit_`'s logits in this bundle (itself first when the bundle has it)."""
-        return self._names.get(exit_, (exit_,))
+        """Every name of `exit_`'s logits in this bundle's graphs, itself first."""
+        return self._aliases.get(exit_, (exit_,))
 
     def graph_names(self, graph: GraphSpec, exits: Sequence[Exit]) -> tuple[Exit, ...] | None:
         """The names under which `graph` returns each of `exits` (aliases resolved); None if it lacks one."""
@@ -258,12 +272,19 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
     """Read and check a bundle's manifest: format, version, and that every named file exists."""
     root = Path(bundle_dir)
     path = root / MANIFEST_FILE
+    if root.exists() and not root.is_dir():
+        raise BundleError(f"{str(root)!r} is a file, not a bundle directory: pass the directory acd-export wrote")
     if not root.is_dir():
         raise BundleError(f"bundle directory {str(root)!r} does not exist")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise BundleError(f"bundle directory {str(root)!r} is not readable by this user; fix its permissions")
     if not path.is_file():
         raise BundleError(f"{str(root)!r} is not an export bundle: it has no {MANIFEST_FILE} (make one with acd-export)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise BundleError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); it is damaged: "
+                          "re-export the bundle") from None
     except (OSError, json.JSONDecodeError) as err:
         raise BundleError(f"cannot read {path}: {err}") from None
     manifest = Manifest.from_dict(data)

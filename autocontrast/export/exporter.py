@@ -32,6 +32,7 @@ from autocontrast.bundle import (
     DECODE,
     DECODE_EXITS,
     DECODE_ORIGINAL,
+    EXITS_METADATA_KEY,
     LOGITS_OUTPUT,
     SCORE,
     SCORE_GRAPH,
@@ -39,6 +40,7 @@ from autocontrast.bundle import (
     GraphSpec,
     KVCacheSpec,
     Manifest,
+    exits_metadata,
     write_manifest,
 )
 from autocontrast.config import (
@@ -292,7 +294,8 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
         paths = apply_variant(paths, model=model, options=options, log=log)
     log("[4/6] writing graphs with one shared weights file")
     # a tied head reads the embedding matrix, not a transposed copy of it
-    write_shared_weights(paths, work, transform=untie_transposed_copies)
+    write_shared_weights(paths, work, transform=untie_transposed_copies,
+                         metadata={s.name: {EXITS_METADATA_KEY: exits_metadata(s.exits)} for s in specs})
     shutil.rmtree(raw, ignore_errors=True)
     log(f"[5/6] validating against PyTorch (prefill + {options.validation_steps} cached decode steps)")
     report = validate_graphs(model, work, specs, kv, tolerance=TOLERANCES[options.variant_name],
