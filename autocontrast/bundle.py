@@ -189,18 +189,6 @@ class Manifest:
                               f"its {kind} graphs return: {', '.join(have) or 'nothing'}")
         return found[0]
 
-    def fused_graph(self, upper: Exit, lower: Exit, alpha: float,
-                    minimum_candidates: int) -> tuple[GraphSpec, tuple[Exit, Exit]] | None:
-        """A decode graph whose fused contrast is exactly this one (aliases resolved), with the names
-        of upper and lower in it; None if the bundle has none."""
-        for g in self.graphs:
-            c = g.contrast
-            if g.kind != DECODE or not c or c.minimum_candidates != minimum_candidates or abs(c.alpha - alpha) > 1e-12:
-                continue
-            if c.upper in self.aliases(upper) and c.lower in self.aliases(lower):
-                return g, (c.upper, c.lower)
-        return None
-
     @property
     def fused_contrast(self) -> ContrastSpec | None:
         """The contrast the bundle's decode graphs fuse (the exporter's choice), if any."""

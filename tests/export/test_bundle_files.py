@@ -63,3 +63,15 @@ def test_decode_original_returns_only_the_original_head(arch, tiny_bundle):
     manifest = read_manifest(tiny_bundle(arch, LAYER_SPECIFIC))
     graph = manifest.graph_for_exits(["original"])
     assert graph.name == "decode_original" and graph.exits == ("original",) and graph.contrast is None
+
+
+def test_graph_lookup_resolves_the_top_exit_and_original_as_one_in_shared_modes():
+    from autocontrast.bundle import Manifest
+
+    manifest = Manifest.example()  # shared direct, 30 layers: decode_original returns 'original' only
+    graph, names = manifest.find_graph([30])
+    assert graph.name == "decode_original" and names == ("original",)
+    layer_specific = Manifest.from_dict({**manifest.to_dict(), "projection_mode": "LAYER_SPECIFIC_PROJECTION"})
+    graph, names = layer_specific.find_graph([30])
+    assert graph.name == "decode_exits" and names == (30,)  # its own head: not the original logits
+    assert manifest.find_graph([12]) is None
