@@ -14,7 +14,7 @@ import sys
 import textwrap
 
 from autocontrast.cli_support import run_cli
-from autocontrast.config import MultiExitConfiguration, parse_exits
+from autocontrast.config import configuration_for_mode, parse_exits
 from autocontrast.errors import ConfigurationError
 
 # (prompt, through the chat template?): a text continuation, and an instruction to the Instruct model
@@ -49,9 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from autocontrast.runtime import Generator
 
     generator = Generator(bundle)
-    modes = {"greedy (original head)": MultiExitConfiguration(),
-             f"ACD (exit {exits[0]} vs {exits[1]})": MultiExitConfiguration(use_original_head=False,
-                                                                         contrast_layer_indices=exits)}
+    modes = {"greedy (original head)": configuration_for_mode("original"),
+             f"ACD (exit {exits[0]} vs {exits[1]})": configuration_for_mode("contrast", exits)}
     prompts = [(p, args.chat) for p in args.prompt] if args.prompt else PROMPTS
     for prompt, chat in prompts:
         print(f"\nprompt{' (chat)' if chat else ''}: {prompt}")

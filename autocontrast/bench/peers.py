@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from autocontrast.bench.stats import RunTiming
+from autocontrast.config import DEFAULT_ALPHA
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +65,8 @@ def run_hf_generate(model: Any, prompts: list[list[int]], new_tokens: int, pad_i
 class TorchSystem:
     """HF `generate()` on the PyTorch model: plain (`acd=False`) or the multi-exit ACD path."""
 
-    def __init__(self, model_dir: str, *, contrast: tuple[Any, int] | None = None, alpha: float = 0.1) -> None:
+    def __init__(self, model_dir: str, *, contrast: tuple[Any, int] | None = None,
+                 alpha: float = DEFAULT_ALPHA) -> None:
         self.model_dir, self.contrast, self.alpha = model_dir, contrast, alpha
         self.model: Any = None
         self.pad_id = 0
@@ -88,14 +90,12 @@ class TorchSystem:
 
             self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32).eval()
         else:
-            from autocontrast.config import MultiExitConfiguration
+            from autocontrast.config import ORIGINAL, configuration_for_mode
             from autocontrast.models.auto import AutoMultiExitModel
 
-            upper, lower = self.contrast
-            exits = tuple(e for e in (upper, lower) if e != "original")
-            mec = MultiExitConfiguration(vocab_projection_mode="SHARED_PROJECTION_DIRECT", lm_head_layer_indices=exits,
-                                         use_original_head=False, contrast_layer_indices=(upper, lower),
-                                         alpha=self.alpha)
+            exits = tuple(e for e in self.contrast if e != ORIGINAL)
+            mec = configuration_for_mode("contrast", self.contrast, alpha=self.alpha, lm_head_layer_indices=exits,
+                                         vocab_projection_mode="SHARED_PROJECTION_DIRECT")
             self.model = AutoMultiExitModel.from_pretrained(self.model_dir, mec)
         self.pad_id = int(self.model.generation_config.pad_token_id or self.model.config.eos_token_id or 0)
 
