@@ -85,9 +85,11 @@ class QualityReport:
         return "\n".join(lines)
 
 
-def setting_config(name: str, *, upper: Any, lower: int, alpha: float, minimum_candidates: int,
+def setting_config(name: str, *, upper: Any, lower: int | None, alpha: float, minimum_candidates: int,
                    ) -> MultiExitConfiguration:
-    """The multi-exit configuration a setting generates with."""
+    """The multi-exit configuration a setting generates with (`lower`: needed by exit and acd)."""
+    if name in ("exit", "acd") and lower is None:
+        raise ConfigurationError(f"the {name} setting needs a lower exit (--lower)")
     if name in ("greedy", "sampling"):
         return configuration_for_mode("original") if upper == ORIGINAL else configuration_for_mode("exit", (upper,))
     if name == "exit":
@@ -120,12 +122,12 @@ def write_chart(report: QualityReport, path: str | Path) -> None:
 
 
 def run_quality(model: str | Path, data: str | Path, *, settings: Sequence[str] = ("greedy", "exit", "acd"),
-                upper: Any = "original", lower: int, prompts: int = 100, prompt_tokens: int = 32,
+                upper: Any = "original", lower: int | None = None, prompts: int = 100, prompt_tokens: int = 32,
                 max_new_tokens: int = 128, batch_size: int = 8, alpha: float = DEFAULT_ALPHA,
                 minimum_candidates: int = DEFAULT_MINIMUM_CANDIDATES, top_p: float = 0.95, seed: int = 0,
                 projection: str = "auto", with_coherence: bool = True, samples: int = 3) -> QualityReport:
     """Generate and score every setting; see the module docstring."""
-    configs = {name: setting_config(name, upper=parse_exit(upper), lower=int(lower), alpha=alpha,
+    configs = {name: setting_config(name, upper=parse_exit(upper), lower=lower, alpha=alpha,
                                     minimum_candidates=minimum_candidates) for name in settings}
     backend = load_backend(model, projection=projection)
     paragraphs = read_paragraphs(data)
@@ -191,7 +193,8 @@ def _bundle_lower_exit(model: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
-    lower = args.lower if args.lower is not None else _bundle_lower_exit(args.model)
+    needs_lower = args.lower is None and any(s in ("exit", "acd") for s in settings)
+    lower = _bundle_lower_exit(args.model) if needs_lower else args.lower
     report = run_quality(args.model, args.data, settings=settings, upper=args.upper, lower=lower,
                          prompts=args.prompts, prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens,
                          batch_size=args.batch_size, alpha=args.alpha, minimum_candidates=args.minimum_candidates,

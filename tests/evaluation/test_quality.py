@@ -54,3 +54,17 @@ def test_unknown_setting_is_a_clear_error(tiny_checkpoint, capsys):
     code = run_cli(main, [str(tiny_checkpoint("llama", MODE)), "--data", str(VALID), "--settings", "beam"])
     assert code == 2
     assert "unknown setting 'beam'" in capsys.readouterr().err
+
+
+def test_the_lower_exit_comes_from_the_bundle_or_the_command_line(tiny_checkpoint, tmp_path, capsys):
+    from autocontrast.bundle import Manifest, write_manifest
+    from autocontrast.cli_support import run_cli
+    from autocontrast.evaluation.quality import _bundle_lower_exit
+
+    manifest = Manifest.example()
+    write_manifest(tmp_path, manifest)
+    for name in [g.file for g in manifest.graphs] + list(manifest.tokenizer_files):
+        (tmp_path / name).write_text("")
+    assert _bundle_lower_exit(str(tmp_path)) == manifest.fused_contrast.lower
+    code = run_cli(main, [str(tiny_checkpoint("llama", MODE)), "--data", str(VALID), "--settings", "acd"])
+    assert code == 2 and "pass --lower" in capsys.readouterr().err
