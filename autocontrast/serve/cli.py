@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -68,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=args.drain_timeout, access_log=False))
-    server.run()  # SIGINT/SIGTERM: stop accepting, let running requests finish, then stop the scheduler
+    # uvicorn handles SIGINT/SIGTERM (stop accepting, let running requests finish, stop the
+    # scheduler), then re-raises the signal to the handler it found: make SIGTERM's a quiet exit 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    server.run()
+    print("acd-serve: stopped", file=sys.stderr)
     return 0
 
 
