@@ -28,7 +28,7 @@
 # the installed wheels (DIR/site), the converted model (DIR/cache), the exports (DIR/work).
 set -uo pipefail
 SELF=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 REPO=$PWD
 
 usage() { sed -n '2,/^set -uo/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; exit 2; }
@@ -103,7 +103,7 @@ assemble() {  # verify, reassemble, check the whole, unpack into DIR/payload (sk
     rm -rf "$DIR/payload"
     tar -C "$DIR" -xf "$DIR/payload.tar" && rm -f "$DIR/payload.tar" || return 4
     echo "$want" > "$DIR/payload/.sha256"
-    echo "payload unpacked: $(ls "$DIR/payload/wheels" | tr '\n' ' ')"
+    echo "payload unpacked:" "$DIR"/payload/wheels/*
 }
 
 # -- environment ------------------------------------------------------------------------------
@@ -189,9 +189,16 @@ step_export() {  # step_export float32|float16
 }
 
 step_pytest() {
+    local rc
     "$PY" -m pytest -m gpu tests/runtime tests/export tests/bench -rA -v -p no:cacheprovider \
         --continue-on-collection-errors 2>&1 | tee "$RES/pytest.txt"
-    return "${PIPESTATUS[0]}"
+    rc=${PIPESTATUS[0]}
+    # On a GPU machine a skipped CUDA test means the CUDA path did not run: a failure for this check.
+    if grep -q '^SKIPPED .*test_cuda\.py' "$RES/pytest.txt"; then
+        echo "the CUDA tests were skipped (reasons above): the CUDA path did not run"
+        return 1
+    fi
+    return "$rc"
 }
 
 step_bench() {  # step_bench cpu-cuda|fp16
@@ -234,6 +241,7 @@ step() {  # step NAME LIMIT_S "NEEDED STEPS" COMMAND...: run it under a time lim
     local name=$1 limit=$2 needs=$3 left started rc status note=""
     shift 3
     left=$((DEADLINE - $(date +%s) - 20))  # 20 s kept for the summary
+    # shellcheck disable=SC2086  # NEEDED STEPS is a list of words
     if ! passed $needs; then
         status=skipped; rc=0; note="needs: $needs"
     elif (( left < 15 )); then

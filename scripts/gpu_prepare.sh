@@ -99,7 +99,10 @@ report() {
     local parts tree part_bytes
     parts=("$DIR"/payload.tar.part-*)
     echo "wrote ${#parts[@]} parts and $DIR/SHA256SUMS:"
-    (cd "$DIR" && ls -l payload.tar.part-* | awk '{printf "  %s  %d bytes (%.1f MB)\n", $NF, $5, $5 / 1e6}')
+    for part in "${parts[@]}"; do
+        part_bytes=$(stat -c %s "$part")
+        echo "  $(basename "$part")  $part_bytes bytes ($(awk -v b="$part_bytes" 'BEGIN {printf "%.1f", b / 1e6}') MB)"
+    done
     echo "  whole: $(head -1 "$DIR/SHA256SUMS")"
     tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
     part_bytes=$(stat -c %s "${parts[0]}")

@@ -38,7 +38,7 @@ def machine_lines(bench: dict[str, Any] | None, probe: dict[str, Any] | None) ->
         lines.append(f"- GPU: {gpus or 'none reported'}; CPU: {m.get('cpu')} ({m.get('cores')} cores), "
                      f"Python {m.get('python')}")
         versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())
-        lines.append(f"- packages: {versions}")
+        lines.append(f"- packages: {versions}; onnxruntime imported: {m.get('onnxruntime_imported')}")
     if probe and "onnxruntime" in probe:
         o = probe["onnxruntime"]
         lines.append(f"- onnxruntime imported: {o.get('package', '?')} {o.get('version')} (CUDA "
