@@ -12,7 +12,7 @@
 # goes on (steps that need it are skipped, saying so). Results are written as they come, into
 # $ACD_GPU_OUT (default $OUT, else gpu-results), as at most 8 files (what a device call brings back):
 #   log.txt              everything printed, step by step
-#   steps.tsv            step, status, seconds, note
+#   steps.tsv            step, status, exit code, note (seconds, or why skipped)
 #   env.txt              nvidia-smi, python and package versions, CUDA library folders, TensorRT
 #   pytest.txt           pytest -m gpu
 #   bench-cpu-cuda.json  acd-bench, fp32, providers cpu,cuda(,tensorrt), greedy vs ACD
@@ -28,8 +28,7 @@
 # the installed wheels (DIR/site), the converted model (DIR/cache), the exports (DIR/work).
 set -uo pipefail
 SELF=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
-cd "$(dirname "$0")/.." || exit 2
-REPO=$PWD
+REPO=$(dirname "$(dirname "$SELF")")
 
 usage() { sed -n '2,/^set -uo/p' "$SELF" | sed '$d; s/^# \{0,1\}//'; exit 2; }
 
@@ -41,12 +40,13 @@ case "${1:-}" in
     ""|-*) usage ;;
 esac
 [[ $# -ge 1 && -d "$1" ]] || { echo "gpu_check: give the folder holding the parts (e.g. gpu-wheels)" >&2; exit 2; }
-DIR=$(cd "$1" && pwd)
-DIR_REL=${DIR#"$REPO"/}
+DIR=$(cd "$1" && pwd)  # paths are taken from where the script was started, then it works from the repository
 RES=${ACD_GPU_OUT:-${OUT:-$REPO/gpu-results}}
-export ACD_GPU_OUT=$RES
 mkdir -p "$RES"
 RES=$(cd "$RES" && pwd)
+export ACD_GPU_OUT=$RES
+cd "$REPO" || exit 2
+DIR_REL=${DIR#"$REPO"/}
 WORK=$DIR/work
 PY=${ACD_GPU_PYTHON:-python3}
 LOG=$RES/log.txt
