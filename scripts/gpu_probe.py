@@ -20,7 +20,6 @@ import numpy as np
 
 from autocontrast.config import MultiExitConfiguration
 from autocontrast.runtime import Generator
-from autocontrast.runtime.kv_cache import KVCache
 
 MODES = {"original": MultiExitConfiguration(),
          "acd": MultiExitConfiguration(use_original_head=False, contrast_layer_indices=(30, 15))}
@@ -41,19 +40,15 @@ def onnxruntime_build() -> dict[str, Any]:
     return info
 
 
-def kv_cache_devices(generator: Generator, prompt: list[int], steps: int = 4) -> list[str]:
-    """Device of every past key/value after `steps` cached decode steps (the ACD graph)."""
-    session = generator.session(generator.mode(MODES["acd"]).graph)
-    ids = np.array([prompt], dtype=np.int64)  # (1, seq)
-    mask, positions = np.ones_like(ids), np.arange(ids.shape[1], dtype=np.int64)[None]
-    cache = KVCache(generator.manifest.kv_cache, 1)
-    out = session.step(ids, mask, positions, cache)
+def kv_cache_devices(generator: Generator, prompts: list[list[int]], steps: int = 4) -> list[str]:
+    """Device of every past key/value after `steps` decode steps of the ACD graph (the runtime's loop)."""
+    from autocontrast.runtime.decode_state import DecodeState
+
+    state = DecodeState(generator.session(generator.mode(MODES["acd"]).graph), pad_token_id=generator.pad_token_id)
+    out = state.extend(prompts)
     for _ in range(steps):
-        token = out.exit_logits[:, 0].argmax(-1)[:, None].astype(np.int64)  # (1, 1)
-        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-        positions = positions[:, -1:] + 1
-        out = session.step(token, mask, positions, cache)
-    values = cache._values  # noqa: SLF001 - where the cache keeps its values is the question asked
+        out = state.advance(out.exit_logits[:, 0].argmax(-1))  # (batch,)
+    values = state.cache._values  # noqa: SLF001 - where the cache keeps its values is the question asked
     return sorted({"host (numpy)" if isinstance(v, np.ndarray) else v.device_name().lower() for v in values})
 
 
@@ -92,7 +87,7 @@ def probe_smollm2(args: argparse.Namespace) -> dict[str, Any]:
             entry: dict[str, Any] = {"session_providers": generator.session(
                 generator.mode(MODES["acd"]).graph).session.get_providers()}
             if provider != "cpu":
-                entry["kv_cache_devices"] = kv_cache_devices(generator, prompts[0])
+                entry["kv_cache_devices"] = kv_cache_devices(generator, prompts)
             tokens[label] = greedy(generator, prompts)
             entry["tokens"] = tokens[label]
         except Exception as err:  # record it and go on: the other configurations still say something

@@ -71,25 +71,30 @@ def test_cuda_batch_equals_one_by_one(cuda_generator):
         assert got == alone.token_ids[0]
 
 
+def _cache_devices(state) -> set[str]:
+    values = state.cache._values  # noqa: SLF001 - where the cache keeps its values is what is tested
+    return {"host" if isinstance(v, np.ndarray) else v.device_name().lower() for v in values}
+
+
 def test_kv_cache_stays_on_the_device_between_steps(cuda_generator):
-    from autocontrast.runtime.kv_cache import KVCache
+    from autocontrast.runtime.decode_state import DecodeState
 
     generator = cuda_generator
-    session = generator.session(generator.mode(MODES["contrast"]).graph)
-    ids = np.array([generator.encode(PROMPTS[1])], dtype=np.int64)  # (1, seq)
-    mask = np.ones_like(ids)
-    positions = np.arange(ids.shape[1], dtype=np.int64)[None]  # (1, seq)
-    cache = KVCache(generator.manifest.kv_cache, 1)
-    out = session.step(ids, mask, positions, cache)
+    state = DecodeState(generator.session(generator.mode(MODES["contrast"]).graph), pad_token_id=generator.pad_token_id)
+    out = state.extend([generator.encode(p) for p in PROMPTS])
     for _ in range(3):
-        token = out.exit_logits[:, 0].argmax(-1)[:, None].astype(np.int64)  # (1, 1)
-        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-        positions = positions[:, -1:] + 1
-        out = session.step(token, mask, positions, cache)
-        # The cache holds ORT's own present outputs (OrtValues), never NumPy copies on the host.
-        values = cache._values  # noqa: SLF001 - where the cache keeps them is what this test is about
-        assert len(values) == 2 * generator.manifest.kv_cache.num_layers
-        assert all(not isinstance(v, np.ndarray) for v in values), "a past went back to the host"
-        assert {v.device_name().lower() for v in values} == {"cuda"}
-    assert cache.length == ids.shape[1] + 3
+        out = state.advance(out.exit_logits[:, 0].argmax(-1))  # (batch,)
+        # The cache holds ORT's own present outputs on the GPU, never NumPy copies on the host.
+        assert _cache_devices(state) == {"cuda"}
     assert isinstance(out.exit_logits, np.ndarray)  # only the logits come back to the host
+
+
+def test_kv_cache_is_back_on_the_device_one_step_after_a_row_leaves(cuda_generator):
+    from autocontrast.runtime.decode_state import DecodeState
+
+    generator = cuda_generator
+    state = DecodeState(generator.session(generator.mode(MODES["original"]).graph), pad_token_id=generator.pad_token_id)
+    out = state.extend([generator.encode(p) for p in PROMPTS])
+    state.keep([1])  # a row leaves: the cache is cut on the host (one copy) ...
+    state.advance(out.exit_logits[1:, 0].argmax(-1))
+    assert _cache_devices(state) == {"cuda"}  # ... and the next step's present is on the device again
