@@ -16,6 +16,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -62,6 +63,27 @@ class ServerConfig:
         if self.max_batch < 1 or self.max_queue < 0 or self.max_body_bytes < 1:
             raise ConfigurationError(f"max_batch ({self.max_batch}) must be >= 1, max_queue ({self.max_queue}) >= 0 "
                                      f"and max_body_bytes ({self.max_body_bytes}) >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class AppSpec:
+    """All a process needs to build the app itself (a Ray replica gets this, pickled, and builds its own
+    Generator from it). `bundle` must be a path valid where the app is built: make it absolute."""
+
+    bundle: str
+    config: ServerConfig
+    provider: str = "cpu"
+    threads: int | None = None
+
+
+def build_app(spec: AppSpec) -> Starlette:
+    """Open the bundle (the default mode's graph loaded before any request) and return its app.
+
+    >>> app = build_app(AppSpec("/models/smollm2-acd", ServerConfig(model_name="smollm2")))  # doctest: +SKIP
+    """
+    generator = Generator(spec.bundle, provider=spec.provider, threads=spec.threads, preload=())
+    generator.session(generator.mode(spec.config.default_mode).graph)
+    return create_app(generator, spec.config)
 
 
 def create_app(generator: Generator, config: ServerConfig) -> Starlette:
@@ -111,7 +133,7 @@ class _Server:
     # -- plain routes ---------------------------------------------------------------------------
 
     async def health(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok", **self.scheduler.describe()})
+        return JSONResponse({"status": "ok", "pid": os.getpid(), **self.scheduler.describe()})
 
     async def prometheus(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE)

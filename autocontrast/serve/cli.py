@@ -2,6 +2,8 @@
 
     acd-serve smollm2-acd                                   # http://127.0.0.1:8000/v1, the bundle's fused ACD
     acd-serve smollm2-acd --mode original --max-batch 16 --api-key "$KEY" --port 9000
+    acd-serve smollm2-acd --ray --replicas 2                # 2 replicas on a local Ray cluster (Ray Serve)
+    acd-serve /shared/smollm2-acd --ray --ray-address auto --min-replicas 1 --max-replicas 8 --host 0.0.0.0
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from autocontrast.cli_support import run_cli
 from autocontrast.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from autocontrast.serve.app import ServerConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,7 +44,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="seconds SIGTERM waits for running requests to finish (default 60)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    ray = p.add_argument_group("scale-out on Ray Serve (pip install 'autocontrast[cluster]')")
+    ray.add_argument("--ray", action="store_true", help="serve as Ray Serve replicas, each its own Generator")
+    ray.add_argument("--replicas", type=int, help="replica count (default 1; with autoscaling, the initial one)")
+    ray.add_argument("--min-replicas", type=int, help="autoscale between --min-replicas and --max-replicas")
+    ray.add_argument("--max-replicas", type=int)
+    ray.add_argument("--replica-cpus", type=float, default=1.0,
+                     help="Ray CPUs each replica reserves (default 1); --threads defaults to it")
+    ray.add_argument("--ray-address", help="an existing cluster ('auto' or ray://HOST:10001); default: start a "
+                                           "local one for this server, gone when it stops")
+    ray.add_argument("--ray-temp-dir", help="the local cluster's session directory (default Ray's /tmp/ray)")
     return p
+
+
+_RAY_ONLY = ("replicas", "min_replicas", "max_replicas", "ray_address", "ray_temp_dir")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,33 +65,54 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvicorn
 
-        from autocontrast.serve.app import ServerConfig, create_app
+        from autocontrast.serve.app import AppSpec, ServerConfig, build_app
         from autocontrast.serve.protocol import Limits
     except ImportError as err:
         raise ConfigurationError(f"acd-serve needs the serve extra ({err.name} is missing): "
                                  "pip install 'autocontrast[serve]'") from None
+    from autocontrast.bundle import read_manifest
     from autocontrast.runtime.cli import bundle_mode
-    from autocontrast.runtime.generator import Generator
+    from autocontrast.runtime.modes import resolve_mode
 
     if not 1 <= args.max_tokens <= 1 << 20:
         raise ConfigurationError(f"--max-tokens ({args.max_tokens}) must be within 1..{1 << 20}")
+    given = [f"--{name.replace('_', '-')}" for name in _RAY_ONLY if getattr(args, name) is not None]
+    if given and not args.ray:
+        raise ConfigurationError(f"{', '.join(given)} only apply with --ray")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    generator = Generator(args.bundle, provider=args.provider, threads=args.threads, preload=())
-    mode = bundle_mode(generator.manifest, args.mode, args.exits, args.alpha, args.minimum_candidates)
-    generator.session(generator.mode(mode).graph)  # load the default mode's graph before taking requests
+    manifest = read_manifest(args.bundle)
+    mode = bundle_mode(manifest, args.mode, args.exits, args.alpha, args.minimum_candidates)
+    resolve_mode(manifest, mode)  # a default mode the bundle cannot serve fails now, before any replica starts
     config = ServerConfig(model_name=args.model_name or Path(args.bundle).resolve().name, default_mode=mode,
                           api_key=args.api_key or None, max_batch=args.max_batch, max_queue=args.max_queue,
                           limits=Limits(max_tokens=args.max_tokens))
-    app = create_app(generator, config)
-    print(f"acd-serve: {config.model_name} ({mode.description}) on http://{args.host}:{args.port}/v1, "
-          f"batch {args.max_batch}, queue {args.max_queue}{', API key required' if config.api_key else ''}",
-          file=sys.stderr, flush=True)
+    banner = (f"acd-serve: {config.model_name} ({mode.description}), batch {args.max_batch}, queue "
+              f"{args.max_queue}{', API key required' if config.api_key else ''}")
+    if args.ray:
+        return _serve_on_ray(args, config, banner)
+    app = build_app(AppSpec(str(Path(args.bundle).resolve()), config, provider=args.provider, threads=args.threads))
+    print(f"{banner}, on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=args.drain_timeout, access_log=False))
     # uvicorn handles SIGINT/SIGTERM (stop accepting, let running requests finish, stop the
     # scheduler), then re-raises the signal to the handler it found: make SIGTERM's a quiet exit 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run()
+    print("acd-serve: stopped", file=sys.stderr)
+    return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, config: ServerConfig, banner: str) -> int:
+    from autocontrast.serve.app import AppSpec
+    from autocontrast.serve.ray_deployment import RayScaling, serve_on_ray
+
+    scaling = RayScaling(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                         replica_cpus=args.replica_cpus)
+    # one replica's onnxruntime uses the CPUs it reserved, not every core of its node
+    threads = args.threads if args.threads is not None else max(1, int(args.replica_cpus))
+    spec = AppSpec(str(Path(args.bundle).resolve()), config, provider=args.provider, threads=threads)
+    serve_on_ray(spec, scaling, host=args.host, port=args.port, address=args.ray_address,
+                 temp_dir=args.ray_temp_dir, drain_timeout=args.drain_timeout, banner=banner)
     print("acd-serve: stopped", file=sys.stderr)
     return 0
 

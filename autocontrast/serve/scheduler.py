@@ -88,6 +88,11 @@ class Scheduler:
     def running(self) -> int:
         return self._running
 
+    @property
+    def alive(self) -> bool:
+        """Whether the scheduler thread is running (a health check asks this)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def submit(self, job: Job) -> None:
         """Queue a job (its mode resolved now, so a bad one fails here); `QueueFullError` when full."""
         job.graph = self.generator.mode(job.multi_exit).graph.name
