@@ -115,15 +115,15 @@ class OpenAIReplica:
         from ray import serve
 
         context = serve.get_replica_context()
-        self.name = f"{context.deployment}#{context.replica_id.unique_id}"
-        self.app = build_app(spec)
+        self.replica_name = f"{context.deployment}#{context.replica_id.unique_id}"
+        self.openai_app = build_app(spec)  # not `app`: Serve's wrapper has that property
 
     def __serve_build_asgi_app__(self) -> Any:  # called by Serve once __init__ has returned
-        return ReplicaHeader(self.app, self.name)
+        return ReplicaHeader(self.openai_app, self.replica_name)
 
     def check_health(self) -> None:
-        if not self.app.state.scheduler.alive:
-            raise RuntimeError(f"replica {self.name}: the scheduler thread has stopped")
+        if not self.openai_app.state.scheduler.alive:
+            raise RuntimeError(f"replica {self.replica_name}: the scheduler thread has stopped")
 
 
 def application(spec: AppSpec, scaling: RayScaling, *, drain_timeout: float = 60.0) -> Any:

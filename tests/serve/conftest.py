@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -22,14 +23,15 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, bundle, *args: str) -> None:
+    def __init__(self, bundle, *args: str, startup_s: float = 120, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="acd-serve-", suffix=".log")  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-m", "autocontrast.serve.cli", str(bundle), "--port",
                                       str(self.port), "--threads", "1", "--log-level", "info", *args],
-                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
-        deadline = time.monotonic() + 120
+                                     stdout=self.log, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + startup_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"acd-serve exited with {self.proc.returncode}: {self.output()}")
@@ -38,7 +40,7 @@ class ServerProcess:
                     return
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError("acd-serve did not answer /health within 120 s")
+        raise RuntimeError(f"acd-serve did not answer /health within {startup_s:g} s: {self.output()}")
 
     def output(self) -> str:
         """What the server has logged so far."""
@@ -53,11 +55,11 @@ class ServerProcess:
         return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
                    or line.startswith(name + "{"))
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

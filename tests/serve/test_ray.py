@@ -1,0 +1,147 @@
+"""acd-serve --ray: two Ray Serve replicas on a local Ray cluster that the server starts for itself.
+
+Requests are spread over both replicas (the x-acd-replica header says which served each) and
+answer exactly what `Generator.generate` does; a replica killed with SIGKILL is replaced by Serve
+and no later request fails; SIGTERM stops Serve and every process of the cluster. Slow: starting
+Ray takes tens of seconds on two shared cores.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import os
+import shutil
+import signal
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from autocontrast.serve.ray_deployment import REPLICA_HEADER
+from tests.serve.conftest import ServerProcess
+from tests.serve.test_server import ACD, PROMPTS
+
+pytest.importorskip("ray.serve", reason="the Ray Serve tests need the cluster extra: pip install 'autocontrast[cluster]'")
+pytestmark = pytest.mark.slow
+
+TOKENS = 8
+MARK = "ACD_TEST_RAY_RUN"  # every process of the test's cluster inherits this variable: how we find them
+
+
+@pytest.fixture(scope="module")
+def ray_server(llama_bundle):
+    temp_dir = tempfile.mkdtemp(prefix="acd-ray-", dir="/tmp")  # short: Ray's socket paths live under it
+    run = uuid.uuid4().hex
+    server = ServerProcess(llama_bundle, "--ray", "--replicas", "2", "--replica-cpus", "0.5", "--ray-temp-dir",
+                           temp_dir, startup_s=300, env={MARK: run, "RAY_USAGE_STATS_ENABLED": "0"})
+    server.run = run
+    yield server
+    server.stop(timeout=120)
+    for pid in _processes_marked(run):  # only if a test failed before stopping it: nothing else is ours
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def client(ray_server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{ray_server.base}/v1", api_key="unused", max_retries=0, timeout=120)
+    client.model_name = httpx.get(f"{ray_server.base}/v1/models", timeout=30).json()["data"][0]["id"]
+    return client
+
+
+def _processes_marked(run: str) -> list[int]:
+    """Every process whose environment carries this test run's mark (the server, Ray's daemons, replicas)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            if proc.name.isdigit() and f"{MARK}={run}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+    return found
+
+
+def _live_replicas(server: ServerProcess, *, want: int = 2, timeout: float = 180) -> dict[str, int]:
+    """Replica name -> pid, polled through the proxy until `want` distinct replicas have answered /health."""
+    seen: dict[str, int] = {}
+    deadline = time.monotonic() + timeout
+    while len(seen) < want:
+        assert time.monotonic() < deadline, f"only {sorted(seen)} answered within {timeout:g} s: {server.output()}"
+        response = httpx.get(f"{server.base}/health", timeout=30)
+        assert response.status_code == 200
+        seen[response.headers[REPLICA_HEADER]] = response.json()["pid"]
+        time.sleep(0.05)
+    return seen
+
+
+def _complete(client, prompt: str) -> tuple[str, str]:
+    """(the replica that answered, the completion's text); any error fails the calling test."""
+    raw = client.completions.with_raw_response.create(model=client.model_name, prompt=prompt, max_tokens=TOKENS, temperature=0)
+    return raw.headers[REPLICA_HEADER], raw.parse().choices[0].text
+
+
+def _complete_all(client, prompts: list[str]) -> list[tuple[str, str]]:
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(lambda p: _complete(client, p), prompts))
+
+
+@pytest.fixture(scope="module")
+def expected(generator):
+    return {p: generator.generate(p, multi_exit=ACD, max_new_tokens=TOKENS).text for p in PROMPTS}
+
+
+def test_each_replica_names_itself_and_its_own_process(ray_server):
+    replicas = _live_replicas(ray_server)
+    assert len(set(replicas.values())) == 2 and os.getpid() not in replicas.values()
+    assert all(name.startswith("autocontrast#") for name in replicas)
+
+
+def test_concurrent_completions_are_served_by_both_replicas_and_equal_the_generator(ray_server, client,
+                                                                                      expected):
+    answers = _complete_all(client, PROMPTS + PROMPTS)  # 16 at once: the router spreads them by load
+    assert [text for _, text in answers] == [expected[p] for p in PROMPTS + PROMPTS]
+    assert {replica for replica, _ in answers} == set(_live_replicas(ray_server))
+
+
+def test_streamed_chat_through_the_proxy_equals_the_generator(client, generator):
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    with client.chat.completions.with_streaming_response.create(model=client.model_name, messages=messages, max_tokens=TOKENS,
+                                                                temperature=0, stream=True) as raw:
+        assert raw.headers[REPLICA_HEADER].startswith("autocontrast#")
+        text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    assert text == generator.generate(PROMPTS[1], multi_exit=ACD, max_new_tokens=TOKENS, chat=True).text
+
+
+def test_a_killed_replica_is_replaced_and_every_later_request_succeeds(ray_server, client, expected):
+    """SIGKILL one idle replica's process, then send 4 requests at a time until its replacement has
+    answered: every one of them must succeed (Serve routes around the dead replica while it starts
+    a new one), none may come from the dead one, and all equal the generator's text."""
+    before = _live_replicas(ray_server)
+    victim, pid = sorted(before.items())[0]
+    os.kill(pid, signal.SIGKILL)
+    answers: list[tuple[str, str]] = []
+    deadline = time.monotonic() + 240
+    while not {replica for replica, _ in answers} - set(before):
+        assert time.monotonic() < deadline, f"no replacement answered within 240 s: {ray_server.output()}"
+        answers += _complete_all(client, PROMPTS[:4])
+    assert victim not in {replica for replica, _ in answers}
+    assert [text for _, text in answers] == [expected[p] for p in PROMPTS[:4]] * (len(answers) // 4)
+    after = _live_replicas(ray_server)
+    assert victim not in after and pid not in after.values() and set(before) - {victim} <= set(after)
+
+
+def test_sigterm_stops_serve_and_every_process_of_the_local_cluster(ray_server):
+    started = _processes_marked(ray_server.run)
+    assert len(started) > 4  # the server, Ray's daemons, the controller, the proxy, the replicas
+    ray_server.stop(timeout=120)
+    assert ray_server.proc.returncode == 0, ray_server.output()
+    assert "acd-serve: stopped" in ray_server.output()
+    deadline = time.monotonic() + 30  # daemons the driver stopped may take a moment to exit
+    while _processes_marked(ray_server.run) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_marked(ray_server.run) == []
