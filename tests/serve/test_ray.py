@@ -13,6 +13,8 @@ import contextlib
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -64,6 +66,14 @@ def _processes_marked(run: str) -> list[int]:
             if proc.name.isdigit() and f"{MARK}={run}".encode() in (proc / "environ").read_bytes().split(b"\0"):
                 found.append(int(proc.name))
     return found
+
+
+def _left_running(run: str, *, grace: float = 30) -> list[int]:
+    """The marked processes still there after `grace` seconds (daemons being stopped take a moment)."""
+    deadline = time.monotonic() + grace
+    while (left := _processes_marked(run)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
 
 
 def _live_replicas(server: ServerProcess, *, want: int = 2, timeout: float = 180) -> dict[str, int]:
@@ -141,7 +151,23 @@ def test_sigterm_stops_serve_and_every_process_of_the_local_cluster(ray_server):
     ray_server.stop(timeout=120)
     assert ray_server.proc.returncode == 0, ray_server.output()
     assert "acd-serve: stopped" in ray_server.output()
-    deadline = time.monotonic() + 30  # daemons the driver stopped may take a moment to exit
-    while _processes_marked(ray_server.run) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert _processes_marked(ray_server.run) == []
+    assert _left_running(ray_server.run) == []
+
+
+def test_replicas_that_cannot_fit_the_local_cluster_exit_2_and_leave_nothing_running(llama_bundle):
+    temp_dir, run = tempfile.mkdtemp(prefix="acd-ray-", dir="/tmp"), uuid.uuid4().hex
+    too_many = str(os.cpu_count() + 1)
+    try:
+        done = subprocess.run([sys.executable, "-m", "autocontrast.serve.cli", str(llama_bundle), "--ray",
+                               "--replicas", too_many, "--replica-cpus", "1", "--ray-temp-dir", temp_dir],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, MARK: run, "RAY_USAGE_STATS_ENABLED": "0"})
+        assert done.returncode == 2, done.stderr
+        assert f"{too_many} replica(s) of 1 CPU need {too_many} CPUs" in done.stderr
+        assert "Traceback" not in done.stderr
+        assert _left_running(run) == []
+    finally:
+        for pid in _processes_marked(run):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
