@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -20,7 +21,10 @@ from autocontrast.cli_support import run_cli
 from autocontrast.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from autocontrast.serve.app import ServerConfig
+    from ray.serve import Application
+
+    from autocontrast.serve.app import AppSpec, ServerConfig
+    from autocontrast.serve.ray_deployment import RayScaling
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,31 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvicorn
 
-        from autocontrast.serve.app import AppSpec, ServerConfig, build_app
-        from autocontrast.serve.protocol import Limits
+        from autocontrast.serve.app import AppSpec, build_app
     except ImportError as err:
         raise ConfigurationError(f"acd-serve needs the serve extra ({err.name} is missing): "
                                  "pip install 'autocontrast[serve]'") from None
-    from autocontrast.bundle import read_manifest
-    from autocontrast.runtime.cli import bundle_mode
-    from autocontrast.runtime.modes import resolve_mode
-
-    if not 1 <= args.max_tokens <= 1 << 20:
-        raise ConfigurationError(f"--max-tokens ({args.max_tokens}) must be within 1..{1 << 20}")
-    given = [f"--{name.replace('_', '-')}" for name in _RAY_ONLY if getattr(args, name) is not None]
-    if given and not args.ray:
-        raise ConfigurationError(f"{', '.join(given)} only apply with --ray")
+    config, banner = _config(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    manifest = read_manifest(args.bundle)
-    mode = bundle_mode(manifest, args.mode, args.exits, args.alpha, args.minimum_candidates)
-    resolve_mode(manifest, mode)  # a default mode the bundle cannot serve fails now, before any replica starts
-    config = ServerConfig(model_name=args.model_name or Path(args.bundle).resolve().name, default_mode=mode,
-                          api_key=args.api_key or None, max_batch=args.max_batch, max_queue=args.max_queue,
-                          limits=Limits(max_tokens=args.max_tokens))
-    banner = (f"acd-serve: {config.model_name} ({mode.description}), batch {args.max_batch}, queue "
-              f"{args.max_queue}{', API key required' if config.api_key else ''}")
     if args.ray:
-        return _serve_on_ray(args, config, banner)
+        from autocontrast.serve.ray_deployment import serve_on_ray
+
+        spec, scaling = _ray_spec(args, config)
+        serve_on_ray(spec, scaling, host=args.host, port=args.port, address=args.ray_address,
+                     temp_dir=args.ray_temp_dir, drain_timeout=args.drain_timeout, banner=banner)
+        print("acd-serve: stopped", file=sys.stderr)
+        return 0
     app = build_app(AppSpec(str(Path(args.bundle).resolve()), config, provider=args.provider, threads=args.threads))
     print(f"{banner}, on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
@@ -102,19 +95,60 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _serve_on_ray(args: argparse.Namespace, config: ServerConfig, banner: str) -> int:
+def ray_app(args: dict[str, str]) -> Application:
+    """Ray Serve application builder, for `serve run`, `serve deploy` and KubeRay's RayService: the
+    deployment `acd-serve BUNDLE --ray FLAGS` would run, built from the same flags.
+
+    >>> app = ray_app({"bundle": "/models/smollm2-acd", "flags": "--replicas 2 --max-batch 16"})  # doctest: +SKIP
+
+    In a Serve config: `import_path: autocontrast.serve.cli:ray_app` with `args: {bundle: ..., flags: ...}`.
+    Only the serving flags apply (replicas, limits, mode); HTTP host and port are the config's.
+    """
+    from autocontrast.serve.ray_deployment import application
+
+    unknown = set(args) - {"bundle", "flags"}
+    if "bundle" not in args or unknown:
+        raise ConfigurationError(f"ray_app takes args 'bundle' (required) and 'flags'; got {sorted(args)}")
+    parsed = _parser().parse_args([str(args["bundle"]), "--ray", *shlex.split(str(args.get("flags", "")))])
+    config, _ = _config(parsed)
+    spec, scaling = _ray_spec(parsed, config)
+    return application(spec, scaling, drain_timeout=parsed.drain_timeout)
+
+
+def _config(args: argparse.Namespace) -> tuple[ServerConfig, str]:
+    """The server's configuration from the flags (the bundle's manifest read, its mode checked), and the
+    line that announces it."""
+    from autocontrast.bundle import read_manifest
+    from autocontrast.runtime.cli import bundle_mode
+    from autocontrast.runtime.modes import resolve_mode
+    from autocontrast.serve.app import ServerConfig
+    from autocontrast.serve.protocol import Limits
+
+    if not 1 <= args.max_tokens <= 1 << 20:
+        raise ConfigurationError(f"--max-tokens ({args.max_tokens}) must be within 1..{1 << 20}")
+    given = [f"--{name.replace('_', '-')}" for name in _RAY_ONLY if getattr(args, name) is not None]
+    if given and not args.ray:
+        raise ConfigurationError(f"{', '.join(given)} only apply with --ray")
+    manifest = read_manifest(args.bundle)
+    mode = bundle_mode(manifest, args.mode, args.exits, args.alpha, args.minimum_candidates)
+    resolve_mode(manifest, mode)  # a default mode the bundle cannot serve fails now, before any replica starts
+    config = ServerConfig(model_name=args.model_name or Path(args.bundle).resolve().name, default_mode=mode,
+                          api_key=args.api_key or None, max_batch=args.max_batch, max_queue=args.max_queue,
+                          limits=Limits(max_tokens=args.max_tokens))
+    banner = (f"acd-serve: {config.model_name} ({mode.description}), batch {args.max_batch}, queue "
+              f"{args.max_queue}{', API key required' if config.api_key else ''}")
+    return config, banner
+
+
+def _ray_spec(args: argparse.Namespace, config: ServerConfig) -> tuple[AppSpec, RayScaling]:
     from autocontrast.serve.app import AppSpec
-    from autocontrast.serve.ray_deployment import RayScaling, serve_on_ray
+    from autocontrast.serve.ray_deployment import RayScaling
 
     scaling = RayScaling(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                          replica_cpus=args.replica_cpus)
     # one replica's onnxruntime uses the CPUs it reserved, not every core of its node
     threads = args.threads if args.threads is not None else max(1, int(args.replica_cpus))
-    spec = AppSpec(str(Path(args.bundle).resolve()), config, provider=args.provider, threads=threads)
-    serve_on_ray(spec, scaling, host=args.host, port=args.port, address=args.ray_address,
-                 temp_dir=args.ray_temp_dir, drain_timeout=args.drain_timeout, banner=banner)
-    print("acd-serve: stopped", file=sys.stderr)
-    return 0
+    return AppSpec(str(Path(args.bundle).resolve()), config, provider=args.provider, threads=threads), scaling
 
 
 def cli() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -24,7 +25,7 @@ import httpx
 import pytest
 
 from autocontrast.serve.ray_deployment import REPLICA_HEADER
-from tests.serve.conftest import ServerProcess
+from tests.serve.conftest import ServerProcess, free_port
 from tests.serve.test_server import ACD, PROMPTS
 
 pytest.importorskip("ray.serve", reason="the Ray Serve tests need the cluster extra: pip install 'autocontrast[cluster]'")
@@ -167,6 +168,49 @@ def test_replicas_that_cannot_fit_the_local_cluster_exit_2_and_leave_nothing_run
         assert "Traceback" not in done.stderr
         assert _left_running(run) == []
     finally:
+        for pid in _processes_marked(run):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _readme_serve_config(*, bundle: Path, port: int) -> dict:
+    """The README's KubeRay RayService example's serveConfigV2, with this bundle and a loopback port."""
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    head = "```yaml\napiVersion: ray.io/v1\n"
+    service = yaml.safe_load(head[len("```yaml\n"):] + readme.split(head, 1)[1].split("```", 1)[0])
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    config["http_options"] = {"host": "127.0.0.1", "port": port}
+    config["applications"][0]["args"]["bundle"] = str(bundle)
+    return config
+
+
+def test_the_rayservice_examples_serve_config_runs_under_serve_run(llama_bundle, expected, tmp_path):
+    port, temp_dir, run = free_port(), tempfile.mkdtemp(prefix="acd-ray-", dir="/tmp"), uuid.uuid4().hex
+    config = tmp_path / "serve.yaml"
+    config.write_text(json.dumps(_readme_serve_config(bundle=llama_bundle, port=port)))  # JSON is YAML
+    log = (tmp_path / "serve.log").open("w+")
+    proc = subprocess.Popen([sys.executable, "-c", "from ray.serve.scripts import cli; cli()", "run", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, MARK: run, "RAY_TMPDIR": temp_dir, "RAY_USAGE_STATS_ENABLED": "0"})
+    try:
+        deadline, answer = time.monotonic() + 300, None
+        while answer is None or answer.status_code != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(1)
+            with contextlib.suppress(httpx.HTTPError):
+                answer = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60,
+                                    json={"prompt": PROMPTS[0], "max_tokens": TOKENS, "temperature": 0})
+        assert answer.json()["choices"][0]["text"] == expected[PROMPTS[0]]
+        assert answer.headers[REPLICA_HEADER].startswith("autocontrast#")
+        proc.send_signal(signal.SIGINT)  # `serve run` shuts Serve and its local cluster down on Ctrl-C
+        proc.wait(timeout=120)
+        assert _left_running(run) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
         for pid in _processes_marked(run):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
