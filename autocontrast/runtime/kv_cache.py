@@ -34,14 +34,8 @@ class KVCache:
         empty = np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype=np.dtype(spec.dtype))
         self._values: list[Any] = [empty] * (2 * spec.num_layers)
         self.length = 0  # columns of past (the batch's common width)
-
-    @property
-    def input_names(self) -> list[str]:
-        return self.spec.past_names()
-
-    @property
-    def output_names(self) -> list[str]:
-        return self.spec.present_names()
+        self.input_names = spec.past_names()
+        self.output_names = spec.present_names()
 
     def bind_inputs(self, binding: ort.IOBinding) -> None:
         for name, value in zip(self.input_names, self._values, strict=True):
