@@ -49,6 +49,10 @@ class KVCache:
         self._values = list(present)
         self.length += new_tokens
 
+    def devices(self) -> set[str]:
+        """Where the entries live: {'host'} after a reshape, {'cpu'} or {'cuda'} when the last step's outputs."""
+        return {"host" if isinstance(v, np.ndarray) else v.device_name().lower() for v in self._values}
+
     def arrays(self) -> list[np.ndarray]:
         """Every entry as a host array: [(batch, kv_heads, past, head_dim)] in graph order (copies from a device)."""
         return [_to_numpy(v) for v in self._values]
