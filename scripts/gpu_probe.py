@@ -16,8 +16,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from autocontrast.config import MultiExitConfiguration
 from autocontrast.runtime import Generator
 
