@@ -69,9 +69,10 @@ class Generator:
     """A loaded bundle. `provider`: 'cpu' (default), 'cuda' or 'tensorrt', never silently swapped."""
 
     def __init__(self, bundle: str | Path, *, provider: str = "cpu", device_id: int = 0,
-                 threads: int | None = None, preload: Sequence[MultiExitConfiguration] | None = None) -> None:
+                 threads: int | None = None, preload: Sequence[MultiExitConfiguration] | None = None,
+                 verify: bool = False) -> None:
         self.bundle_dir = Path(bundle)
-        self.manifest = read_manifest(self.bundle_dir)
+        self.manifest = read_manifest(self.bundle_dir, verify=verify)  # verify: hash every file first
         self.tokenizer = load_tokenizer(self.bundle_dir)
         self.provider, self.device_id, self.threads = provider, device_id, threads
         self._sessions: dict[str, ExitSession] = {}

@@ -1,0 +1,200 @@
+"""The output directory of an export: checked before any work, built beside it, renamed into place.
+
+An export writes into `.NAME.partial-HOST-PID-XXXXXXXX` next to `NAME` and renames it into place
+only when validated; a replaced bundle first moves to `.NAME.old-HOST-PID-XXXXXXXX`. The host and
+process id in the name let a later export to the same output remove what a killed export (SIGKILL,
+a power cut) left, and only that: a directory whose process still runs, or that another host
+made, is left alone. SIGTERM and SIGHUP (what `timeout`, `docker stop`, systemd and a closed
+terminal send) unwind like Ctrl-C, so the partial directory is removed, and the process still ends
+by that signal.
+
+`--force` replaces only a bundle of this format (`autocontrast.bundle.is_bundle`); anything else at
+the output path is refused and left untouched.
+
+>>> output = check_output("bundles/smollm2-acd", force=False)  # doctest: +SKIP
+>>> remove_stale_work(output, log=print)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from autocontrast.bundle import MANIFEST_FILE, is_bundle
+from autocontrast.errors import ExportError
+
+PARTIAL, OLD = "partial", "old"
+# Signals whose default action would end the export with its temporary directory left behind.
+CLEANUP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+_ours: set[Path] = set()  # work directories of exports running in this process
+
+
+class Terminated(BaseException):
+    """A terminating signal, raised where the export is so that it unwinds and cleans up."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def check_output(output: str | os.PathLike, *, force: bool) -> Path:
+    """The output path, checked before any work: named, not taken (unless a bundle and `force`), writable.
+
+    Raises `ExportError` saying what to do; the path is never touched.
+    """
+    text = os.fspath(output)
+    path = Path(text)
+    if not text.strip() or path.name in ("", ".", ".."):
+        raise ExportError(f"OUTPUT {text!r} does not name a directory to create; give a new directory "
+                          "name such as smollm2-acd")
+    if os.path.lexists(path):
+        if not force:
+            raise ExportError(f"{path} already exists; pass --force (force=True) to replace it")
+        if path.is_symlink() or not is_bundle(path):
+            raise ExportError(f"{path} is not an autocontrast bundle (no {MANIFEST_FILE} of this format), so "
+                              "--force does not replace it and left it untouched; choose another OUTPUT, "
+                              "or move or remove it yourself")
+    _check_writable(path.absolute().parent)
+    return path
+
+
+def _check_writable(parent: Path) -> None:
+    existing = parent
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ExportError(f"{existing} is a file, not a directory, so no bundle can be made under it; "
+                          "choose an OUTPUT inside a directory")
+    try:  # a real attempt: permissions, read-only filesystems, ACLs and root all answer truthfully
+        Path(tempfile.mkdtemp(prefix=".acd-export-write-test-", dir=existing)).rmdir()
+    except OSError as err:
+        raise ExportError(f"cannot write in {existing} ({err.strerror}); choose an OUTPUT in a directory "
+                          "you can write to") from None
+
+
+def missing_parents(path: Path) -> list[Path]:
+    """Ancestors of `path` that do not exist yet, nearest first (an export removes them if it fails)."""
+    missing, parent = [], path.parent.absolute()
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    return missing
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
+
+
+def _prefix(output: Path, kind: str) -> str:
+    return f".{output.name}.{kind}-{_host()}-{os.getpid()}-"
+
+
+def make_work_dir(output: Path) -> Path:
+    """A new empty `.NAME.partial-HOST-PID-XXXXXXXX` beside `output` (its parent must exist)."""
+    work = Path(tempfile.mkdtemp(prefix=_prefix(output, PARTIAL), dir=output.parent))
+    _ours.add(work.absolute())
+    return work
+
+
+def discard_work_dir(work: Path) -> None:
+    shutil.rmtree(work, ignore_errors=True)
+    _ours.discard(work.absolute())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_work(output: Path, *, log: Callable[[str], None]) -> None:
+    """Remove the temporary directories that killed exports to `output` left beside it, one line each.
+
+    Only directories this host made, whose process is gone (or is this process but not one of its
+    running exports), are removed; another host's are named and left alone.
+    """
+    parent = output.absolute().parent
+    if not parent.is_dir():
+        return
+    pattern = re.compile(rf"^\.{re.escape(output.name)}\.({PARTIAL}|{OLD})-(.+)-(\d+)-[^-]+$")
+    for entry in sorted(parent.iterdir()):
+        match = pattern.match(entry.name)
+        if not match or not entry.is_dir() or entry.is_symlink():
+            continue
+        host, pid = match.group(2), int(match.group(3))
+        if host != _host():
+            log(f"left {entry} alone: an export on host {host} made it (remove it yourself if it is stale)")
+            continue
+        running = entry.absolute() in _ours if pid == os.getpid() else _alive(pid)
+        if running:
+            continue
+        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        shutil.rmtree(entry, ignore_errors=True)
+        log(f"removed {entry}: left by an interrupted export (process {pid}, no longer running), {size / 1e6:.1f} MB")
+
+
+def replace_output(work: Path, output: Path, *, force: bool) -> None:
+    """Rename the finished `work` directory to `output`, moving a bundle that is there aside first."""
+    if os.path.lexists(output):
+        if not force:  # appeared while we exported (a concurrent export)
+            raise ExportError(f"{output} appeared during the export; pass --force to replace it")
+        if output.is_symlink() or not is_bundle(output):
+            raise ExportError(f"{output} changed during the export and is not an autocontrast bundle, so it "
+                              "was left untouched and the export discarded; choose another OUTPUT")
+        old = Path(tempfile.mkdtemp(prefix=_prefix(output, OLD), dir=output.parent))
+        output.rename(old / "bundle")
+        try:
+            work.rename(output)
+        except OSError:
+            (old / "bundle").rename(output)  # put the old bundle back
+            old.rmdir()
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        work.rename(output)
+    _ours.discard(work.absolute())
+
+
+@contextlib.contextmanager
+def signals_clean_up() -> Iterator[None]:
+    """Within: SIGTERM/SIGHUP raise `Terminated` (so `except BaseException` cleanup runs); on leaving
+    with one, the process ends by that signal as it would have by default.
+
+    Only signals left at their default action are taken over, and only in the main thread: an
+    application's own handlers are its own business.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    taken = [s for s in CLEANUP_SIGNALS if signal.getsignal(s) is signal.SIG_DFL]
+
+    def handler(signum: int, _frame: object) -> None:
+        for s in taken:  # a second signal must not interrupt the cleanup
+            signal.signal(s, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    for s in taken:
+        signal.signal(s, handler)
+    try:
+        yield
+    except Terminated as stop:
+        for s in taken:
+            signal.signal(s, signal.SIG_DFL)
+        os.kill(os.getpid(), stop.signum)  # the default action: end as killed by this signal
+        raise
+    finally:
+        for s in taken:
+            signal.signal(s, signal.SIG_DFL)
