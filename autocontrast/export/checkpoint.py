@@ -34,8 +34,7 @@ def unreadable_weight_errors() -> tuple[type[BaseException], ...]:
 def model_config(model: str) -> Any:
     """The checkpoint's HF config; its model type from config.json only, never guessed from the folder's name.
 
-    Raises `ExportError` for a missing, unreadable or type-less config.json and for a local folder
-    without weight files, before anything heavy is loaded.
+    Raises `ExportError` for a missing, unreadable or type-less config.json.
     """
     local = os.path.isdir(model)
     if not local and os.path.lexists(model):
@@ -55,15 +54,19 @@ def model_config(model: str) -> Any:
     if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
         raise ExportError(f"cannot read a model config from {model!r}: its config.json has no model_type; "
                           "restore it from the original checkpoint (save_pretrained writes one)")
-    if local and not any(Path(model, name).is_file() for name in WEIGHT_FILES):
-        raise ExportError(f"{model!r} has a config.json but no weights ({', '.join(WEIGHT_FILES[::2])}); "
-                          "copy the checkpoint's weight files into it or save the model again with save_pretrained")
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(model)
     except (OSError, ValueError, KeyError) as err:
         raise ExportError(f"cannot read a model config from {model!r}: {err}") from None
+
+
+def require_weights(model: str) -> None:
+    """`ExportError` for a local checkpoint folder without weight files (a hub id is checked when loaded)."""
+    if os.path.isdir(model) and not any(Path(model, name).is_file() for name in WEIGHT_FILES):
+        raise ExportError(f"{model!r} has a config.json but no weights ({', '.join(WEIGHT_FILES[::2])}); "
+                          "copy the checkpoint's weight files into it or save the model again with save_pretrained")
 
 
 def corrupt_weights_error(model: str, err: BaseException) -> ExportError:

@@ -186,6 +186,7 @@ def _load(source: str, options: ExportOptions) -> _Loaded:
         corrupt_weights_error,
         detect_projection_mode,
         model_config,
+        require_weights,
         unreadable_weight_errors,
     )
     from autocontrast.models.auto import AutoMultiExitModel
@@ -196,6 +197,7 @@ def _load(source: str, options: ExportOptions) -> _Loaded:
         raise UnsupportedArchitectureError(
             f"{config.model_type!r} is an encoder-decoder model; acd-export supports decoder-only models "
             "(GPT-2, GPT-Neo, Llama, Mistral, Qwen2)")
+    require_weights(source)
     mode = (VocabularyProjectionMode.parse(options.projection) if options.projection
             else detect_projection_mode(source))
     try:
