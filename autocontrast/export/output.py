@@ -129,10 +129,17 @@ def remove_stale_work(output: Path, *, log: Callable[[str], None]) -> None:
     parent = output.absolute().parent
     if not parent.is_dir():
         return
-    pattern = re.compile(rf"^\.{re.escape(output.name)}\.({PARTIAL}|{OLD})-(.+)-(\d+)-[^-]+$")
+    name = re.escape(output.name)
+    pattern = re.compile(rf"^\.{name}\.({PARTIAL}|{OLD})-(.+)-(\d+)-[^-]+$")
+    unowned = re.compile(rf"^\.{name}\.({PARTIAL}|{OLD})-[a-z0-9_]{{8}}$")  # acd-export before host-pid names
     for entry in sorted(parent.iterdir()):
         match = pattern.match(entry.name)
-        if not match or not entry.is_dir() or entry.is_symlink():
+        if not entry.is_dir() or entry.is_symlink():
+            continue
+        if not match:
+            if unowned.match(entry.name):
+                log(f"left {entry} alone: an older acd-export made it and did not record its process "
+                    "(remove it yourself if no export to this output is running)")
             continue
         host, pid = match.group(2), int(match.group(3))
         if host != _host():

@@ -90,11 +90,14 @@ def test_what_a_killed_export_left_is_removed_by_the_next_export_and_said_once(t
 def test_partials_of_other_outputs_and_other_hosts_are_left_alone(tmp_path):
     other_host = tmp_path / ".bundle.partial-some-other-host-1-abcdefgh"
     other_output = tmp_path / ".bundle2.partial-host-999999999-abcdefgh"
+    unowned = tmp_path / ".bundle.partial-k3x_9a0q"  # an older acd-export's: no host or process recorded
     not_ours = tmp_path / ".bundle.partial-by-hand"
-    for directory in (other_host, other_output, not_ours):
+    for directory in (other_host, other_output, unowned, not_ours):
         directory.mkdir()
     said: list[str] = []
     remove_stale_work(tmp_path / "bundle", log=said.append)
-    assert all(d.is_dir() for d in (other_host, other_output, not_ours))
-    assert said == [f"left {other_host} alone: an export on host some-other-host made it "
+    assert all(d.is_dir() for d in (other_host, other_output, unowned, not_ours))
+    assert said == [f"left {unowned} alone: an older acd-export made it and did not record its process "
+                    "(remove it yourself if no export to this output is running)",
+                    f"left {other_host} alone: an export on host some-other-host made it "
                     "(remove it yourself if it is stale)"]
