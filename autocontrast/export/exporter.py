@@ -174,7 +174,7 @@ def _export_into_place(loaded: _Loaded, source: str, output: Path, exits: tuple[
                 pass
         if isinstance(err, (KeyboardInterrupt, Terminated)):
             log(f"interrupted: removed the unfinished export {work}")
-        if isinstance(err, OSError):
+        if isinstance(err, OSError) and not isinstance(err, BrokenPipeError):  # a full disk, a lost mount
             raise ExportError(f"cannot write the bundle beside {output} ({err}); nothing was written") from err
         raise
     return manifest
