@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -40,14 +41,13 @@ from autocontrast.bundle import (
 from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, ORIGINAL, Exit, sort_exits
 from autocontrast.errors import AutocontrastError, ExportError, UnknownExitError, UnsupportedArchitectureError
 from autocontrast.export.output import (
-    Terminated,
+    TerminationGuard,
     check_output,
     discard_work_dir,
     make_work_dir,
     missing_parents,
     remove_stale_work,
     replace_output,
-    signals_clean_up,
 )
 
 CONTRAST_OUTPUT = "contrast_scores"
@@ -130,8 +130,7 @@ def export_bundle(model: str | os.PathLike, output: str | os.PathLike, *, option
     log(f"[1/6] loading {source}")
     loaded = _load(source, options)
     exits, graphs = _plan(loaded, options)
-    with signals_clean_up():
-        manifest = _export_into_place(loaded, source, output, exits, graphs, options, force=force, log=log)
+    manifest = _export_into_place(loaded, source, output, exits, graphs, options, force=force, log=log)
     size = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
     result = ExportResult(output, manifest, time.perf_counter() - started, size)
     log(summary(result))
@@ -146,37 +145,53 @@ def _export_into_place(loaded: _Loaded, source: str, output: Path, exits: tuple[
     On any error or interruption the temporary directory, and parents made for it, are removed.
     """
     created = missing_parents(output)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        work = make_work_dir(output)
-    except OSError as err:
-        raise ExportError(f"cannot create {output.parent} ({err.strerror}); choose an OUTPUT in a directory "
-                          "you can write to") from None
-    try:
-        manifest = _build(loaded, source, exits, graphs, options, work, log)
-        if options.tensorrt:
-            from autocontrast.export.tensorrt import build_engines
+    work: Path | None = None
 
-            log("[6/6] building TensorRT engines")
-            manifest = build_engines(work, manifest, log=log, max_batch=options.trt_max_batch,
-                                     max_length=options.trt_max_length)
-        else:
-            log("[6/6] writing the manifest")
-        manifest = write_manifest(work, manifest)  # records every file's SHA-256
-        work.chmod(0o755)  # mkdtemp made it private; a bundle is an ordinary directory
-        replace_output(work, output, force=force)
-    except BaseException as err:
-        discard_work_dir(work)
+    def clean_up() -> None:
+        if work is not None:
+            discard_work_dir(work)
         for directory in created:
             try:
                 directory.rmdir()
             except OSError:
                 pass
-        if isinstance(err, (KeyboardInterrupt, Terminated)):
-            log(f"interrupted: removed the unfinished export {work}")
-        if isinstance(err, OSError) and not isinstance(err, BrokenPipeError):  # a full disk, a lost mount
-            raise ExportError(f"cannot write the bundle beside {output} ({err}); nothing was written") from err
-        raise
+
+    def interrupted(name: str) -> None:
+        if work is not None and work.exists():
+            clean_up()
+            log(f"interrupted ({name}): removed the unfinished export {work}")
+        else:  # signalled after the rename: the bundle is complete
+            log(f"interrupted ({name}) after {output} was complete")
+
+    with TerminationGuard(lambda signum: interrupted(signal.Signals(signum).name)) as guard:
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            work = make_work_dir(output)
+        except OSError as err:
+            clean_up()
+            raise ExportError(f"cannot create {output.parent} ({err.strerror}); choose an OUTPUT in a "
+                              "directory you can write to") from None
+        try:
+            manifest = _build(loaded, source, exits, graphs, options, work, log)
+            if options.tensorrt:
+                from autocontrast.export.tensorrt import build_engines
+
+                log("[6/6] building TensorRT engines")
+                manifest = build_engines(work, manifest, log=log, max_batch=options.trt_max_batch,
+                                         max_length=options.trt_max_length)
+            else:
+                log("[6/6] writing the manifest")
+            manifest = write_manifest(work, manifest)  # records every file's SHA-256
+            work.chmod(0o755)  # mkdtemp made it private; a bundle is an ordinary directory
+            with guard.hold():
+                replace_output(work, output, force=force)
+        except BaseException as err:
+            if isinstance(err, KeyboardInterrupt):
+                interrupted("SIGINT")
+            clean_up()
+            if isinstance(err, OSError) and not isinstance(err, BrokenPipeError):  # a full disk, a lost mount
+                raise ExportError(f"cannot write the bundle beside {output} ({err}); nothing was written") from err
+            raise
     return manifest
 
 

@@ -5,8 +5,8 @@ only when validated; a replaced bundle first moves to `.NAME.old-HOST-PID-XXXXXX
 process id in the name let a later export to the same output remove what a killed export (SIGKILL,
 a power cut) left, and only that: a directory whose process still runs, or that another host
 made, is left alone. SIGTERM and SIGHUP (what `timeout`, `docker stop`, systemd and a closed
-terminal send) unwind like Ctrl-C, so the partial directory is removed, and the process still ends
-by that signal.
+terminal send) remove the partial directory, as Ctrl-C does, and the process still ends by that
+signal.
 
 `--force` replaces only a bundle of this format (`autocontrast.bundle.is_bundle`); anything else at
 the output path is refused and left untouched.
@@ -36,14 +36,6 @@ PARTIAL, OLD = "partial", "old"
 CLEANUP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 _ours: set[Path] = set()  # work directories of exports running in this process
-
-
-class Terminated(BaseException):
-    """A terminating signal, raised where the export is so that it unwinds and cleans up."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"terminated by {signal.Signals(signum).name}")
-        self.signum = signum
 
 
 def check_output(output: str | os.PathLike, *, force: bool) -> Path:
@@ -175,33 +167,60 @@ def replace_output(work: Path, output: Path, *, force: bool) -> None:
     _ours.discard(work.absolute())
 
 
-@contextlib.contextmanager
-def signals_clean_up() -> Iterator[None]:
-    """Within: SIGTERM/SIGHUP raise `Terminated` (so `except BaseException` cleanup runs); on leaving
-    with one, the process ends by that signal as it would have by default.
+class TerminationGuard:
+    """Within: SIGTERM/SIGHUP call `on_signal(signum)` (remove the partial export) and then end the
+    process by that signal, as its default action would have, minus the leftovers.
 
-    Only signals left at their default action are taken over, and only in the main thread: an
-    application's own handlers are its own business.
+    The cleanup runs inside the handler rather than by raising an exception to unwind the export:
+    an exception raised at an arbitrary bytecode can land inside a C extension's callback (seen: a
+    SIGSEGV when one hit an import during ONNX tracing). `hold()` defers the signal across a step
+    that must not stop halfway (the renames into place). Only signals left at their default
+    action are taken, and only in the main thread: an application's own handlers are its own.
+
+    >>> with TerminationGuard(lambda signum: shutil.rmtree(work)) as guard:  # doctest: +SKIP
+    ...     build(work)
+    ...     with guard.hold():
+    ...         work.rename(output)
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    taken = [s for s in CLEANUP_SIGNALS if signal.getsignal(s) is signal.SIG_DFL]
 
-    def handler(signum: int, _frame: object) -> None:
-        for s in taken:  # a second signal must not interrupt the cleanup
+    def __init__(self, on_signal: Callable[[int], None]) -> None:
+        self.on_signal = on_signal
+        self.taken: list[int] = []
+        self.held = False
+        self.pending: int | None = None
+
+    def __enter__(self) -> TerminationGuard:
+        if threading.current_thread() is threading.main_thread():
+            self.taken = [s for s in CLEANUP_SIGNALS if signal.getsignal(s) is signal.SIG_DFL]
+        for s in self.taken:
+            signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s in self.taken:
+            signal.signal(s, signal.SIG_DFL)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        self.held = True
+        try:
+            yield
+        finally:
+            self.held = False
+            if self.pending is not None:
+                self._end(self.pending)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.held:
+            self.pending = signum
+        else:
+            self._end(signum)
+
+    def _end(self, signum: int) -> None:
+        for s in self.taken:  # a second signal must not cut the cleanup short
             signal.signal(s, signal.SIG_IGN)
-        raise Terminated(signum)
-
-    for s in taken:
-        signal.signal(s, handler)
-    try:
-        yield
-    except Terminated as stop:
-        for s in taken:
-            signal.signal(s, signal.SIG_DFL)
-        os.kill(os.getpid(), stop.signum)  # the default action: end as killed by this signal
-        raise
-    finally:
-        for s in taken:
-            signal.signal(s, signal.SIG_DFL)
+        try:
+            self.on_signal(signum)
+        finally:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)  # the default action: end as killed by this signal

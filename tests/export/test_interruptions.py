@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def test_a_signalled_export_removes_its_partial_directory(tiny_checkpoint, tmp_p
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == returncode, err
-    assert "interrupted: removed the unfinished export" in err
+    assert f"interrupted ({signal.Signals(signum).name}): removed the unfinished export" in err
     assert "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # no bundle, no .partial-*
 
@@ -101,3 +102,26 @@ def test_partials_of_other_outputs_and_other_hosts_are_left_alone(tmp_path):
                     "(remove it yourself if no export to this output is running)",
                     f"left {other_host} alone: an export on host some-other-host made it "
                     "(remove it yourself if it is stale)"]
+
+
+def test_a_signal_during_the_rename_into_place_waits_for_it(tmp_path):
+    """Held: the signal arrives mid-step, the step finishes, then the cleanup runs and the process ends."""
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from autocontrast.export.output import TerminationGuard
+        root = Path({str(tmp_path)!r})
+        with TerminationGuard(lambda signum: print("cleanup", signal.Signals(signum).name, flush=True)) as guard:
+            with guard.hold():
+                os.kill(os.getpid(), signal.SIGTERM)
+                (root / "work").mkdir()
+                (root / "work").rename(root / "bundle")
+                print("renamed", flush=True)
+            print("not reached", flush=True)
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60,
+                          preexec_fn=_default_signals)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["renamed", "cleanup SIGTERM"]
+    assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
