@@ -144,8 +144,10 @@ def _export_into_place(loaded: _Loaded, source: str, output: Path, exits: tuple[
 
     On any error or interruption the temporary directory, and parents made for it, are removed.
     """
+    _import_build_modules()
     created = missing_parents(output)
     work: Path | None = None
+    reported: list[str] = []
 
     def clean_up() -> None:
         if work is not None:
@@ -156,14 +158,17 @@ def _export_into_place(loaded: _Loaded, source: str, output: Path, exits: tuple[
             except OSError:
                 pass
 
-    def interrupted(name: str) -> None:
+    def interrupted(signum: int) -> None:
+        if reported:
+            return
+        reported.append(name := signal.Signals(signum).name)
         if work is not None and work.exists():
             clean_up()
             log(f"interrupted ({name}): removed the unfinished export {work}")
-        else:  # signalled after the rename: the bundle is complete
+        else:  # after the rename into place: the bundle is complete
             log(f"interrupted ({name}) after {output} was complete")
 
-    with TerminationGuard(lambda signum: interrupted(signal.Signals(signum).name)) as guard:
+    with TerminationGuard(interrupted) as guard:
         try:
             output.parent.mkdir(parents=True, exist_ok=True)
             work = make_work_dir(output)
@@ -186,13 +191,23 @@ def _export_into_place(loaded: _Loaded, source: str, output: Path, exits: tuple[
             with guard.hold():
                 replace_output(work, output, force=force)
         except BaseException as err:
-            if isinstance(err, KeyboardInterrupt):
-                interrupted("SIGINT")
+            if isinstance(err, KeyboardInterrupt):  # raised by the guard, or by an application's handler
+                interrupted(signal.SIGINT)
             clean_up()
             if isinstance(err, OSError) and not isinstance(err, BrokenPipeError):  # a full disk, a lost mount
                 raise ExportError(f"cannot write the bundle beside {output} ({err}); nothing was written") from err
             raise
     return manifest
+
+
+def _import_build_modules() -> None:
+    """Import what `_build` needs before the partial directory exists: an interrupt that lands inside a
+    C extension's import (onnx, protobuf) can crash the interpreter outright."""
+    import autocontrast.export.tied_head  # noqa: F401
+    import autocontrast.export.trace  # noqa: F401
+    import autocontrast.export.validation  # noqa: F401
+    import autocontrast.export.variants  # noqa: F401
+    import autocontrast.export.weights  # noqa: F401
 
 
 @dataclasses.dataclass

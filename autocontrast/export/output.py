@@ -4,9 +4,9 @@ An export writes into `.NAME.partial-HOST-PID-XXXXXXXX` next to `NAME` and renam
 only when validated; a replaced bundle first moves to `.NAME.old-HOST-PID-XXXXXXXX`. The host and
 process id in the name let a later export to the same output remove what a killed export (SIGKILL,
 a power cut) left, and only that: a directory whose process still runs, or that another host
-made, is left alone. SIGTERM and SIGHUP (what `timeout`, `docker stop`, systemd and a closed
-terminal send) remove the partial directory, as Ctrl-C does, and the process still ends by that
-signal.
+made, is left alone. Ctrl-C, SIGTERM and SIGHUP (what `timeout`, `docker stop`, systemd and a
+closed terminal send) remove the partial directory first; then Ctrl-C raises `KeyboardInterrupt`
+and the others end the process by that signal.
 
 `--force` replaces only a bundle of this format (`autocontrast.bundle.is_bundle`); anything else at
 the output path is refused and left untouched.
@@ -27,6 +27,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from autocontrast.bundle import MANIFEST_FILE, is_bundle
 from autocontrast.errors import ExportError
@@ -168,14 +169,16 @@ def replace_output(work: Path, output: Path, *, force: bool) -> None:
 
 
 class TerminationGuard:
-    """Within: SIGTERM/SIGHUP call `on_signal(signum)` (remove the partial export) and then end the
-    process by that signal, as its default action would have, minus the leftovers.
+    """Within: SIGINT, SIGTERM and SIGHUP first call `on_signal(signum)` (remove the partial export),
+    then end as they would have: SIGINT raises `KeyboardInterrupt`, the others end the process by
+    that signal (its default action, minus the leftovers).
 
-    The cleanup runs inside the handler rather than by raising an exception to unwind the export:
-    an exception raised at an arbitrary bytecode can land inside a C extension's callback (seen: a
-    SIGSEGV when one hit an import during ONNX tracing). `hold()` defers the signal across a step
-    that must not stop halfway (the renames into place). Only signals left at their default
-    action are taken, and only in the main thread: an application's own handlers are its own.
+    The cleanup runs inside the handler, before any exception unwinds the export: an exception
+    raised at an arbitrary bytecode can land inside a C extension's import or callback and crash
+    the interpreter (seen: a SIGSEGV when one hit onnx's import during the build), and then no
+    `except` clause would run. `hold()` defers the signals across a step that must not stop
+    halfway (the renames into place). Only signals at their default action are taken, and only in
+    the main thread: an application's own handlers are its own.
 
     >>> with TerminationGuard(lambda signum: shutil.rmtree(work)) as guard:  # doctest: +SKIP
     ...     build(work)
@@ -185,20 +188,21 @@ class TerminationGuard:
 
     def __init__(self, on_signal: Callable[[int], None]) -> None:
         self.on_signal = on_signal
-        self.taken: list[int] = []
+        self.taken: dict[int, Any] = {}  # signal -> the handler to restore
         self.held = False
         self.pending: int | None = None
 
     def __enter__(self) -> TerminationGuard:
         if threading.current_thread() is threading.main_thread():
-            self.taken = [s for s in CLEANUP_SIGNALS if signal.getsignal(s) is signal.SIG_DFL]
+            defaults = {s: signal.SIG_DFL for s in CLEANUP_SIGNALS}
+            defaults[signal.SIGINT] = signal.default_int_handler
+            self.taken = {s: d for s, d in defaults.items() if signal.getsignal(s) is d}
         for s in self.taken:
             signal.signal(s, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for s in self.taken:
-            signal.signal(s, signal.SIG_DFL)
+        self._restore()
 
     @contextlib.contextmanager
     def hold(self) -> Iterator[None]:
@@ -209,6 +213,10 @@ class TerminationGuard:
             self.held = False
             if self.pending is not None:
                 self._end(self.pending)
+
+    def _restore(self) -> None:
+        for s, default in self.taken.items():
+            signal.signal(s, default)
 
     def _handle(self, signum: int, _frame: object) -> None:
         if self.held:
@@ -222,5 +230,7 @@ class TerminationGuard:
         try:
             self.on_signal(signum)
         finally:
-            signal.signal(signum, signal.SIG_DFL)
+            self._restore()
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
             os.kill(os.getpid(), signum)  # the default action: end as killed by this signal
