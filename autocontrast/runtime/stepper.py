@@ -228,8 +228,8 @@ class Stepper:
             modes[key] = row.mode
             groups.setdefault(key, []).append(i)
         for key, members in groups.items():
-            index = np.array(members, dtype=np.int64)
-            for i, s in zip(members, modes[key].scores(self._last.rows(index)), strict=True):
+            part = self._last if len(members) == len(rows) else self._last.rows(np.array(members, dtype=np.int64))
+            for i, s in zip(members, modes[key].scores(part), strict=True):
                 out[i] = s
         return out
 
