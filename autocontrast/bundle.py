@@ -21,7 +21,10 @@ Manifest dicts: `variant` = {dtype, optimize, quantize, quantization (int8 recip
 (int8: teacher-forced token agreement with fp32), tensorrt (provider options per graph, cache
 paths relative to the bundle)};
 `validation` = {tolerance, batch, prompt_length, decode_steps, graphs: {graph: {output: max abs
-diff vs PyTorch}}, passed}; `special_tokens` = {bos_token_id, eos_token_ids, pad_token_id}.
+diff vs PyTorch}}, passed}; `special_tokens` = {bos_token_id, eos_token_ids, pad_token_id};
+`files` = {path relative to the bundle: SHA-256 hex} of every file but the manifest, recorded by
+`write_manifest` (format version 2; version 1 bundles have none). Reading a bundle never hashes;
+`read_manifest(..., verify=True)` (and `acd-verify`) checks every recorded file.
 
 >>> m = Manifest.from_dict(Manifest.example().to_dict())
 >>> m.graph_for_exits([30, 15]).name
@@ -31,6 +34,7 @@ diff vs PyTorch}}, passed}; `special_tokens` = {bos_token_id, eos_token_ids, pad
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -41,7 +45,8 @@ from autocontrast.config import Exit, parse_exit
 from autocontrast.errors import BundleError
 
 FORMAT = "autocontrast-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `files` (SHA-256 of every file)
+READABLE_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 
 DECODE = "decode"
@@ -118,6 +123,7 @@ class Manifest:
     variant: dict[str, Any] = dataclasses.field(default_factory=lambda: {"dtype": "float32"})
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     validation: dict[str, Any] = dataclasses.field(default_factory=dict)
+    files: dict[str, str] = dataclasses.field(default_factory=dict)  # relative path -> SHA-256 hex
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -163,9 +169,10 @@ class Manifest:
             raise BundleError(f"not an autocontrast bundle manifest (format is {data.get('format')!r}, "
                               f"expected {FORMAT!r})" if isinstance(data, dict) else "manifest is not a JSON object")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise BundleError(f"bundle format_version {version!r} is not supported by this runtime "
-                              f"(it reads version {FORMAT_VERSION}); re-export the model with this autocontrast")
+        if version not in READABLE_VERSIONS:
+            raise BundleError(f"bundle format_version {version!r} is not supported by this runtime (it reads "
+                              f"versions {', '.join(map(str, READABLE_VERSIONS))}); re-export the model with "
+                              "this autocontrast")
         try:
             fields = dict(data)
             fields["exits"] = tuple(parse_exit(e) for e in fields["exits"])
@@ -204,14 +211,55 @@ def _graph_from_dict(data: dict[str, Any]) -> GraphSpec:
     return GraphSpec(**fields)
 
 
-def write_manifest(bundle_dir: str | Path, manifest: Manifest) -> Path:
+def is_bundle(path: str | Path) -> bool:
+    """Whether `path` is a bundle directory of this format (any version): its manifest names FORMAT.
+
+    The test `acd-export --force` applies before replacing a directory: anything else is not ours.
+    """
+    manifest = Path(path) / MANIFEST_FILE
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return Path(path).is_dir() and isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_digests(bundle_dir: str | Path) -> dict[str, str]:
+    """SHA-256 of every file under `bundle_dir` except the manifest, by relative POSIX path."""
+    root = Path(bundle_dir)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p != root / MANIFEST_FILE)
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
+
+
+def write_manifest(bundle_dir: str | Path, manifest: Manifest) -> Manifest:
+    """Write `manifest.json`, recording the SHA-256 of every file now in `bundle_dir`; returns what was written.
+
+    Call it last, once every other file of the bundle is in place.
+    """
+    manifest = dataclasses.replace(manifest, files=file_digests(bundle_dir), format=FORMAT,
+                                   format_version=FORMAT_VERSION)
     path = Path(bundle_dir) / MANIFEST_FILE
     path.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
-    return path
+    return manifest
 
 
-def read_manifest(bundle_dir: str | Path) -> Manifest:
-    """Read and check a bundle's manifest: format, version, and that every named file exists."""
+def read_manifest(bundle_dir: str | Path, *, verify: bool = False) -> Manifest:
+    """Read and check a bundle's manifest: format, version, and that every named file exists.
+
+    `verify=True` also hashes every file the manifest records and raises `BundleError` naming the
+    first that is missing or differs (reads the whole bundle: seconds for a large one).
+
+    >>> read_manifest("smollm2-acd", verify=True).architecture  # doctest: +SKIP
+    'llama'
+    """
     root = Path(bundle_dir)
     path = root / MANIFEST_FILE
     if root.exists() and not root.is_dir():
@@ -234,4 +282,26 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
     missing = [f for f in dict.fromkeys(needed + list(manifest.tokenizer_files)) if not (root / f).is_file()]
     if missing:
         raise BundleError(f"bundle {str(root)!r} is incomplete: missing {', '.join(missing)}")
+    if verify:
+        check_files(root, manifest)
     return manifest
+
+
+def check_files(bundle_dir: str | Path, manifest: Manifest) -> None:
+    """Raise `BundleError` naming the first recorded file that is missing or whose SHA-256 differs.
+
+    Files the manifest does not record (a runtime's own cache, a user's notes) are not checked.
+    """
+    root = Path(bundle_dir)
+    if not manifest.files:
+        raise BundleError(f"bundle {str(root)!r} records no file digests (format version "
+                          f"{manifest.format_version}); re-export it with this autocontrast to verify it")
+    for name, expected in manifest.files.items():
+        path = root / name
+        if not path.is_file():
+            raise BundleError(f"bundle {str(root)!r} is damaged: {name} is missing; copy the bundle again "
+                              "or re-export it")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise BundleError(f"bundle {str(root)!r} is damaged: {name} differs from the manifest (SHA-256 "
+                              f"{actual[:12]}..., recorded {expected[:12]}...); copy the bundle again or re-export it")

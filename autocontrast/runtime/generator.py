@@ -70,13 +70,14 @@ class Generator:
     MAX_THREADS = 1024
 
     def __init__(self, bundle: str | Path, *, provider: str = "cpu", device_id: int = 0,
-                 threads: int | None = None, preload: Sequence[MultiExitConfiguration] | None = None) -> None:
+                 threads: int | None = None, preload: Sequence[MultiExitConfiguration] | None = None,
+                 verify: bool = False) -> None:
         if threads is not None and (not isinstance(threads, numbers.Integral) or isinstance(threads, bool)
                                     or not 1 <= threads <= self.MAX_THREADS):
             raise RuntimeOptionError(f"threads ({threads!r}) must be an integer within 1..{self.MAX_THREADS} "
                                      f"(this machine has {os.cpu_count()} cores; None lets onnxruntime choose)")
         self.bundle_dir = Path(bundle)
-        self.manifest = read_manifest(self.bundle_dir)
+        self.manifest = read_manifest(self.bundle_dir, verify=verify)  # verify: hash every file first
         self.tokenizer = load_tokenizer(self.bundle_dir)
         self.provider, self.device_id, self.threads = provider, device_id, threads
         self._sessions: dict[str, ExitSession] = {}
