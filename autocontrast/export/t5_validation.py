@@ -2,7 +2,7 @@
 
 Two prompts (the shorter left-padded) go through the encoder graph; its cross-attention keys and
 values are compared with those the PyTorch model caches. The decode graphs then run a decoder
-prefix (the start token and two more) and `steps` cached steps, fed the encoder graph's outputs
+prefix (the start token and eight more) and `steps` cached steps, fed the encoder graph's outputs
 as the runtime feeds them, against PyTorch fed the same tokens (its greedy choice): exit logits,
 the fused contrast and the self-attention present KV. Score graphs get the whole decoder
 sequence at once. Same report and tolerances as decoder-only exports (validation.py).
@@ -84,7 +84,8 @@ def validate_t5_graphs(model: Any, bundle_dir: Path, graphs: Sequence[GraphSpec]
     encoder = next(g for g in graphs if g.kind == ENCODER)
     cross = sessions[encoder.name].run(spec.cross_names(), {"input_ids": ids, "attention_mask": mask})
     start = np.full((batch, 1), spec.decoder_start_token_id, np.int64)
-    prefix = np.concatenate([start, ids[-1:, -2:].repeat(batch, axis=0)], axis=1)  # (batch, 3)
+    # a prefix of 9 decoder tokens: past 8 positions the relative-position buckets turn logarithmic
+    prefix = np.concatenate([start, ids[:1, -8:].repeat(batch, axis=0)], axis=1)  # (batch, 9)
     _, cache = t5_step(model, (), encoder_hidden, mask, prefix[:, :1], np.ones((batch, 1), np.int64), None)
     want_cross = _layers(cache.cross_attention_cache)
     report["graphs"][encoder.name]["cross_key_values.*"] = _real_diff(want_cross, cross, mask.astype(bool))
