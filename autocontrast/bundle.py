@@ -57,6 +57,14 @@ DECODE = "decode"
 SCORE = "score"
 ENCODER = "encoder"
 KINDS = (DECODE, SCORE, ENCODER)
+# ONNX metadata key under which each graph records the exits it returns (JSON list, graph order),
+# so a reader can refuse a manifest that does not describe the graph it sits beside.
+EXITS_METADATA_KEY = "autocontrast.exits"
+
+
+def exits_metadata(exits: Sequence[Exit]) -> str:
+    """The value stored under `EXITS_METADATA_KEY` for a graph returning `exits`."""
+    return json.dumps([str(e) for e in exits])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,3 +52,19 @@ class PromptError(AutocontrastError, ValueError):
 
 class DataError(AutocontrastError, ValueError):
     """Training or evaluation data that is missing, empty or unusable."""
+
+
+class RuntimeOptionError(AutocontrastError, ValueError):
+    """A runtime option out of its sane range (threads, ...)."""
+
+
+class ContrastFunctionError(ConfigurationError):
+    """A custom contrast function or logits processor whose result is not usable scores."""
+
+
+class InferenceError(AutocontrastError, RuntimeError):
+    """ONNX Runtime failed while running a graph of a bundle."""
+
+
+class RowError(AutocontrastError, KeyError):
+    """A stepping-API call naming a row that is not (or no longer) in the batch."""

@@ -27,7 +27,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from autocontrast.bundle import DECODE, SCORE, ContrastSpec, GraphSpec, KVCacheSpec, Manifest, write_manifest
+from autocontrast.bundle import (
+    DECODE,
+    EXITS_METADATA_KEY,
+    SCORE,
+    ContrastSpec,
+    GraphSpec,
+    KVCacheSpec,
+    Manifest,
+    exits_metadata,
+    write_manifest,
+)
 from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, ORIGINAL, Exit, sort_exits
 from autocontrast.errors import ExportError, UnknownExitError
 
@@ -281,7 +291,8 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
         paths = apply_variant(paths, model=model, options=options, log=log)
     log("[4/6] writing graphs with one shared weights file")
     # a tied head reads the embedding matrix, not a transposed copy of it
-    write_shared_weights(paths, work, transform=untie_transposed_copies)
+    write_shared_weights(paths, work, transform=untie_transposed_copies,
+                         metadata={s.name: {EXITS_METADATA_KEY: exits_metadata(s.exits)} for s in specs})
     shutil.rmtree(raw, ignore_errors=True)
     log(f"[5/6] validating against PyTorch (prefill + {options.validation_steps} cached decode steps)")
     report = validate(model, work, specs, kv, tolerance=TOLERANCES[options.variant_name],

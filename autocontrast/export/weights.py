@@ -36,11 +36,13 @@ def tensor_bytes(tensor: TensorProto) -> bytes:
 
 
 def write_shared_weights(graphs: dict[str, Path], bundle_dir: Path, *, weights_file: str = WEIGHTS_FILE,
-                         transform: Callable[[onnx.ModelProto], object] | None = None) -> dict[str, str]:
+                         transform: Callable[[onnx.ModelProto], object] | None = None,
+                         metadata: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
     """Write each graph as `<name>.onnx` with its weights in one shared, deduplicated file.
 
     `graphs` maps names to exported graph files; they are loaded one at a time (so peak memory
-    is one graph's weights, not all of them), passed through `transform` if given, and written.
+    is one graph's weights, not all of them), passed through `transform` if given, stamped with
+    `metadata[name]` (ONNX metadata_props), and written.
     Returns {graph name: graph file name}.
     """
     stored: dict[tuple[int, str, str], tuple[int, int]] = {}  # (dtype, dims, sha1) -> (offset, length)
@@ -62,6 +64,8 @@ def write_shared_weights(graphs: dict[str, Path], bundle_dir: Path, *, weights_f
                     out.write(data)
                 offset, length = stored[key]
                 _point_at(tensor, weights_file, offset, length)
+            for key, value in (metadata or {}).get(name, {}).items():
+                onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, key: value})
             file_name = f"{name}.onnx"
             onnx.save_model(model, str(bundle_dir / file_name))
             files[name] = file_name

@@ -7,5 +7,6 @@
 
 from autocontrast.runtime.generator import GenerationResult, Generator, Timings
 from autocontrast.runtime.params import GenerationParams
+from autocontrast.runtime.stepper import Row, Stepper, TokenEvent
 
-__all__ = ["GenerationParams", "GenerationResult", "Generator", "Timings"]
+__all__ = ["GenerationParams", "GenerationResult", "Generator", "Row", "Stepper", "Timings", "TokenEvent"]

@@ -8,19 +8,21 @@
 >>> for delta in gen.stream("Tell me a joke", chat=True):  # doctest: +SKIP
 ...     print(delta, end="", flush=True)
 
-The loop only orchestrates: an `ExitSession` computes exit logits, a `DecodeMode` turns them into
-scores, pure functions sample and stop. Every call keeps its state (KV cache, RNG) to itself, so
-one Generator serves many threads at once.
+`generate` and `stream` are thin drivers of the stepping engine (`Generator.stepper`, see
+`autocontrast.runtime.stepper`), in the caller's thread: breaking out of a stream stops all
+computation at once. Every call keeps its state (KV cache, RNG) to itself, so one Generator serves
+many threads at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import queue
+import numbers
+import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +30,11 @@ import numpy as np
 
 from autocontrast.bundle import SCORE, GraphSpec, read_manifest
 from autocontrast.config import Exit, MultiExitConfiguration
-from autocontrast.errors import GenerationParameterError, PromptError, UnknownExitError
-from autocontrast.runtime import sampling
-from autocontrast.runtime.detokenizer import StreamDecoder
-from autocontrast.runtime.kv_cache import KVCache
+from autocontrast.errors import GenerationParameterError, PromptError, RuntimeOptionError, UnknownExitError
 from autocontrast.runtime.modes import DecodeMode, graph_with_exits, resolve_mode
 from autocontrast.runtime.params import GenerationParams
-from autocontrast.runtime.session import ExitSession
-from autocontrast.runtime.stopping import finish_reason, stop_string_cut
+from autocontrast.runtime.session import ExitSession, open_session
+from autocontrast.runtime.stepper import Stepper
 from autocontrast.runtime.text import chat_template, load_tokenizer, render_chat
 
 Prompt = str | Sequence[int]
@@ -68,8 +67,14 @@ class GenerationResult:
 class Generator:
     """A loaded bundle. `provider`: 'cpu' (default), 'cuda' or 'tensorrt', never silently swapped."""
 
+    MAX_THREADS = 1024
+
     def __init__(self, bundle: str | Path, *, provider: str = "cpu", device_id: int = 0,
                  threads: int | None = None, preload: Sequence[MultiExitConfiguration] | None = None) -> None:
+        if threads is not None and (not isinstance(threads, numbers.Integral) or isinstance(threads, bool)
+                                    or not 1 <= threads <= self.MAX_THREADS):
+            raise RuntimeOptionError(f"threads ({threads!r}) must be an integer within 1..{self.MAX_THREADS} "
+                                     f"(this machine has {os.cpu_count()} cores; None lets onnxruntime choose)")
         self.bundle_dir = Path(bundle)
         self.manifest = read_manifest(self.bundle_dir)
         self.tokenizer = load_tokenizer(self.bundle_dir)
@@ -92,25 +97,49 @@ class Generator:
         """The (lazily opened, shared) session of one graph."""
         with self._lock:
             if graph.name not in self._sessions:
-                self._sessions[graph.name] = ExitSession(self.bundle_dir, self.manifest, graph, provider=self.provider,
-                                                         device_id=self.device_id, threads=self.threads)
+                self._sessions[graph.name] = open_session(self.bundle_dir, self.manifest, graph,
+                                                          provider=self.provider, device_id=self.device_id,
+                                                          threads=self.threads)
             return self._sessions[graph.name]
 
     def mode(self, multi_exit: MultiExitConfiguration | None = None, *, fused: bool = True) -> DecodeMode:
         return resolve_mode(self.manifest, multi_exit or MultiExitConfiguration(), fused=fused)
+
+    def stepper(self, multi_exit: MultiExitConfiguration | None = None, *, fused_contrast: bool = True) -> Stepper:
+        """A new stepping engine on the graph of `multi_exit`'s mode (default: the original head).
+
+        >>> stepper = gen.stepper(acd)  # doctest: +SKIP
+        >>> row = stepper.add("The history of Paris", max_new_tokens=8)  # doctest: +SKIP
+        >>> while not stepper.done:  # doctest: +SKIP
+        ...     for event in stepper.step():
+        ...         print(event.text, end="")
+        """
+        return Stepper(self, self.mode(multi_exit, fused=fused_contrast))
 
     def encode(self, prompt: Prompt, *, chat: bool = False) -> list[int]:
         """Token ids of a prompt (text through the tokenizer, optionally the chat template; ids as given)."""
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise PromptError("the prompt is empty")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise PromptError(f"the prompt is not valid text: {err.reason} at character {err.start} "
+                                  "(a lone surrogate?); pass well-formed Unicode") from None
             if chat:
                 text = render_chat(self._chat_template, prompt, special_tokens=self._special_token_strings())
                 return self.tokenizer.encode(text, add_special_tokens=False).ids
             return self.tokenizer.encode(prompt).ids
-        ids = [int(t) for t in prompt]
+        if isinstance(prompt, (bytes, bytearray, dict)) or not isinstance(prompt, (Sequence, np.ndarray)):
+            raise PromptError(f"a prompt must be a string or a sequence of token ids, not {type(prompt).__name__}; "
+                              "decode bytes to str first")
+        ids = list(prompt)
         if not ids:
             raise PromptError("the prompt has no tokens")
+        wrong = next((t for t in ids if not isinstance(t, numbers.Integral) or isinstance(t, bool)), None)
+        if wrong is not None:
+            raise PromptError(f"token ids must be integers; got {wrong!r} ({type(wrong).__name__})")
+        ids = [int(t) for t in ids]
         bad = [t for t in ids if not 0 <= t < self.manifest.vocab_size]
         if bad:
             raise PromptError(f"token id {bad[0]} is outside the vocabulary 0..{self.manifest.vocab_size - 1}")
@@ -118,6 +147,22 @@ class Generator:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        if prompt_tokens + max_new_tokens > self.manifest.max_positions:
+            raise PromptError(f"prompt ({prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
+                              f"model's maximum positions ({self.manifest.max_positions})")
+
+    def params(self, params: GenerationParams | None, fields: dict[str, Any]) -> GenerationParams:
+        """`params` with `fields` replaced (or `GenerationParams(**fields)`); unknown fields are a typed error."""
+        known = {f.name for f in dataclasses.fields(GenerationParams)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise GenerationParameterError(f"unknown generation parameter(s): {', '.join(unknown)}; known: "
+                                           f"{', '.join(sorted(known))}")
+        if params is not None and not isinstance(params, GenerationParams):
+            raise GenerationParameterError(f"params must be a GenerationParams, not {type(params).__name__}")
+        return dataclasses.replace(params, **fields) if params is not None else GenerationParams(**fields)
 
     def _special_token_strings(self) -> dict[str, str]:
         path = self.bundle_dir / "special_tokens_map.json"
@@ -131,123 +176,36 @@ class Generator:
     def generate(self, prompts: Prompt | Sequence[Prompt], params: GenerationParams | None = None, *,
                  multi_exit: MultiExitConfiguration | None = None, chat: bool = False, fused_contrast: bool = True,
                  **param_fields: Any) -> GenerationResult:
-        """Generate for one prompt or a batch (left-padded; each row stops on its own).
+        """Generate for one prompt or a batch (prefilled together; each row stops on its own).
 
         `multi_exit` picks the mode (default: the original head); `params` or keyword fields of
         `GenerationParams` pick the search (default: greedy, 64 new tokens).
         """
-        return self._generate(prompts, params, multi_exit, chat, fused_contrast, param_fields, on_token=None)
+        params = self.params(params, param_fields)
+        batch = _as_batch(prompts)
+        stepper = self.stepper(multi_exit, fused_contrast=fused_contrast)
+        rows = [stepper.add(p, params, chat=chat) for p in batch]
+        start = time.perf_counter()
+        stamps = []
+        while not stepper.done:
+            stepper.step()
+            stamps.append(time.perf_counter() - start)
+        done = [stepper.row(r) for r in rows]
+        # a row's tokens are chosen at steps 1..n: its timings are those of the longest row
+        timings = Timings(ttft_s=stamps[0], step_s=tuple(np.diff(stamps)))
+        return GenerationResult([r.token_ids for r in done], [r.text for r in done],
+                                [str(r.finish_reason) for r in done], [r.prompt_ids for r in done], timings)
 
     def stream(self, prompt: Prompt, params: GenerationParams | None = None, *,
                multi_exit: MultiExitConfiguration | None = None, chat: bool = False, fused_contrast: bool = True,
                **param_fields: Any) -> Iterator[str]:
-        """Text deltas of one prompt as they are generated; joined, they equal `generate(...).text`."""
-        deltas: queue.Queue = queue.Queue()
-        params = self._params(params, param_fields)
-        decoder = StreamDecoder(self.tokenizer, stop_strings=params.stop_strings)
+        """Text deltas of one prompt as they are generated; joined, they equal `generate(...).text`.
 
-        def work() -> None:
-            try:
-                self._generate([prompt] if isinstance(prompt, str) else [list(prompt)], params, multi_exit, chat,
-                               fused_contrast, {}, on_token=lambda row, token, reason: deltas.put(decoder.push(token)))
-                deltas.put(decoder.flush())
-                deltas.put(None)
-            except BaseException as err:  # re-raised in the consumer's thread
-                deltas.put(err)
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        while True:
-            item = deltas.get()
-            if item is None:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            if item:
-                yield item
-        thread.join()
-
-    def _params(self, params: GenerationParams | None, fields: dict[str, Any]) -> GenerationParams:
-        if params is not None and fields:
-            return dataclasses.replace(params, **fields)
-        try:
-            return params or GenerationParams(**fields)
-        except TypeError as err:
-            raise GenerationParameterError(f"unknown generation parameter: {err}") from None
-
-    def _generate(self, prompts: Any, params: GenerationParams | None, multi_exit: MultiExitConfiguration | None,
-                  chat: bool, fused: bool, fields: dict[str, Any],
-                  on_token: Callable[[int, int, str | None], None] | None) -> GenerationResult:
-        params = self._params(params, fields)
-        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
-        batch = [prompts] if single else list(prompts)
-        if not batch:
-            raise PromptError("no prompts were given")
-        rows = [self.encode(p, chat=chat) for p in batch]
-        longest = max(len(r) for r in rows)
-        if longest + params.max_new_tokens > self.manifest.max_positions:
-            raise PromptError(f"prompt ({longest} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds the "
-                              f"model's maximum positions ({self.manifest.max_positions})")
-        mode = self.mode(multi_exit, fused=fused)
-        return self._decode(rows, params, mode, on_token)
-
-    def _decode(self, rows: list[list[int]], params: GenerationParams, mode: DecodeMode,
-                on_token: Callable[[int, int, str | None], None] | None) -> GenerationResult:
-        session = self.session(mode.graph)
-        batch, width = len(rows), max(len(r) for r in rows)
-        ids = np.full((batch, width), self.pad_token_id, dtype=np.int64)  # (batch, width), left-padded
-        mask = np.zeros((batch, width), dtype=np.int64)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # (batch, width)
-        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
-                                                       else frozenset(self.manifest.eos_token_ids))
-        rng = np.random.default_rng(params.seed)
-        generated: list[list[int]] = [[] for _ in rows]
-        reasons: list[str | None] = [None] * batch
-        cache = KVCache(self.manifest.kv_cache, batch)
-        start = time.perf_counter()
-        stamps = []
-        out = session.step(ids, mask, positions, cache)
-        next_position = positions[:, -1:] + 1  # (batch, 1)
-        while True:
-            tokens = self._choose(mode.scores(out), rows, generated, params, rng)  # (batch,)
-            stamps.append(time.perf_counter() - start)
-            for i in range(batch):
-                if reasons[i] is not None:
-                    continue
-                token = int(tokens[i])
-                generated[i].append(token)
-                text = self.decode(generated[i]) if params.stop_strings else None
-                reasons[i] = finish_reason(token, len(generated[i]), stop_ids=stop_ids, text=text,
-                                           max_new_tokens=params.max_new_tokens, stop_strings=params.stop_strings)
-                if on_token is not None:
-                    on_token(i, token, reasons[i])
-            if all(r is not None for r in reasons):
-                break
-            step = np.where([r is None for r in reasons], tokens, self.pad_token_id)[:, None].astype(np.int64)
-            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)  # (batch, past + 1)
-            out = session.step(step, mask, next_position, cache)
-            next_position = next_position + 1
-        texts = [self._final_text(g, params.stop_strings) for g in generated]
-        timings = Timings(ttft_s=stamps[0], step_s=tuple(np.diff(stamps)))
-        return GenerationResult(generated, texts, [str(r) for r in reasons], rows, timings)
-
-    @staticmethod
-    def _choose(scores: np.ndarray, rows: list[list[int]], generated: list[list[int]], params: GenerationParams,
-                rng: np.random.Generator) -> np.ndarray:
-        if params.repetition_penalty != 1.0:
-            seen = [np.asarray(r + g, dtype=np.int64) for r, g in zip(rows, generated, strict=True)]
-            scores = sampling.apply_repetition_penalty(scores, seen, params.repetition_penalty)
-        if not params.do_sample:
-            return sampling.greedy(scores)
-        warped = sampling.warp(scores, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
-        return sampling.sample(warped, rng)
-
-    def _final_text(self, ids: list[int], stop_strings: tuple[str, ...]) -> str:
-        text = self.decode(ids)
-        at = stop_string_cut(text, stop_strings) if stop_strings else None
-        return text if at is None else text[:at]
+        A plain generator in the caller's thread: `break` (or `close()`) stops the computation at once.
+        """
+        stepper = self.stepper(multi_exit, fused_contrast=fused_contrast)
+        stepper.add(prompt, self.params(params, param_fields), chat=chat)
+        return _deltas(stepper)
 
     # -- scoring ------------------------------------------------------------------------------
 
@@ -257,7 +215,9 @@ class Generator:
         Runs the bundle's score graph (right-padded batch; causal attention keeps pads out of
         real positions). Memory grows with batch * seq * exits * vocab: batch long texts in chunks.
         """
-        rows = [self.encode(list(t)) for t in token_ids]
+        if isinstance(token_ids, (str, bytes)) or len(token_ids) == 0:
+            raise PromptError("no sequences to score: pass a non-empty list of token-id lists")
+        rows = [self.encode(t) for t in token_ids]
         longest = max(len(r) for r in rows)
         if longest > self.manifest.max_positions:
             raise PromptError(f"a sequence of {longest} tokens exceeds the model's maximum positions "
@@ -275,3 +235,23 @@ class Generator:
         out = self.session(graph).step(ids, mask, positions, None)  # (batch, seq, n_exits, vocab)
         picked = out.exit_logits[:, :, [graph.exit_position(n) for n in names], :]
         return [picked[i, :len(row)] for i, row in enumerate(rows)]
+
+
+def _as_batch(prompts: Any) -> list[Any]:
+    """One prompt (text or ids) as a batch of one; a list of prompts as it is."""
+    if isinstance(prompts, str) or (isinstance(prompts, (Sequence, np.ndarray)) and len(prompts) > 0
+                                    and isinstance(prompts[0], numbers.Integral)):
+        return [prompts]
+    if prompts is None or isinstance(prompts, (bytes, bytearray, dict)) or not isinstance(prompts, Sequence):
+        raise PromptError(f"prompts must be a string, a list of token ids, or a list of those; "
+                          f"not {type(prompts).__name__}")
+    if not prompts:
+        raise PromptError("no prompts were given")
+    return list(prompts)
+
+
+def _deltas(stepper: Stepper) -> Iterator[str]:
+    while not stepper.done:
+        for event in stepper.step():
+            if event.text:
+                yield event.text

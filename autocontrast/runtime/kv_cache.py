@@ -1,13 +1,18 @@
-"""The KV cache of one generation call: what each decode step feeds back as its past.
+"""The KV cache of a running batch: what each decode step feeds back as its past.
 
-The exported graphs concatenate past and new keys/values inside the graph (an attention without a
-shared past/present buffer), so the cache here holds ONNX Runtime's own present outputs and binds
-them as the next step's past with IO binding: no copy to NumPy and back, no per-step host
-allocation, and on CUDA the cache never leaves the device. Only a rewind copies.
+The exported graphs concatenate past and new keys/values inside the graph, so between steps the
+cache holds ONNX Runtime's own present outputs and binds them as the next step's past with IO
+binding: no copy to NumPy and back, no per-step host allocation, and on CUDA the cache never
+leaves the device. Reshaping the batch (rows joining, leaving, rewinding) copies, through the host:
+that happens between steps, once per change, never per token.
+
+Rows are left-aligned to a common width: row `i`'s entries sit in the columns where the batch's
+attention mask is 1; every other column is padding that attention never reads.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,7 +24,7 @@ from autocontrast.bundle import KVCacheSpec
 class KVCache:
     """Past keys/values of every layer, in graph input order: key then value of layer 0, 1, ...
 
-    Each entry is (batch, kv_heads, past, head_dim), a NumPy array (empty past, after a rewind) or
+    Each entry is (batch, kv_heads, past, head_dim), a NumPy array (a fresh or reshaped cache) or
     an `OrtValue` produced by the previous step (on the session's device).
     """
 
@@ -28,7 +33,7 @@ class KVCache:
         self.batch = batch
         empty = np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype=np.dtype(spec.dtype))
         self._values: list[Any] = [empty] * (2 * spec.num_layers)
-        self.length = 0
+        self.length = 0  # columns of past (the batch's common width)
 
     @property
     def input_names(self) -> list[str]:
@@ -50,12 +55,39 @@ class KVCache:
         self._values = list(present)
         self.length += new_tokens
 
+    def arrays(self) -> list[np.ndarray]:
+        """Every entry as a host array: [(batch, kv_heads, past, head_dim)] in graph order (copies from a device)."""
+        return [_to_numpy(v) for v in self._values]
+
     def rewind_to(self, length: int) -> None:
-        """Forget everything after the first `length` positions (copies, to host)."""
+        """Forget every column after the first `length` (copies, to host)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot rewind a cache of length {self.length} to {length}")
-        self._values = [np.ascontiguousarray(_to_numpy(v)[:, :, :length, :]) for v in self._values]
+        self._set([a[:, :, :length, :] for a in self.arrays()], length)
+
+    def select(self, rows: Sequence[int], *, first_column: int = 0) -> None:
+        """Keep only `rows` (in that order) and the columns from `first_column` on (copies, to host)."""
+        index = np.asarray(rows, dtype=np.int64)
+        self._set([a[index, :, first_column:, :] for a in self.arrays()], self.length - first_column)
+        self.batch = len(index)
+
+    def append_rows(self, other: KVCache) -> None:
+        """Add `other`'s rows after this cache's, both right-aligned to the wider past (copies, to host)."""
+        width = max(self.length, other.length)
+        mine, theirs = (_left_pad(c.arrays(), width - c.length) for c in (self, other))
+        self._set([np.concatenate([a, b], axis=0) for a, b in zip(mine, theirs, strict=True)], width)
+        self.batch += other.batch
+
+    def _set(self, arrays: list[np.ndarray], length: int) -> None:
+        self._values = [np.ascontiguousarray(a) for a in arrays]
         self.length = length
+
+
+def _left_pad(arrays: list[np.ndarray], columns: int) -> list[np.ndarray]:
+    """Zero columns before the past: (batch, kv_heads, past, head_dim) -> (batch, kv_heads, columns + past, head_dim)."""
+    if columns == 0:
+        return arrays
+    return [np.pad(a, ((0, 0), (0, 0), (columns, 0), (0, 0))) for a in arrays]
 
 
 def _to_numpy(value: Any) -> np.ndarray:

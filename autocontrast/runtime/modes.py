@@ -4,20 +4,20 @@ The same configuration that drives the PyTorch models drives the runtime: the or
 exit, or the contrast of two exits. The graph's fused contrast is used when it is exactly the
 contrast asked for; otherwise the NumPy contrast (or a custom function) runs on the raw exit logits.
 In the shared projection modes the top exit and 'original' are the same logits, so either name
-finds a graph that has the other.
+finds a graph that has the other. `DecodeMode.scores` is the one function from exit logits to a
+mode's scores: the decode loop, scoring and the lm-eval adapter all use it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from autocontrast.bundle import DECODE, GraphSpec, Manifest
 from autocontrast.config import ORIGINAL, Exit, MultiExitConfiguration, check_exit_in_range
-from autocontrast.errors import BundleError, UnknownExitError
+from autocontrast.errors import ConfigurationError, ContrastFunctionError, UnknownExitError
 from autocontrast.runtime.contrast import contrast_scores
 from autocontrast.runtime.session import StepOutput
 
@@ -32,21 +32,28 @@ def exit_aliases(manifest: Manifest, exit_: Exit) -> tuple[Exit, ...]:
     return (exit_,)
 
 
+def _names_on(manifest: Manifest, graph: GraphSpec, exits: tuple[Exit, ...]) -> tuple[Exit, ...] | None:
+    """The names under which `graph` returns `exits` (aliases resolved), or None if it lacks one."""
+    names = []
+    for exit_ in exits:
+        found = next((a for a in exit_aliases(manifest, exit_) if a in graph.exits), None)
+        if found is None:
+            return None
+        names.append(found)
+    return tuple(names)
+
+
 def graph_with_exits(manifest: Manifest, exits: tuple[Exit, ...], *,
                      kind: str) -> tuple[GraphSpec, tuple[Exit, ...]] | None:
     """The cheapest graph of `kind` returning `exits` (under any alias), with the names it uses; None if none."""
-    candidates = []
-    for names in itertools.product(*(exit_aliases(manifest, e) for e in exits)):
-        try:
-            candidates.append((manifest.graph_for_exits(names, kind=kind), names))
-        except BundleError:
-            continue
+    candidates = [(g, names) for g in manifest.graphs if g.kind == kind
+                  and (names := _names_on(manifest, g, exits)) is not None]
     return min(candidates, key=lambda c: (len(c[0].exits), c[0].contrast is not None), default=None)
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeMode:
-    """A resolved mode: the graph to run and how to turn its outputs into (batch, vocab) scores."""
+    """A resolved mode: the graph to run and how to turn its outputs into scores."""
 
     graph: GraphSpec
     name: str  # 'original', 'exit' or 'contrast'
@@ -57,36 +64,85 @@ class DecodeMode:
     contrast_function: ContrastFunction | None = None
 
     def scores(self, out: StepOutput) -> np.ndarray:
-        """(batch, vocab) scores of the last position."""
+        """(..., vocab) scores from (..., n_exits, vocab) exit logits (decode: (batch, vocab))."""
         if self.name != "contrast":
-            return out.exit_logits[:, self.positions[0], :]
+            return out.exit_logits[..., self.positions[0], :]
         if self.fused:
             return out.contrast
-        upper = out.exit_logits[:, self.positions[0], :]  # (batch, vocab)
-        lower = out.exit_logits[:, self.positions[1], :]
+        upper = out.exit_logits[..., self.positions[0], :]  # (..., vocab)
+        lower = out.exit_logits[..., self.positions[1], :]
         if self.contrast_function is not None:
-            return np.asarray(self.contrast_function(upper, lower))
+            return checked_scores(self.contrast_function(upper, lower), upper.shape, self.contrast_function)
         return contrast_scores(upper, lower, alpha=self.alpha, minimum_candidates=self.minimum_candidates)
 
 
-def resolve_mode(manifest: Manifest, config: MultiExitConfiguration, *, fused: bool = True) -> DecodeMode:
-    """The cheapest decode graph serving `config`; raises `UnknownExitError` for exits the bundle lacks."""
-    wanted = config.required_exits
-    for exit_ in wanted:
+def checked_scores(result: object, shape: tuple[int, ...], function: Callable) -> np.ndarray:
+    """A user function's scores, refused unless they are a float array of `shape` with a finite value per row."""
+    name = getattr(function, "__qualname__", None) or repr(function)
+    try:
+        scores = np.asarray(result)
+    except Exception:  # noqa: BLE001 - any object a user function returns
+        scores = np.asarray(None)
+    if scores.shape != tuple(shape) or not np.issubdtype(scores.dtype, np.floating):
+        raise ContrastFunctionError(
+            f"{name} returned {type(result).__name__} of shape {getattr(scores, 'shape', None)} and dtype "
+            f"{scores.dtype}; it must return float scores of shape {tuple(shape)} (one row of vocab scores per row)")
+    with np.errstate(invalid="ignore"):
+        finite = np.isfinite(scores).any(axis=-1)
+    if not finite.all():
+        raise ContrastFunctionError(f"{name} returned a row with no finite score (all NaN or -inf); every row must "
+                                    "keep at least one token possible")
+    return scores
+
+
+def _check_config(manifest: Manifest, config: MultiExitConfiguration) -> None:
+    for exit_ in config.required_exits:
         check_exit_in_range(exit_, manifest.num_layers)
-    if config.mode == "contrast" and fused and config.contrast_function is None:
-        upper, lower = wanted
-        for u, lo in itertools.product(exit_aliases(manifest, upper), exit_aliases(manifest, lower)):
-            graph = manifest.fused_graph(u, lo, config.alpha, config.minimum_candidates)
-            if graph is not None:
-                return DecodeMode(graph, "contrast", (graph.exit_position(u), graph.exit_position(lo)), fused=True,
-                                  alpha=config.alpha, minimum_candidates=config.minimum_candidates)
-    found = graph_with_exits(manifest, wanted, kind=DECODE)
-    if found is None:
-        have = ", ".join(str(e) for e in manifest.exits)
-        raise UnknownExitError(f"this bundle cannot decode with exit(s) {', '.join(map(str, wanted))}: its "
-                               f"decode graphs return {have}; re-export with --exits including them")
-    graph, names = found
+    if config.mode == "contrast":
+        upper, lower = config.required_exits
+        if lower in exit_aliases(manifest, upper):
+            raise ConfigurationError(
+                f"contrast exits {upper} and {lower} are the same logits in this {manifest.projection_mode} bundle "
+                "(the top exit is the model's own head): the contrast would be uniform; contrast with a lower exit")
+        if config.minimum_candidates > manifest.vocab_size:
+            raise ConfigurationError(f"minimum_candidates ({config.minimum_candidates}) exceeds the vocabulary size "
+                                     f"({manifest.vocab_size})")
+
+
+def mode_on_graph(manifest: Manifest, config: MultiExitConfiguration, graph: GraphSpec, *,
+                  fused: bool = True) -> DecodeMode | None:
+    """`config` as a mode on `graph` (its fused contrast when it is exactly this one), or None if it cannot."""
+    _check_config(manifest, config)
+    wanted = config.required_exits
+    names = _names_on(manifest, graph, wanted)
+    if names is None:
+        return None
+    c = graph.contrast
+    if (config.mode == "contrast" and fused and config.contrast_function is None and c is not None
+            and c.upper in exit_aliases(manifest, wanted[0]) and c.lower in exit_aliases(manifest, wanted[1])
+            and c.minimum_candidates == config.minimum_candidates and abs(c.alpha - config.alpha) <= 1e-12):
+        return DecodeMode(graph, "contrast", (graph.exit_position(c.upper), graph.exit_position(c.lower)), fused=True,
+                          alpha=config.alpha, minimum_candidates=config.minimum_candidates)
     return DecodeMode(graph, config.mode, tuple(graph.exit_position(n) for n in names),
                       alpha=config.alpha, minimum_candidates=config.minimum_candidates,
                       contrast_function=config.contrast_function)
+
+
+def resolve_mode(manifest: Manifest, config: MultiExitConfiguration, *, fused: bool = True,
+                 kind: str = DECODE, graphs: Sequence[GraphSpec] | None = None) -> DecodeMode:
+    """The cheapest graph of `kind` serving `config` (a fused contrast first); `UnknownExitError` if none."""
+    _check_config(manifest, config)
+    candidates = [g for g in (manifest.graphs if graphs is None else graphs) if g.kind == kind]
+    modes = [m for g in candidates if (m := mode_on_graph(manifest, config, g, fused=fused)) is not None]
+    if modes:
+        return min(modes, key=lambda m: (not m.fused, len(m.graph.exits), m.graph.contrast is not None))
+    wanted = config.required_exits
+    have = {str(e) for g in candidates for e in g.exits}
+    lacking = [str(e) for e in wanted if not any(str(a) in have for a in exit_aliases(manifest, e))]
+    if lacking:
+        raise UnknownExitError(f"this bundle has no {kind} graph returning exit(s) {', '.join(lacking)} (its {kind} "
+                               f"graphs return {', '.join(sorted(have)) or 'nothing'}); re-export with --exits "
+                               f"including {', '.join(map(str, wanted))}")
+    raise UnknownExitError(f"no single {kind} graph of this bundle returns both exits {', '.join(map(str, wanted))} "
+                           f"(they are in different graphs); re-export with --exits {','.join(map(str, wanted))} so "
+                           "one graph returns both")

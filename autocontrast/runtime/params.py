@@ -7,13 +7,34 @@ True
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+from collections.abc import Callable
+
+import numpy as np
 
 from autocontrast.errors import GenerationParameterError
+
+# (token_ids (seq,) int64: the row's prompt and generated ids, scores (vocab,)) -> scores (vocab,)
+LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationParams:
-    """How to search. `temperature=0` (the default) or `do_sample=False` is greedy."""
+    """How to search. `temperature=0` (the default) is greedy.
+
+    `min_new_tokens`: end-of-sequence (and `stop_token_ids`) suppressed until that many tokens.
+    `logits_processors`: callables `(token_ids, scores) -> scores` applied in order to each row's
+    scores after the repetition penalty and before temperature/top-k/top-p, as in HF `generate()`.
+    """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -24,12 +45,22 @@ class GenerationParams:
     stop_token_ids: tuple[int, ...] = ()  # added to the bundle's end-of-sequence ids
     stop_strings: tuple[str, ...] = ()
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    min_new_tokens: int = 0
+    logits_processors: tuple[LogitsProcessor, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        self._normalise_sequences()
+        for name in ("max_new_tokens", "top_k", "min_new_tokens"):
+            if not _is_int(getattr(self, name)):
+                raise GenerationParameterError(f"{name} ({getattr(self, name)!r}) must be an integer")
+        if self.max_new_tokens < 1:
             raise GenerationParameterError(f"max_new_tokens ({self.max_new_tokens}) must be a positive integer")
+        if self.min_new_tokens < 0:
+            raise GenerationParameterError(f"min_new_tokens ({self.min_new_tokens}) must be >= 0")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value):
+                raise GenerationParameterError(f"{name} ({value!r}) must be a finite number")
         if self.temperature < 0:
             raise GenerationParameterError(f"temperature ({self.temperature}) must be >= 0 (0 is greedy)")
         if not 0.0 < self.top_p <= 1.0:
@@ -38,7 +69,34 @@ class GenerationParams:
             raise GenerationParameterError(f"top_k ({self.top_k}) must be >= 0 (0 disables it)")
         if self.repetition_penalty <= 0:
             raise GenerationParameterError(f"repetition_penalty ({self.repetition_penalty}) must be > 0")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise GenerationParameterError(f"seed ({self.seed!r}) must be a non-negative integer or None")
+        for processor in self.logits_processors:
+            if not callable(processor):
+                raise GenerationParameterError(f"logits_processors must be callables (token_ids, scores) -> scores; "
+                                               f"got {processor!r}")
+
+    def _normalise_sequences(self) -> None:
+        stop_strings = self.stop_strings
+        if isinstance(stop_strings, str):  # one plain string is one stop string, not its characters
+            stop_strings = (stop_strings,)
+        if not all(isinstance(s, str) for s in stop_strings):
+            raise GenerationParameterError(f"stop_strings ({stop_strings!r}) must be strings")
+        ids = self.stop_token_ids
+        if isinstance(ids, (str, bytes)) or not all(_is_int(t) for t in ids):
+            raise GenerationParameterError(f"stop_token_ids ({ids!r}) must be integer token ids")
+        processors = self.logits_processors
+        object.__setattr__(self, "stop_strings", tuple(stop_strings))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
+        object.__setattr__(self, "logits_processors", (processors,) if callable(processors) else tuple(processors))
 
     @property
     def do_sample(self) -> bool:
         return self.temperature > 0
+
+    def check_vocabulary(self, vocab_size: int) -> None:
+        """Stop ids must be tokens of the model's vocabulary."""
+        bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise GenerationParameterError(f"stop_token_ids contains {bad[0]}, outside the vocabulary "
+                                           f"0..{vocab_size - 1}")

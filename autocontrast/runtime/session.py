@@ -1,20 +1,22 @@
 """One ONNX Runtime session over one graph of a bundle: token ids in, exit logits out.
 
-A session knows nothing about sampling; the generator knows nothing about ONNX Runtime. Sessions
-are safe to share between threads (ORT's `run` is); everything per call lives in the `KVCache`
-and the IO binding created for that step.
+A session knows nothing about sampling; the stepping engine knows nothing about ONNX Runtime.
+Sessions are safe to share between threads (ORT's `run` is); everything per batch lives in the
+`KVCache` and the IO binding created for that step.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from autocontrast.bundle import DECODE, GraphSpec, Manifest
-from autocontrast.errors import BundleError
+from autocontrast.bundle import DECODE, EXITS_METADATA_KEY, GraphSpec, KVCacheSpec, Manifest, exits_metadata
+from autocontrast.errors import BundleError, InferenceError
 from autocontrast.runtime.kv_cache import KVCache
 from autocontrast.runtime.providers import check_session_providers, output_device, resolve_providers
 
@@ -26,22 +28,34 @@ class StepOutput:
     exit_logits: np.ndarray  # (batch, n_exits, vocab) decode; (batch, seq, n_exits, vocab) score
     contrast: np.ndarray | None  # (batch, vocab) decode; (batch, seq, vocab) score; None without fusion
 
+    def rows(self, index: np.ndarray | slice) -> StepOutput:
+        """The outputs of some rows of the batch."""
+        return StepOutput(self.exit_logits[index], None if self.contrast is None else self.contrast[index])
+
+    @staticmethod
+    def concat(parts: list[StepOutput]) -> StepOutput:
+        """Outputs of several runs, rows one after another."""
+        if len(parts) == 1:
+            return parts[0]
+        contrast = None if parts[0].contrast is None else np.concatenate([p.contrast for p in parts])
+        return StepOutput(np.concatenate([p.exit_logits for p in parts]), contrast)
+
 
 class ExitSession:
-    """`ExitSession(bundle_dir, manifest, graph, provider="cpu")`; `.step(...)` runs one forward."""
+    """`ExitSession(graph_dir, graph, kv=..., vocab_size=...)`; `.step(...)` runs one forward.
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest, graph: GraphSpec, *, provider: str = "cpu",
-                 device_id: int = 0, threads: int | None = None) -> None:
-        self.graph = graph
-        self.manifest = manifest
-        self.provider = provider
-        trt = (manifest.variant.get("tensorrt") or {}).get("provider_options", {}).get(graph.name)
-        providers = resolve_providers(provider, device_id=device_id, trt_options=trt, bundle_dir=bundle_dir)
+    `open_session(bundle_dir, manifest, graph)` builds one from a bundle's manifest.
+    """
+
+    def __init__(self, graph_dir: Path, graph: GraphSpec, *, kv: KVCacheSpec, vocab_size: int, provider: str = "cpu",
+                 device_id: int = 0, threads: int | None = None, trt_options: dict[str, Any] | None = None) -> None:
+        self.graph, self.kv, self.vocab_size, self.provider = graph, kv, vocab_size, provider
+        providers = resolve_providers(provider, device_id=device_id, trt_options=trt_options, bundle_dir=graph_dir)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        path = bundle_dir / graph.file
+        path = Path(graph_dir) / graph.file
         try:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as err:  # ORT raises its own exception types; name the file and the cause
@@ -52,14 +66,14 @@ class ExitSession:
         self._check_signature()
 
     def _check_signature(self) -> None:
-        """The graph must have the inputs and outputs the manifest promises."""
+        """The graph must have the inputs, outputs and exits the manifest promises."""
         inputs = {i.name for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
         want_in = set(TOKEN_INPUTS)
         want_out = {self.graph.logits_output}
         if self.graph.kind == DECODE:
-            want_in |= set(self.manifest.kv_cache.past_names())
-            want_out |= set(self.manifest.kv_cache.present_names())
+            want_in |= set(self.kv.past_names())
+            want_out |= set(self.kv.present_names())
         if self.graph.contrast is not None:
             want_out.add(self.graph.contrast.output)
         missing = sorted(want_in - inputs) + sorted(want_out - outputs)
@@ -68,9 +82,14 @@ class ExitSession:
                               f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}; re-export the bundle")
         logits = next(o for o in self.session.get_outputs() if o.name == self.graph.logits_output)
         vocab = logits.shape[-1]
-        if isinstance(vocab, int) and vocab != self.manifest.vocab_size:
+        if isinstance(vocab, int) and vocab != self.vocab_size:
             raise BundleError(f"graph {self.graph.file} returns {vocab} logits per token but the manifest says "
-                              f"vocab_size {self.manifest.vocab_size}")
+                              f"vocab_size {self.vocab_size}")
+        recorded = self.session.get_modelmeta().custom_metadata_map.get(EXITS_METADATA_KEY)
+        if recorded is not None and recorded != exits_metadata(self.graph.exits):
+            raise BundleError(f"bundle manifest does not match graph {self.graph.file}: the manifest says it returns "
+                              f"exits {[str(e) for e in self.graph.exits]}, the graph returns {json.loads(recorded)}; "
+                              "re-export the bundle (or restore its manifest.json)")
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
              cache: KVCache | None) -> StepOutput:
@@ -91,9 +110,21 @@ class ExitSession:
             cache.bind_inputs(binding)
             for name in cache.output_names:
                 binding.bind_output(name, self.device, device_id=self._device_id)
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as err:  # ORT's own exception types: name the graph and the inputs' shapes
+            raise InferenceError(f"onnxruntime failed running graph {self.graph.name!r} on input_ids "
+                                 f"{tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)}: {err}") from None
         outputs = binding.get_outputs()
         if cache is not None:
             cache.update(outputs[len(names):], input_ids.shape[1])
         contrast = outputs[1].numpy() if self.graph.contrast is not None else None
         return StepOutput(exit_logits=outputs[0].numpy(), contrast=contrast)
+
+
+def open_session(bundle_dir: Path, manifest: Manifest, graph: GraphSpec, *, provider: str = "cpu",
+                 device_id: int = 0, threads: int | None = None) -> ExitSession:
+    """The session of one graph of a bundle, with the bundle's recorded TensorRT options."""
+    trt = (manifest.variant.get("tensorrt") or {}).get("provider_options", {}).get(graph.name)
+    return ExitSession(bundle_dir, graph, kv=manifest.kv_cache, vocab_size=manifest.vocab_size, provider=provider,
+                       device_id=device_id, threads=threads, trt_options=trt)

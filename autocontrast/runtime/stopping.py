@@ -5,18 +5,18 @@ from __future__ import annotations
 EOS, STOP_STRING, LENGTH = "eos", "stop_string", "length"
 
 
-def stop_string_cut(text: str, stop_strings: tuple[str, ...]) -> int | None:
-    """Index where the earliest stop string starts in `text`, or None."""
-    hits = [i for i in (text.find(s) for s in stop_strings if s) if i >= 0]
+def stop_string_cut(text: str, stop_strings: tuple[str, ...], *, start: int = 0) -> int | None:
+    """Index where the earliest stop string starts in `text` (searching from `start`), or None."""
+    hits = [i for i in (text.find(s, start) for s in stop_strings if s) if i >= 0]
     return min(hits) if hits else None
 
 
 def finish_reason(token: int, generated: int, *, stop_ids: frozenset[int], max_new_tokens: int,
-                  text: str | None = None, stop_strings: tuple[str, ...] = ()) -> str | None:
+                  stop_string_hit: bool = False) -> str | None:
     """Why a row stops after emitting `token` as its `generated`-th token (None: it goes on)."""
     if token in stop_ids:
         return EOS
-    if text is not None and stop_strings and stop_string_cut(text, stop_strings) is not None:
+    if stop_string_hit:
         return STOP_STRING
     if generated >= max_new_tokens:
         return LENGTH

@@ -44,7 +44,7 @@ def test_exit_outside_the_model(llama_generator):
 def test_contrast_of_exits_the_bundle_lacks(tiny_bundle):
     # the bundle exports exits 1..4 (and original): exit 0, the embeddings, is not in it
     generator = Generator(tiny_bundle("llama", "SHARED_PROJECTION_DIRECT", fuse_contrast=(3, 1)))
-    with pytest.raises(UnknownExitError, match="cannot decode with exit"):
+    with pytest.raises(UnknownExitError, match="no decode graph returning exit"):
         generator.generate("Hi", multi_exit=MultiExitConfiguration(use_original_head=False,
                                                                    contrast_layer_indices=(3, 0)))
 

@@ -53,8 +53,34 @@ def test_stop_string_cut_finds_the_earliest():
     assert stop_string_cut("nothing here", ("###",)) is None
 
 
-@pytest.mark.parametrize("token,count,text,expected", [
-    (2, 1, "x", EOS), (5, 1, "a###", STOP_STRING), (5, 4, "abc", LENGTH), (5, 3, "abc", None)])
-def test_finish_reason(token, count, text, expected):
-    assert finish_reason(token, count, stop_ids=frozenset({2}), max_new_tokens=4, text=text,
-                         stop_strings=("###",)) == expected
+@pytest.mark.parametrize("token,count,hit,expected", [
+    (2, 1, False, EOS), (5, 1, True, STOP_STRING), (2, 1, True, EOS), (5, 4, False, LENGTH), (5, 3, False, None)])
+def test_finish_reason(token, count, hit, expected):
+    assert finish_reason(token, count, stop_ids=frozenset({2}), max_new_tokens=4, stop_string_hit=hit) == expected
+
+
+def test_stop_string_spanning_tokens_is_found_incrementally(tokenizer):
+    text = "alpha beta gamma delta"
+    ids = tokenizer.encode(text).ids
+    decoder = StreamDecoder(tokenizer, stop_strings=("ta gam",))
+    hit_after = next(i for i, t in enumerate(ids) if (decoder.push(t), decoder.stop_at)[1] is not None)
+    assert decoder.stop_at == text.find("ta gam")
+    assert tokenizer.decode(ids[:hit_after + 1]).find("ta gam") >= 0  # found at the first token that completes it
+    assert tokenizer.decode(ids[:hit_after]).find("ta gam") < 0
+
+
+def test_decoding_cost_is_linear_in_the_output(tokenizer):
+    # each push decodes a window of a few ids, never the whole output
+    decoded: list[int] = []
+
+    class Counting:
+        def decode(self, ids, skip_special_tokens=True):
+            decoded.append(len(ids))
+            return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    ids = tokenizer.encode("word " * 400).ids
+    decoder = StreamDecoder(Counting(), stop_strings=("never",))
+    for t in ids:
+        decoder.push(t)
+    assert max(decoded) <= 4
+    assert decoder.text == tokenizer.decode(ids)

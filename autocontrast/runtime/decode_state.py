@@ -1,0 +1,103 @@
+"""`DecodeState`: a running batch over one decode graph: KV cache, attention mask, positions per row.
+
+The one place an ONNX decode loop is driven: the stepping engine, export validation and the int8
+agreement check all feed tokens through it. It knows nothing about modes or sampling: rows go in
+as token ids, exit logits come out. Rows may join (`extend`) and leave (`keep`) between steps, and
+each row may be rewound on its own (`rewind_row`), so a serving scheduler can run one shared batch.
+
+Layout: the rows share the cache's columns; row `i` owns the columns where `mask[i]` is 1. A row
+that joins is prefilled alone (with the other joiners) and its cache is right-aligned against the
+batch's; a rewound row's dropped columns are masked out, and columns no row uses are trimmed.
+
+>>> state = DecodeState(session, pad_token_id=0)  # doctest: +SKIP
+>>> out = state.extend([[1, 2, 3], [4, 5]])       # prefill two rows: exit logits (2, n_exits, vocab)
+>>> out = state.advance(np.array([7, 8]))         # one token per row
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from autocontrast.runtime.kv_cache import KVCache
+from autocontrast.runtime.session import ExitSession, StepOutput
+
+
+class DecodeState:
+    """The batch state of one decode graph. Not thread-safe: one driver at a time."""
+
+    def __init__(self, session: ExitSession, *, pad_token_id: int = 0) -> None:
+        self.session = session
+        self.pad_token_id = pad_token_id
+        self.cache = KVCache(session.kv, 0)
+        self.mask = np.zeros((0, 0), dtype=np.int64)  # (batch, past): 1 where a row has a cache entry
+        self.next_position = np.zeros((0,), dtype=np.int64)  # (batch,): position of each row's next token
+
+    @property
+    def batch(self) -> int:
+        return self.mask.shape[0]
+
+    def lengths(self) -> np.ndarray:
+        """(batch,) tokens in each row's cache."""
+        return self.mask.sum(axis=1)
+
+    def extend(self, rows: Sequence[Sequence[int]]) -> StepOutput:
+        """Prefill `rows` (prompts, left-padded together) and add them after the batch's rows.
+
+        Returns the new rows' outputs only: (len(rows), n_exits, vocab).
+        """
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)  # (new, width), left-padded
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # (new, width)
+        cache = KVCache(self.session.kv, len(rows))
+        out = self.session.step(ids, mask, positions, cache)
+        if self.batch == 0:
+            self.cache, self.mask = cache, mask
+        else:
+            self.cache.append_rows(cache)
+            columns = max(self.mask.shape[1], width)
+            self.mask = np.concatenate([_left_pad(self.mask, columns), _left_pad(mask, columns)])
+        self.next_position = np.concatenate([self.next_position, positions[:, -1] + 1])
+        return out
+
+    def advance(self, tokens: np.ndarray) -> StepOutput:
+        """Feed one token per row: tokens (batch,) int. Returns (batch, n_exits, vocab) outputs."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(self.batch, 1)  # (batch, 1)
+        mask = np.concatenate([self.mask, np.ones((self.batch, 1), dtype=np.int64)], axis=1)  # (batch, past + 1)
+        out = self.session.step(tokens, mask, self.next_position[:, None], self.cache)
+        self.mask = mask
+        self.next_position = self.next_position + 1
+        return out
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only `rows` (indices into the batch, in that order); columns no kept row uses are dropped."""
+        index = np.asarray(rows, dtype=np.int64)
+        mask = self.mask[index]
+        used = np.flatnonzero(mask.any(axis=0))
+        first = int(used[0]) if used.size else mask.shape[1]
+        self.cache.select(index, first_column=first)
+        self.mask = np.ascontiguousarray(mask[:, first:])
+        self.next_position = self.next_position[index]
+
+    def rewind_row(self, row: int, length: int) -> None:
+        """Keep the first `length` cache entries of `row` (its next token goes at position `length`)."""
+        have = int(self.mask[row].sum())
+        if not 0 <= length <= have:
+            raise ValueError(f"cannot rewind a row of {have} cached tokens to {length}")
+        columns = np.flatnonzero(self.mask[row])
+        self.mask[row, columns[length:]] = 0
+        self.next_position[row] = length
+        used = np.flatnonzero(self.mask.any(axis=0))
+        last = int(used[-1]) + 1 if used.size else 0
+        if last < self.mask.shape[1]:  # trailing columns nobody uses: trim them
+            self.cache.rewind_to(last)
+            self.mask = np.ascontiguousarray(self.mask[:, :last])
+
+
+def _left_pad(mask: np.ndarray, columns: int) -> np.ndarray:
+    """(batch, past) -> (batch, columns): zeros before."""
+    return np.pad(mask, ((0, 0), (columns - mask.shape[1], 0)))

@@ -1,0 +1,279 @@
+"""`Stepper`: the open decode loop. The caller drives it; `generate`, `stream` and the server all do.
+
+Modelled on onnxruntime-genai's `Generator`: add prompts, `step()` to give every running row one
+more token, ask whether it is `done`, `rewind_to` a length, and read the step's logits of every
+exit and the scores of each row's mode. Rows have their own generation parameters, mode (on the
+stepper's graph), random generator and stop rules; each finishes on its own, and rows may be
+added or dropped between any two steps (continuous batching).
+
+>>> from autocontrast.config import MultiExitConfiguration
+>>> from autocontrast.runtime import Generator
+>>> gen = Generator("smollm2-acd")  # doctest: +SKIP
+>>> stepper = gen.stepper(MultiExitConfiguration(use_original_head=False, contrast_layer_indices=(30, 15)))
+>>> row = stepper.add("The history of Paris", max_new_tokens=8)  # doctest: +SKIP
+>>> while not stepper.done:  # doctest: +SKIP
+...     stepper.step()
+...     upper, lower = stepper.exit_logits(row, 30), stepper.exit_logits(row, 15)  # (vocab,) each
+>>> stepper.row(row).text  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from autocontrast.config import Exit, MultiExitConfiguration
+from autocontrast.errors import GenerationParameterError, RowError, UnknownExitError
+from autocontrast.runtime import sampling
+from autocontrast.runtime.decode_state import DecodeState
+from autocontrast.runtime.detokenizer import StreamDecoder
+from autocontrast.runtime.modes import DecodeMode, checked_scores, exit_aliases, mode_on_graph
+from autocontrast.runtime.params import GenerationParams
+from autocontrast.runtime.session import StepOutput
+from autocontrast.runtime.stopping import finish_reason
+
+if TYPE_CHECKING:
+    from autocontrast.runtime.generator import Generator, Prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    """One row's new token after a step."""
+
+    row: int
+    token: int
+    text: str  # the new text (whole characters, held back before a possible stop string; may be '')
+    finish_reason: str | None  # 'eos', 'stop_string', 'length' or None (goes on)
+
+
+class Row:
+    """One sequence of a stepper's batch: its prompt, its tokens so far, why it stopped."""
+
+    def __init__(self, row_id: int, prompt: list[int], params: GenerationParams, mode: DecodeMode,
+                 stop_ids: frozenset[int], decoder: StreamDecoder) -> None:
+        self.id, self.params, self.mode, self.stop_ids = row_id, params, mode, stop_ids
+        self.prompt_ids = list(prompt)
+        self.token_ids: list[int] = []  # generated, prompt excluded
+        self.finish_reason: str | None = None
+        self.decoder = decoder
+        self.rng = np.random.default_rng(params.seed)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.token_ids
+
+    @property
+    def text(self) -> str:
+        """The generated text so far, cut before a stop string."""
+        return self.decoder.final_text()
+
+
+class Stepper:
+    """The stepping engine over one decode graph. Create with `Generator.stepper(...)`. Not thread-safe."""
+
+    def __init__(self, generator: Generator, mode: DecodeMode) -> None:
+        self.generator = generator
+        self.default_mode = mode
+        self.graph = mode.graph
+        self.state = DecodeState(generator.session(self.graph), pad_token_id=generator.pad_token_id)
+        self._rows: dict[int, Row] = {}
+        self._batch: list[int] = []  # row ids in the order of the state's batch
+        self._joining: list[tuple[int, list[int]]] = []  # (row id, ids to prefill) before the next step
+        self._last: StepOutput | None = None
+        self._last_rows: list[int] = []
+        self._next_id = 0
+
+    # -- rows ------------------------------------------------------------------------------------
+
+    @property
+    def exits(self) -> tuple[Exit, ...]:
+        """The exits whose logits every step returns, in `exit_logits` order."""
+        return self.graph.exits
+
+    @property
+    def done(self) -> bool:
+        """No row is running or waiting to join."""
+        return not self._joining and all(self._rows[r].done for r in self._batch)
+
+    @property
+    def running(self) -> list[int]:
+        """Rows that will gain a token at the next step (joining rows included)."""
+        return [r for r in self._batch if not self._rows[r].done] + [r for r, _ in self._joining]
+
+    def row(self, row_id: int) -> Row:
+        try:
+            return self._rows[row_id]
+        except KeyError:
+            raise RowError(f"row {row_id!r} is not in this stepper (it was never added, or was dropped)") from None
+
+    def add(self, prompt: Prompt, params: GenerationParams | None = None, *,
+            multi_exit: MultiExitConfiguration | None = None, chat: bool = False, fused_contrast: bool = True,
+            **param_fields: Any) -> int:
+        """Queue a prompt; it is prefilled at the next `step()`, which gives it its first token. Returns its row id.
+
+        `multi_exit` (default: the stepper's mode) must be servable by the stepper's graph.
+        """
+        gen = self.generator
+        params = gen.params(params, param_fields)
+        params.check_vocabulary(gen.manifest.vocab_size)
+        ids = gen.encode(prompt, chat=chat)
+        gen.check_length(len(ids), params.max_new_tokens)
+        mode = self.default_mode if multi_exit is None else self._mode_for(multi_exit, fused_contrast)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
+                                                       else frozenset(gen.manifest.eos_token_ids))
+        row = Row(self._next_id, ids, params, mode, stop_ids,
+                  StreamDecoder(gen.tokenizer, stop_strings=params.stop_strings))
+        self._next_id += 1
+        self._rows[row.id] = row
+        self._joining.append((row.id, ids))
+        return row.id
+
+    def _mode_for(self, config: MultiExitConfiguration, fused: bool) -> DecodeMode:
+        mode = mode_on_graph(self.generator.manifest, config, self.graph, fused=fused)
+        if mode is None:
+            raise GenerationParameterError(f"this stepper runs graph {self.graph.name!r} (exits "
+                                           f"{', '.join(map(str, self.graph.exits))}), which cannot serve "
+                                           f"{config.description}; use a stepper made for that mode")
+        return mode
+
+    def drop(self, row_id: int) -> Row:
+        """Remove a row (running or finished) now; its computation stops. Returns its final state."""
+        row = self.row(row_id)
+        self._joining = [(r, ids) for r, ids in self._joining if r != row_id]
+        if row_id in self._batch:
+            index = self._batch.index(row_id)
+            self._keep([i for i in range(len(self._batch)) if i != index])
+        del self._rows[row_id]
+        return row
+
+    def rewind_to(self, row_id: int, length: int) -> None:
+        """Cut a row back to its first `length` tokens (prompt + generated); the next step continues from there.
+
+        A finished row comes back to life. Rewinding into the prompt shortens the prompt.
+        """
+        row = self.row(row_id)
+        total = len(row.all_ids)
+        if not isinstance(length, (int, np.integer)) or not 1 <= length <= total:
+            raise GenerationParameterError(f"rewind length ({length!r}) must be within 1..{total} (row {row_id} has "
+                                           f"{total} tokens)")
+        ids = row.all_ids[:length]
+        row.prompt_ids, row.token_ids = ids[:len(row.prompt_ids)], ids[len(row.prompt_ids):]
+        row.finish_reason = None
+        row.decoder = StreamDecoder(self.generator.tokenizer, stop_strings=row.params.stop_strings)
+        for token in row.token_ids:
+            row.decoder.push(token)
+        row.decoder.emitted = row.decoder.text  # what was streamed before stays streamed
+        if row_id in self._batch:
+            self.state.rewind_row(self._batch.index(row_id), length - 1)
+        else:
+            self._joining = [(r, i) for r, i in self._joining if r != row_id] + [(row_id, ids)]
+
+    # -- stepping --------------------------------------------------------------------------------
+
+    def step(self) -> list[TokenEvent]:
+        """Give every running row one more token. Finished rows leave the batch at the next step."""
+        finished = [i for i, r in enumerate(self._batch) if self._rows[r].done]
+        if finished:
+            self._keep([i for i in range(len(self._batch)) if i not in set(finished)])
+        parts = []
+        if self._batch:
+            pending = np.array([self._rows[r].all_ids[-1] for r in self._batch], dtype=np.int64)  # (batch,)
+            parts.append(self.state.advance(pending))
+        if self._joining:
+            joining, self._joining = self._joining, []
+            parts.append(self.state.extend([ids for _, ids in joining]))
+            self._batch += [r for r, _ in joining]
+        if not parts:
+            return []
+        self._last, self._last_rows = StepOutput.concat(parts), list(self._batch)
+        return self._choose()
+
+    def _keep(self, indices: list[int]) -> None:
+        self.state.keep(indices)
+        self._batch = [self._batch[i] for i in indices]
+        if self._last is not None:  # logits of rows still here stay readable
+            keep = [i for i, r in enumerate(self._last_rows) if r in set(self._batch)]
+            self._last, self._last_rows = self._last.rows(np.array(keep, dtype=np.int64)), \
+                [self._last_rows[i] for i in keep]
+
+    def _choose(self) -> list[TokenEvent]:
+        rows = [self._rows[r] for r in self._last_rows]
+        scores = self._mode_scores(rows)
+        events = []
+        for i, row in enumerate(rows):
+            token = self._pick(row, scores[i])
+            row.token_ids.append(token)
+            delta = row.decoder.push(token)
+            row.finish_reason = finish_reason(token, len(row.token_ids), stop_ids=row.stop_ids,
+                                              max_new_tokens=row.params.max_new_tokens,
+                                              stop_string_hit=row.decoder.stop_at is not None)
+            if row.finish_reason is not None:
+                delta += row.decoder.flush()
+            events.append(TokenEvent(row.id, token, delta, row.finish_reason))
+        return events
+
+    def _mode_scores(self, rows: list[Row]) -> list[np.ndarray]:
+        """Each row's (vocab,) scores under its own mode, rows of one mode computed together."""
+        out: list[Any] = [None] * len(rows)
+        groups: dict[int, list[int]] = {}
+        modes: dict[int, DecodeMode] = {}
+        for i, row in enumerate(rows):
+            key = next((k for k, m in modes.items() if m == row.mode), len(modes))
+            modes[key] = row.mode
+            groups.setdefault(key, []).append(i)
+        for key, members in groups.items():
+            index = np.array(members, dtype=np.int64)
+            for i, s in zip(members, modes[key].scores(self._last.rows(index)), strict=True):
+                out[i] = s
+        return out
+
+    @staticmethod
+    def _pick(row: Row, scores: np.ndarray) -> int:
+        """Repetition penalty, min_new_tokens, logits processors, then the search (as HF orders them)."""
+        params = row.params
+        scores = scores[None, :]  # (1, vocab)
+        if params.repetition_penalty != 1.0:
+            scores = sampling.apply_repetition_penalty(scores, [np.asarray(row.all_ids, dtype=np.int64)],
+                                                       params.repetition_penalty)
+        if len(row.token_ids) < params.min_new_tokens and row.stop_ids:
+            scores = scores.copy()
+            scores[0, sorted(row.stop_ids)] = -np.inf
+        for processor in params.logits_processors:
+            ids = np.asarray(row.all_ids, dtype=np.int64)
+            scores = checked_scores(processor(ids, scores[0].copy()), scores.shape[1:], processor)[None, :]
+        if not params.do_sample:
+            return int(sampling.greedy(scores)[0])
+        warped = sampling.warp(scores, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+        return int(sampling.sample(warped, row.rng)[0])
+
+    # -- this step's logits ----------------------------------------------------------------------
+
+    def _position(self, row_id: int) -> int:
+        self.row(row_id)
+        if self._last is None or row_id not in self._last_rows:
+            raise RowError(f"row {row_id} has no logits yet: call step() first")
+        return self._last_rows.index(row_id)
+
+    def exit_logits(self, row_id: int, exit_: Exit | None = None) -> np.ndarray:
+        """The last step's logits of `row_id`: (n_exits, vocab) in `exits` order, or (vocab,) of one exit."""
+        logits = self._last.exit_logits[self._position(row_id)]  # (n_exits, vocab)
+        if exit_ is None:
+            return logits
+        manifest = self.generator.manifest
+        name = next((a for a in exit_aliases(manifest, exit_) if a in self.graph.exits), None)
+        if name is None:
+            raise UnknownExitError(f"exit {exit_} is not returned by graph {self.graph.name!r}; it returns "
+                              f"{', '.join(map(str, self.graph.exits))}")
+        return logits[self.graph.exit_position(name)]
+
+    def scores(self, row_id: int) -> np.ndarray:
+        """The last step's (vocab,) scores of the row's mode, before penalties, processors and search."""
+        position = self._position(row_id)
+        mode = self._rows[row_id].mode
+        return mode.scores(self._last.rows(np.array([position])))[0]
