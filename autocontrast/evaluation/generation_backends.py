@@ -126,19 +126,16 @@ class BundleBackend:
 
     def log_probs(self, rows: Sequence[Sequence[int]], config: MultiExitConfiguration) -> list[np.ndarray]:
         """[(len(row), vocab)] float64 log-probabilities: the runtime's NumPy contrast on score-graph logits."""
-        from autocontrast.runtime.contrast import contrast_scores, log_softmax
+        from autocontrast.runtime.contrast import log_softmax
+        from autocontrast.runtime.modes import mode_over_exits
+        from autocontrast.runtime.session import StepOutput
 
         exits = config.required_exits
+        mode = mode_over_exits(config, exits)
         result = []
         for logits in self.generator.exit_logits_all_positions([list(r) for r in rows], exits):
-            logits = logits.astype(np.float64)  # (seq, n_exits, vocab)
-            if config.mode == "contrast":
-                scores = (config.contrast_function(logits[:, 0], logits[:, 1]) if config.contrast_function
-                          else contrast_scores(logits[:, 0], logits[:, 1], alpha=config.alpha,
-                                               minimum_candidates=config.minimum_candidates))
-            else:
-                scores = logits[:, 0]
-            result.append(log_softmax(np.asarray(scores, dtype=np.float64)))  # (seq, vocab)
+            scores = mode.scores(StepOutput(logits.astype(np.float64), None))  # (seq, vocab)
+            result.append(log_softmax(np.asarray(scores, dtype=np.float64)))
         return result
 
     def generate(self, rows: Sequence[Sequence[int]], config: MultiExitConfiguration, *, max_new_tokens: int,

@@ -191,7 +191,10 @@ class BundleScorer:
         return _BundleTokenizer(self.generator.tokenizer, (self.generator.manifest.eos_token_ids or (None,))[0])
 
     def score(self, blocks: np.ndarray) -> dict[str, np.ndarray]:
-        from autocontrast.runtime.contrast import contrast_scores, log_softmax
+        from autocontrast.config import MultiExitConfiguration
+        from autocontrast.runtime.contrast import log_softmax
+        from autocontrast.runtime.modes import mode_over_exits
+        from autocontrast.runtime.session import StepOutput
 
         logits = np.stack(self.generator.exit_logits_all_positions(blocks.tolist(), self.needed))
         logits = logits[:, :-1]  # (batch, block_size - 1, n_exits, vocab)
@@ -202,8 +205,9 @@ class BundleScorer:
             log_probs = log_softmax(logits[:, :, column[exit_]].astype(np.float64))
             scores[exit_label(exit_)] = np.take_along_axis(log_probs, targets, -1)[..., 0]
         if self.contrast:
-            upper, lower = (logits[:, :, column[e]] for e in self.contrast)
-            contrasted = contrast_scores(upper, lower, alpha=self.alpha, minimum_candidates=self.minimum_candidates)
+            config = MultiExitConfiguration(use_original_head=False, contrast_layer_indices=self.contrast,
+                                            alpha=self.alpha, minimum_candidates=self.minimum_candidates)
+            contrasted = mode_over_exits(config, self.needed).scores(StepOutput(logits, None))
             scores[contrast_label(*self.contrast)] = np.take_along_axis(contrasted, targets, -1)[..., 0].astype(
                 np.float64)
         return scores  # label -> (batch, block_size - 1)

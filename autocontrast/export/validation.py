@@ -22,6 +22,8 @@ import torch
 from autocontrast.bundle import DECODE, GraphSpec, KVCacheSpec
 from autocontrast.errors import ExportValidationError
 from autocontrast.models.contrast import calculate_contrasted_logits
+from autocontrast.runtime.decode_state import DecodeState
+from autocontrast.runtime.session import ExitSession
 
 VALIDATION_TEXT = ("The quick brown fox jumps over the lazy dog, and then it runs into the forest",
                    "Paris is the capital of")
@@ -107,14 +109,11 @@ def _cache_arrays(cache: Any) -> list[np.ndarray]:
 def validate_graphs(model: Any, bundle_dir: Path, graphs: Sequence[GraphSpec], kv: KVCacheSpec, *,
                     tolerance: Tolerance, tokenizer: Any = None, steps: int = 4) -> dict[str, Any]:
     """Compare every graph with PyTorch (prefill + `steps` decode steps); raise beyond tolerance."""
-    import onnxruntime as ort
-
     vocab = model.config.vocab_size
     ids, mask = validation_batch(tokenizer, vocab)
     report: dict[str, Any] = {"tolerance": tolerance.to_dict(), "batch": int(ids.shape[0]),
                               "prompt_length": int(ids.shape[1]), "decode_steps": steps, "graphs": {}}
-    sessions = {g.name: ort.InferenceSession(str(bundle_dir / g.file), providers=["CPUExecutionProvider"])
-                for g in graphs}
+    sessions = {g.name: ExitSession(bundle_dir, g, kv=kv, vocab_size=vocab) for g in graphs}
     all_exits = tuple(dict.fromkeys(e for g in graphs for e in g.exits))
     for g in graphs:
         report["graphs"][g.name] = {}
@@ -131,11 +130,11 @@ def validate_graphs(model: Any, bundle_dir: Path, graphs: Sequence[GraphSpec], k
             expected[c.output] = calculate_contrasted_logits(by_exit[c.upper].float(), by_exit[c.lower].float(),
                                                              alpha=c.alpha,
                                                              minimum_candidates=c.minimum_candidates).numpy()
-        got = sessions[g.name].run(list(expected), {"input_ids": ids, "attention_mask": mask,
-                                                    "position_ids": positions_for(mask)})
+        out = sessions[g.name].step(ids, mask, positions_for(mask), None)
+        got = {g.logits_output: out.exit_logits, **({g.contrast.output: out.contrast} if g.contrast else {})}
         valid = mask.astype(bool)  # padded positions' logits are meaningless: compare real tokens only
-        report["graphs"][g.name] = {name: max_abs_diff(want[valid], have[valid])
-                                    for (name, want), have in zip(expected.items(), got, strict=False)}
+        report["graphs"][g.name] = {name: max_abs_diff(want[valid], got[name][valid])
+                                    for name, want in expected.items()}
     decode = [g for g in graphs if g.kind == DECODE]
     if decode:
         _validate_decode(model, decode, sessions, kv, all_exits, ids, mask, steps, report)
@@ -146,32 +145,30 @@ def validate_graphs(model: Any, bundle_dir: Path, graphs: Sequence[GraphSpec], k
 def _validate_decode(model: Any, decode: Sequence[GraphSpec], sessions: dict[str, Any], kv: KVCacheSpec,
                      all_exits: tuple[Any, ...], ids: np.ndarray, mask: np.ndarray, steps: int,
                      report: dict[str, Any]) -> None:
-    batch = ids.shape[0]
-    empty = np.zeros((batch, kv.num_kv_heads, 0, kv.head_dim), np.float32)  # (batch, kv_heads, 0, head_dim)
-    pasts = {g.name: [empty] * (2 * kv.num_layers) for g in decode}
+    """Drive each decode graph through the runtime's `DecodeState` (the one decode loop), teacher-forced."""
+    states = {g.name: DecodeState(sessions[g.name]) for g in decode}
+    rows = [list(r[m.astype(bool)]) for r, m in zip(ids, mask, strict=True)]
     pos = positions_for(mask)
     cache = None
-    for _ in range(steps + 1):
+    for step in range(steps + 1):
         by_exit, cache = torch_step(model, all_exits, ids, mask, pos, cache)
         want_present = _cache_arrays(cache)
         for g in decode:
             expected = expected_outputs(g, by_exit)
-            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
-            feeds.update(zip(kv.past_names(), pasts[g.name], strict=False))
-            got = sessions[g.name].run(list(expected) + kv.present_names(), feeds)
+            state = states[g.name]
+            out = state.extend(rows) if step == 0 else state.advance(ids[:, 0])
+            got = {g.logits_output: out.exit_logits, **({g.contrast.output: out.contrast} if g.contrast else {})}
             figures = report["graphs"][g.name]
-            for (name, want), have in zip(expected.items(), got, strict=False):
-                figures[name] = max(figures.get(name, 0.0), max_abs_diff(want, have))
-            present = got[len(expected):]
+            for name, want in expected.items():
+                figures[name] = max(figures.get(name, 0.0), max_abs_diff(want, got[name]))
             real = mask.astype(bool)  # (batch, total): pads' cache entries are never attended to
             figures["present.*"] = max([figures.get("present.*", 0.0)]
                                        + [max_abs_diff(w.transpose(0, 2, 1, 3)[real], h.transpose(0, 2, 1, 3)[real])
-                                          for w, h in zip(want_present, present, strict=False)])
-            pasts[g.name] = [p.astype(np.float32) for p in present]
+                                          for w, h in zip(want_present, state.cache.arrays(), strict=True)])
         # teacher forcing: both sides get PyTorch's greedy token from the first exit
         nxt = by_exit[all_exits[0]].argmax(-1).numpy().astype(np.int64)[:, None]  # (batch, 1)
         ids, pos = nxt, pos[:, -1:] + 1
-        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+        mask = np.concatenate([mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
 
 
 def _check(report: dict[str, Any], graphs: Sequence[GraphSpec], tolerance: Tolerance) -> None:

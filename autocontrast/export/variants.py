@@ -130,13 +130,13 @@ def teacher_forced_agreement(model: Any, bundle_dir: Path, graphs: Sequence[Grap
 
     Uses the graph's fused contrast when it has one (ACD tokens), else its first exit.
     """
-    import onnxruntime as ort
-
     from autocontrast.export.validation import expected_outputs, torch_step
+    from autocontrast.runtime.decode_state import DecodeState
+    from autocontrast.runtime.session import ExitSession
 
     spec = next((g for g in graphs if g.kind == DECODE and g.contrast is not None), None) \
         or next(g for g in graphs if g.kind == DECODE)
-    session = ort.InferenceSession(str(bundle_dir / spec.file), providers=["CPUExecutionProvider"])
+    session = ExitSession(bundle_dir, spec, kv=kv, vocab_size=model.config.vocab_size)
     pick = spec.contrast.output if spec.contrast else spec.logits_output
     agreed = steps = 0
     for prompt in AGREEMENT_PROMPTS:
@@ -145,19 +145,16 @@ def teacher_forced_agreement(model: Any, bundle_dir: Path, graphs: Sequence[Grap
         else:
             ids = np.random.default_rng(len(prompt)).integers(0, model.config.vocab_size, (1, 8))
         mask, pos = np.ones_like(ids), np.arange(ids.shape[1], dtype=np.int64)[None]
-        past = [np.zeros((1, kv.num_kv_heads, 0, kv.head_dim), np.float32)] * (2 * kv.num_layers)
-        cache = None
-        for _ in range(AGREEMENT_STEPS):
+        state, cache = DecodeState(session), None
+        for step in range(AGREEMENT_STEPS):
             by_exit, cache = torch_step(model, spec.exits, ids, mask, pos, cache)
             want = expected_outputs(spec, by_exit)[pick]
             want = want[:, 0] if want.ndim == 3 else want  # (1, vocab)
-            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **dict(zip(kv.past_names(), past, strict=False))}
-            got = session.run([pick] + kv.present_names(), feeds)
-            have = got[0][:, 0] if got[0].ndim == 3 else got[0]
+            out = state.extend([list(ids[0])]) if step == 0 else state.advance(ids[:, 0])
+            have = out.contrast if spec.contrast else out.exit_logits[:, 0]  # (1, vocab)
             token = int(np.argmax(want[0]))
             agreed += int(np.argmax(have[0]) == token)
             steps += 1
-            past = got[1:]
             ids = np.array([[token]], np.int64)  # teacher forcing: the fp32 token, whatever int8 chose
             pos = pos[:, -1:] + 1
             mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)

@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--min-new-tokens", type=int, default=0, help="suppress end-of-sequence before this many tokens")
+    p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--provider", default="cpu", help="cpu (default), cuda or tensorrt")
     p.add_argument("--no-stream", action="store_true", help="print the whole text at the end")
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     multi_exit = multi_exit_from_args(args.mode, exits, args.alpha, args.minimum_candidates)
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
-                              stop_strings=tuple(args.stop))
+                              stop_strings=tuple(args.stop), min_new_tokens=args.min_new_tokens,
+                              ignore_eos=args.ignore_eos)
     kwargs = dict(multi_exit=multi_exit, chat=args.chat, fused_contrast=not args.numpy_contrast)
     if args.no_stream or args.timings:
         result = generator.generate(args.prompt, params, **kwargs)

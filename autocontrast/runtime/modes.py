@@ -55,7 +55,7 @@ def graph_with_exits(manifest: Manifest, exits: tuple[Exit, ...], *,
 class DecodeMode:
     """A resolved mode: the graph to run and how to turn its outputs into scores."""
 
-    graph: GraphSpec
+    graph: GraphSpec | None  # None: a mode over logits already computed (scoring)
     name: str  # 'original', 'exit' or 'contrast'
     positions: tuple[int, ...]  # indices into the graph's exits: (exit,) or (upper, lower)
     fused: bool = False
@@ -107,6 +107,13 @@ def _check_config(manifest: Manifest, config: MultiExitConfiguration) -> None:
         if config.minimum_candidates > manifest.vocab_size:
             raise ConfigurationError(f"minimum_candidates ({config.minimum_candidates}) exceeds the vocabulary size "
                                      f"({manifest.vocab_size})")
+
+
+def mode_over_exits(config: MultiExitConfiguration, exits: Sequence[Exit]) -> DecodeMode:
+    """`config` as a mode over exit logits laid out in `exits` order (NumPy or custom contrast)."""
+    return DecodeMode(None, config.mode, tuple(list(exits).index(e) for e in config.required_exits),
+                      alpha=config.alpha, minimum_candidates=config.minimum_candidates,
+                      contrast_function=config.contrast_function)
 
 
 def mode_on_graph(manifest: Manifest, config: MultiExitConfiguration, graph: GraphSpec, *,

@@ -274,7 +274,8 @@ class Stepper:
 
     def exit_logits(self, row_id: int, exit_: Exit | None = None) -> np.ndarray:
         """The last step's logits of `row_id`: (n_exits, vocab) in `exits` order, or (vocab,) of one exit."""
-        logits = self._last.exit_logits[self._position(row_id)]  # (n_exits, vocab)
+        position = self._position(row_id)
+        logits = self._last.exit_logits[position]  # (n_exits, vocab)
         if exit_ is None:
             return logits
         manifest = self.generator.manifest
