@@ -5,7 +5,7 @@ decoder layer's cross-attention keys and values, are a `CrossKV`: per-row decode
 fixed while the rows decode, and follow the rows when rows join or leave the batch, as the
 self-attention KV cache does.
 
->>> encoder = EncoderSession(bundle_dir, manifest)  # doctest: +SKIP
+>>> encoder = open_encoder(bundle_dir, manifest)  # doctest: +SKIP
 >>> cross = encoder.encode([[37, 1782, 19, 1], [8774, 1]])  # doctest: +SKIP
 >>> cross.select([1]).batch  # doctest: +SKIP
 1
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from autocontrast.bundle import EncoderDecoderSpec, Manifest
+from autocontrast.bundle import EncoderDecoderSpec, GraphSpec, Manifest
 from autocontrast.errors import BundleError, InferenceError
 from autocontrast.runtime.providers import check_session_providers, resolve_providers
 
@@ -71,30 +71,29 @@ class CrossKV:
 
 
 class EncoderSession:
-    """The encoder graph of a bundle on one provider; safe to share between threads."""
+    """The encoder graph of a bundle on one provider; safe to share between threads.
 
-    def __init__(self, bundle_dir: Path, manifest: Manifest, *, provider: str = "cpu", device_id: int = 0,
-                 threads: int | None = None) -> None:
-        if manifest.encoder_decoder is None:
-            raise BundleError(f"bundle {str(bundle_dir)!r} is decoder-only: it has no encoder graph")
-        self.spec = manifest.encoder_decoder
-        self.kv = manifest.kv_cache
-        self.pad_token_id = int(manifest.special_tokens.get("pad_token_id") or 0)
-        graph = manifest.graph(self.spec.encoder_graph)
-        trt = (manifest.variant.get("tensorrt") or {}).get("provider_options", {}).get(graph.name)
+    `open_encoder(bundle_dir, manifest)` builds one from a bundle's manifest.
+    """
+
+    def __init__(self, graph_dir: Path, graph: GraphSpec, *, spec: EncoderDecoderSpec, pad_token_id: int = 0,
+                 provider: str = "cpu", device_id: int = 0, threads: int | None = None,
+                 trt_options: dict[str, Any] | None = None) -> None:
+        self.spec, self.pad_token_id = spec, pad_token_id
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        path = Path(bundle_dir) / graph.file
+        path = Path(graph_dir) / graph.file
         try:
             self.session = ort.InferenceSession(
                 str(path), sess_options=options,
-                providers=resolve_providers(provider, device_id=device_id, trt_options=trt, bundle_dir=bundle_dir))
+                providers=resolve_providers(provider, device_id=device_id, trt_options=trt_options,
+                                            bundle_dir=Path(graph_dir)))
         except Exception as err:  # ORT raises its own exception types; name the file and the cause
             raise BundleError(f"onnxruntime cannot load {path}: {err}") from None
         check_session_providers(self.session, provider)
-        missing = sorted(set(self.spec.cross_names()) - {o.name for o in self.session.get_outputs()})
+        missing = sorted(set(spec.cross_names()) - {o.name for o in self.session.get_outputs()})
         if missing:
             raise BundleError(f"bundle manifest does not match graph {graph.file}: it lacks the outputs "
                               f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; re-export the bundle")
@@ -111,3 +110,16 @@ class EncoderSession:
         except Exception as err:  # ORT's own exception types: name the graph and the input's shape
             raise InferenceError(f"onnxruntime failed running the encoder on input_ids {ids.shape}: {err}") from None
         return CrossKV(self.spec, mask, arrays)
+
+
+def open_encoder(bundle_dir: Path, manifest: Manifest, *, provider: str = "cpu", device_id: int = 0,
+                 threads: int | None = None) -> EncoderSession:
+    """The encoder session of an encoder-decoder bundle, with the bundle's recorded TensorRT options."""
+    spec = manifest.encoder_decoder
+    if spec is None:
+        raise BundleError(f"bundle {str(bundle_dir)!r} is decoder-only: it has no encoder graph")
+    graph = manifest.graph(spec.encoder_graph)
+    trt = (manifest.variant.get("tensorrt") or {}).get("provider_options", {}).get(graph.name)
+    return EncoderSession(bundle_dir, graph, spec=spec, pad_token_id=int(manifest.special_tokens.get("pad_token_id")
+                                                                          or 0),
+                          provider=provider, device_id=device_id, threads=threads, trt_options=trt)

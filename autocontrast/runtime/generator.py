@@ -38,7 +38,7 @@ from autocontrast.errors import (
     UnknownExitError,
 )
 from autocontrast.runtime.decode_state import DecodeState
-from autocontrast.runtime.encoder import EncoderSession
+from autocontrast.runtime.encoder import EncoderSession, open_encoder
 from autocontrast.runtime.encoder_decoder_state import EncoderDecoderState
 from autocontrast.runtime.modes import DecodeMode, graph_with_exits, resolve_mode
 from autocontrast.runtime.params import GenerationParams
@@ -126,8 +126,8 @@ class Generator:
         """The (lazily opened, shared) encoder of an encoder-decoder bundle."""
         with self._lock:
             if self._encoder is None:
-                self._encoder = EncoderSession(self.bundle_dir, self.manifest, provider=self.provider,
-                                               device_id=self.device_id, threads=self.threads)
+                self._encoder = open_encoder(self.bundle_dir, self.manifest, provider=self.provider,
+                                             device_id=self.device_id, threads=self.threads)
             return self._encoder
 
     def mode(self, multi_exit: MultiExitConfiguration | None = None, *, fused: bool = True) -> DecodeMode:
