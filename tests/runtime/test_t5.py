@@ -167,3 +167,24 @@ def test_rewinding_into_the_prompt_encodes_the_shorter_prompt(t5_generator):
 def test_scoring_token_sequences_needs_a_decoder_only_bundle(t5_generator):
     with pytest.raises(BundleError, match="decoder-only bundle"):
         t5_generator.exit_logits_all_positions([[5, 6, 7]], ["original"])
+
+
+def test_t5_bundle_generates_without_torch(tiny_bundle):
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.runtime.test_torch_free import BLOCKER
+
+    bundle = tiny_bundle("t5", VocabularyProjectionMode.SHARED_PROJECTION_DIRECT, fuse_contrast=CONTRAST)
+    script = BLOCKER + textwrap.dedent(f"""
+        from autocontrast.config import MultiExitConfiguration
+        from autocontrast.runtime import Generator
+        gen = Generator({str(bundle)!r})
+        acd = MultiExitConfiguration(use_original_head=False, contrast_layer_indices=(3, 1))
+        print(len(gen.generate(["Hello", "Hi there"], multi_exit=acd, max_new_tokens=4, ignore_eos=True).token_ids[1]))
+        assert not any(m.split(".")[0] in ("torch", "transformers", "optimum") for m in sys.modules)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["4"]
