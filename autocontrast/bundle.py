@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -257,12 +258,19 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
     """Read and check a bundle's manifest: format, version, and that every named file exists."""
     root = Path(bundle_dir)
     path = root / MANIFEST_FILE
+    if root.exists() and not root.is_dir():
+        raise BundleError(f"{str(root)!r} is a file, not a bundle directory: pass the directory acd-export wrote")
     if not root.is_dir():
         raise BundleError(f"bundle directory {str(root)!r} does not exist")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise BundleError(f"bundle directory {str(root)!r} is not readable by this user; fix its permissions")
     if not path.is_file():
         raise BundleError(f"{str(root)!r} is not an export bundle: it has no {MANIFEST_FILE} (make one with acd-export)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise BundleError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); it is damaged: "
+                          "re-export the bundle") from None
     except (OSError, json.JSONDecodeError) as err:
         raise BundleError(f"cannot read {path}: {err}") from None
     manifest = Manifest.from_dict(data)

@@ -279,7 +279,7 @@ class Generator:
 def _as_batch(prompts: Any) -> list[Any]:
     """One prompt (text or ids) as a batch of one; a list of prompts as it is."""
     if isinstance(prompts, str) or (isinstance(prompts, (Sequence, np.ndarray)) and len(prompts) > 0
-                                    and isinstance(prompts[0], numbers.Integral)):
+                                    and isinstance(prompts[0], numbers.Number)):
         return [prompts]
     if prompts is None or isinstance(prompts, (bytes, bytearray, dict)) or not isinstance(prompts, Sequence):
         raise PromptError(f"prompts must be a string, a list of token ids, or a list of those; "
