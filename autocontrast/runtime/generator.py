@@ -173,6 +173,13 @@ class Generator:
             raise PromptError(f"token id {bad[0]} is outside the vocabulary 0..{self.manifest.vocab_size - 1}")
         return ids
 
+    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation ([{role, content}, ...]) through the bundle's chat template."""
+        if not messages:
+            raise PromptError("the conversation has no messages")
+        text = render_chat(self._chat_template, list(messages), special_tokens=self._special_token_strings())
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
