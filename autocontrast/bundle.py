@@ -17,6 +17,16 @@ Graph conventions (all graphs of a bundle share them):
 - `GraphSpec.external_data`: files holding a graph's weights; acd-export writes one shared,
   deduplicated `weights.bin` that every graph reads by offset.
 
+Encoder-decoder bundles (T5; `Manifest.encoder_decoder` is set) add an `encoder` graph: inputs
+`input_ids` and `attention_mask` (batch, source) int64 of the prompt; outputs every decoder layer's
+cross-attention keys and values, named by `EncoderDecoderSpec.cross_names()`, each
+(batch, kv_heads, source, head_dim), computed once per prompt. Their decode and score graphs
+are the decoder's: `input_ids`, `attention_mask` and `position_ids` are the decoder tokens' (the
+first decoder token is `decoder_start_token_id` at position 0; positions feed the relative
+position bias), and they also take `encoder_attention_mask` (batch, source) and the cross
+keys/values under the same names (a graph whose exits all lie below the top layers does not
+read those layers' cross keys/values and does not declare them: feed the inputs a graph declares).
+
 Manifest dicts: `variant` = {dtype, optimize, quantize, quantization (int8 recipe), agreement
 (int8: teacher-forced token agreement with fp32), tensorrt (provider options per graph, cache
 paths relative to the bundle)};
@@ -51,6 +61,8 @@ MANIFEST_FILE = "manifest.json"
 
 DECODE = "decode"
 SCORE = "score"
+ENCODER = "encoder"
+KINDS = (DECODE, SCORE, ENCODER)
 # ONNX metadata key under which each graph records the exits it returns (JSON list, graph order),
 # so a reader can refuse a manifest that does not describe the graph it sits beside.
 EXITS_METADATA_KEY = "autocontrast.exits"
@@ -81,6 +93,27 @@ class KVCacheSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class EncoderDecoderSpec:
+    """What an encoder-decoder bundle adds: the encoder graph and the cross-attention KV it hands on.
+
+    The cross keys/values of decoder layer i are (batch, kv_heads, source, head_dim), with the
+    decoder's KV heads and head size (`Manifest.kv_cache`); they depend only on the prompt.
+    """
+
+    decoder_start_token_id: int
+    num_layers: int  # decoder layers (each has a cross-attention)
+    encoder_layers: int
+    encoder_graph: str = "encoder"  # the name of the encoder's GraphSpec
+    encoder_attention_mask: str = "encoder_attention_mask"  # decoder graphs' input: the prompt's mask
+    cross_key: str = "cross_key_values.{layer}.key"
+    cross_value: str = "cross_key_values.{layer}.value"
+
+    def cross_names(self) -> list[str]:
+        """Encoder outputs = decoder inputs, in order: key then value of decoder layer 0, 1, ..."""
+        return [n.format(layer=i) for i in range(self.num_layers) for n in (self.cross_key, self.cross_value)]
+
+
+@dataclasses.dataclass(frozen=True)
 class ContrastSpec:
     """A contrast fused into a graph: its output name and exact parameters."""
 
@@ -95,7 +128,7 @@ class ContrastSpec:
 class GraphSpec:
     name: str
     file: str
-    kind: str  # DECODE or SCORE
+    kind: str  # DECODE, SCORE or ENCODER (no exits)
     exits: tuple[Exit, ...]
     logits_output: str = "exit_logits"
     contrast: ContrastSpec | None = None
@@ -124,6 +157,7 @@ class Manifest:
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     validation: dict[str, Any] = dataclasses.field(default_factory=dict)
     files: dict[str, str] = dataclasses.field(default_factory=dict)  # relative path -> SHA-256 hex
+    encoder_decoder: EncoderDecoderSpec | None = None  # set for encoder-decoder models (T5)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -155,6 +189,10 @@ class Manifest:
         return None
 
     @property
+    def is_encoder_decoder(self) -> bool:
+        return self.encoder_decoder is not None
+
+    @property
     def eos_token_ids(self) -> tuple[int, ...]:
         return tuple(self.special_tokens.get("eos_token_ids") or ())
 
@@ -179,12 +217,18 @@ class Manifest:
             fields["kv_cache"] = KVCacheSpec(**fields["kv_cache"])
             fields["graphs"] = tuple(_graph_from_dict(g) for g in fields["graphs"])
             fields["tokenizer_files"] = tuple(fields.get("tokenizer_files", ("tokenizer.json",)))
-            return cls(**fields)
+            if fields.get("encoder_decoder") is not None:
+                fields["encoder_decoder"] = EncoderDecoderSpec(**fields["encoder_decoder"])
+            manifest = cls(**fields)
         except (KeyError, TypeError, ValueError) as err:
             raise BundleError(f"manifest is malformed: {type(err).__name__}: {err}") from None
+        if manifest.encoder_decoder is not None:
+            manifest.graph(manifest.encoder_decoder.encoder_graph)  # raises BundleError when absent
+        return manifest
 
     @staticmethod
     def example() -> Manifest:
+
         """A small manifest for documentation and tests of readers."""
         kv = KVCacheSpec(num_layers=30, num_kv_heads=3, head_dim=64)
         return Manifest(
@@ -206,7 +250,7 @@ def _graph_from_dict(data: dict[str, Any]) -> GraphSpec:
         c = dict(fields["contrast"])
         c["upper"], c["lower"] = parse_exit(c["upper"]), parse_exit(c["lower"])
         fields["contrast"] = ContrastSpec(**c)
-    if fields["kind"] not in (DECODE, SCORE):
+    if fields["kind"] not in KINDS:
         raise ValueError(f"graph {fields.get('name')!r} has unknown kind {fields['kind']!r}")
     return GraphSpec(**fields)
 

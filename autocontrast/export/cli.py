@@ -44,7 +44,7 @@ def _pair(text: str) -> tuple:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="acd-export", description=DESCRIPTION, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="checkpoint folder or hub id (GPT-2, GPT-Neo, Llama, Mistral, Qwen2)")
+    p.add_argument("model", help="checkpoint folder or hub id (GPT-2, GPT-Neo, Llama, Mistral, Qwen2, T5)")
     p.add_argument("output", help="bundle directory to create (refused if it exists, unless --force); checked "
                                    "before the model loads")
     p.add_argument("--exits", type=parse_exits, default=None,

@@ -39,7 +39,7 @@ from autocontrast.bundle import (
     write_manifest,
 )
 from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, ORIGINAL, Exit, sort_exits
-from autocontrast.errors import AutocontrastError, ExportError, UnknownExitError, UnsupportedArchitectureError
+from autocontrast.errors import AutocontrastError, ExportError, UnknownExitError
 from autocontrast.export.output import (
     TerminationGuard,
     check_output,
@@ -234,9 +234,9 @@ def _load(source: str, options: ExportOptions) -> _Loaded:
 
     config = model_config(source)
     if family_for(config).is_encoder_decoder:
-        raise UnsupportedArchitectureError(
-            f"{config.model_type!r} is an encoder-decoder model; acd-export supports decoder-only models "
-            "(GPT-2, GPT-Neo, Llama, Mistral, Qwen2)")
+        from autocontrast.export.t5 import check_options
+
+        check_options(options)
     require_weights(source)
     mode = (VocabularyProjectionMode.parse(options.projection) if options.projection
             else detect_projection_mode(source))
@@ -314,14 +314,21 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
     family, config = model.family, model.config
     kv = KVCacheSpec(num_layers=model.num_layers, num_kv_heads=family.num_kv_heads(config),
                      head_dim=family.head_dim(config))
+    trace, validate, encoder_decoder = trace_graph, validate_graphs, None
+    if family.is_encoder_decoder:  # T5: an encoder graph first; decoder graphs take its cross-attention KV
+        from autocontrast.export.t5 import encoder_decoder_spec, trace_t5_graph, with_encoder
+        from autocontrast.export.t5_validation import validate_t5_graphs
+
+        trace, validate, encoder_decoder = trace_t5_graph, validate_t5_graphs, encoder_decoder_spec(model)
+        plan = with_encoder(plan)
     raw = work / ".raw"
     specs, paths = [], {}
     for i, g in enumerate(plan):
         contrast = g["contrast"]
         log(f"[2/6] tracing graph {i + 1}/{len(plan)} {g['name']!r} ({g['kind']}, exits "
             f"{', '.join(map(str, g['exits']))}{', fused contrast' if contrast else ''})")
-        paths[g["name"]] = trace_graph(model, g["exits"], kind=g["kind"], contrast=contrast, kv=kv,
-                                       directory=raw / g["name"], opset=OPSET)
+        paths[g["name"]] = trace(model, g["exits"], kind=g["kind"], contrast=contrast, kv=kv,
+                                 directory=raw / g["name"], opset=OPSET)
         spec_contrast = ContrastSpec(CONTRAST_OUTPUT, *contrast) if contrast else None
         specs.append(GraphSpec(g["name"], f"{g['name']}.onnx", g["kind"], tuple(g["exits"]),
                                logits_output=LOGITS_OUTPUT, contrast=spec_contrast,
@@ -341,8 +348,8 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
                          metadata={s.name: {EXITS_METADATA_KEY: exits_metadata(s.exits)} for s in specs})
     shutil.rmtree(raw, ignore_errors=True)
     log(f"[5/6] validating against PyTorch (prefill + {options.validation_steps} cached decode steps)")
-    report = validate_graphs(model, work, specs, kv, tolerance=TOLERANCES[options.variant_name],
-                             tokenizer=loaded.tokenizer, steps=options.validation_steps)
+    report = validate(model, work, specs, kv, tolerance=TOLERANCES[options.variant_name],
+                      tokenizer=loaded.tokenizer, steps=options.validation_steps)
     if options.quantize:
         from autocontrast.export.variants import teacher_forced_agreement
 
@@ -355,7 +362,8 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
         max_positions=family.max_positions(config), projection_mode=model.vocab_projection_mode.name,
         exits=exits, kv_cache=kv, graphs=tuple(specs),
         special_tokens=special_tokens(config, loaded.generation_config), tokenizer_files=tokenizer_files,
-        chat_template=template, variant=variant, versions=versions(opset=OPSET), validation=report)
+        chat_template=template, variant=variant, versions=versions(opset=OPSET), validation=report,
+        encoder_decoder=encoder_decoder)
 
 
 def summary(result: ExportResult) -> str:
