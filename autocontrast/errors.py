@@ -68,3 +68,7 @@ class InferenceError(AutocontrastError, RuntimeError):
 
 class RowError(AutocontrastError, KeyError):
     """A stepping-API call naming a row that is not (or no longer) in the batch."""
+
+
+class ClusterError(AutocontrastError, RuntimeError):
+    """A Ray cluster that cannot be reached, or replicas that cannot be placed or started on it."""

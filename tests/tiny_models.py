@@ -63,7 +63,7 @@ def save_tiny_tokenizer(directory: Path, lines: Iterable[str]) -> Path:
 
 # Every registered architecture; tests/models/test_families.py checks each has a tiny config below.
 ARCHITECTURES = model_types()
-DECODER_ONLY = model_types(exportable=True)
+DECODER_ONLY = model_types(decoder_only=True)
 
 
 

@@ -1,6 +1,7 @@
 """`acd-bench`: run the systems side by side, interleaved, and write a table, a JSON file and a chart.
 
     acd-bench --bundle BUNDLE [--model HF_DIR] [--int8-bundle DIR] --scenarios 16x64x1,512x64x1
+    acd-bench --bundle FP32 --fp16-bundle FP16 --providers cpu,cuda --systems ours-original,ours-acd-fused
 
 A scenario is PROMPTxNEWxBATCH. Prompts are real text (WikiText-2 by default) cut to exactly PROMPT
 tokens; every system generates exactly NEW tokens (end-of-sequence ignored) so figures compare.
@@ -18,7 +19,7 @@ from typing import Any
 
 from autocontrast.bench import machine, report
 from autocontrast.bench.stats import RunTiming, latency_by_position, summarise
-from autocontrast.bench.systems import DEFAULT_SYSTEMS, build, system_specs
+from autocontrast.bench.systems import DEFAULT_SYSTEMS, build, check_providers_available, system_specs
 from autocontrast.bench.workers import Worker
 from autocontrast.cli_support import run_cli
 from autocontrast.errors import ConfigurationError, DataError
@@ -75,7 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                    help="comma-separated system names (default: all); `--list-systems` shows them")
     p.add_argument("--list-systems", action="store_true", help="print the systems and exit")
-    p.add_argument("--providers", default="cpu", help="our runtime's providers to run: cpu,cuda,tensorrt")
+    p.add_argument("--providers", default="cpu",
+                   help="our runtime's providers, comma-separated: cpu,cuda,tensorrt (default cpu); one that "
+                        "this onnxruntime cannot run is an error (exit 2), never skipped")
     p.add_argument("--scenarios", default="16x64x1,512x64x1", help="PROMPTxNEWxBATCH list (default 16x64x1,512x64x1)")
     p.add_argument("--repeats", type=int, default=3, help="measured repeats per system and scenario (median taken)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs per system and scenario, discarded")
@@ -96,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.repeats < 1 or args.warmup < 0:
         raise ConfigurationError("--repeats must be >= 1 and --warmup >= 0")
+    if any(spec.kind == "ours" for spec in specs):
+        check_providers_available(args.providers)
     tokenizer_file = args.bundle / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise DataError(f"{args.bundle} has no tokenizer.json; is it an export bundle?")

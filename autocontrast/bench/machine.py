@@ -63,8 +63,10 @@ def describe() -> dict[str, Any]:
         import onnxruntime
 
         providers = onnxruntime.get_available_providers()
+        # The module imported, which may not be the `onnxruntime` distribution (onnxruntime-gpu shadowing it).
+        imported = f"{onnxruntime.__version__} at {os.path.dirname(onnxruntime.__file__)}"
     except ImportError:  # pragma: no cover - the runtime always has it
-        providers = []
+        providers, imported = [], None
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "memory_gib": memory_gib(), "platform": platform.platform(),
             "python": platform.python_version(), "gpus": gpus(), "onnxruntime_providers": providers,
-            "versions": versions()}
+            "onnxruntime_imported": imported, "versions": versions()}

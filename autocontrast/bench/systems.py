@@ -39,6 +39,28 @@ def _bundle_contrast(bundle: Any) -> tuple[Any, ...]:
     return (fused.upper, fused.lower)
 
 
+def requested_providers(text: str) -> list[str]:
+    """`--providers` as canonical names ('cpu', 'cuda', 'tensorrt'), in order, without repeats.
+
+    An unknown name is a `ProviderUnavailableError`; whether a provider is installed is checked
+    by `check_providers_available`, not here, so `--list-systems` works on any machine.
+    """
+    from autocontrast.runtime.providers import normalize_provider
+
+    names = [normalize_provider(p) for p in text.split(",") if p.strip()]
+    if not names:
+        raise ConfigurationError("--providers is empty; give one or more of cpu,cuda,tensorrt")
+    return list(dict.fromkeys(names))
+
+
+def check_providers_available(text: str) -> None:
+    """Refuse, before anything loads, a provider this onnxruntime cannot run (never a silent skip)."""
+    from autocontrast.runtime.providers import resolve_providers
+
+    for provider in requested_providers(text):
+        resolve_providers(provider)
+
+
 def system_specs(args: argparse.Namespace) -> list[SystemSpec]:
     """Every system the command line asks for, with its provider/variant expanded."""
     wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -49,7 +71,7 @@ def system_specs(args: argparse.Namespace) -> list[SystemSpec]:
     if len(contrast) != 2:
         raise ConfigurationError(f"--contrast needs UPPER,LOWER, got {args.contrast!r}")
     exit_ = _exits(args.exit_)[0] if args.exit_ else contrast[1]
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    providers = requested_providers(args.providers)
     bundles = [("fp32", args.bundle), ("int8", args.int8_bundle), ("fp16", args.fp16_bundle)]
     specs = []
     for variant, bundle in bundles:

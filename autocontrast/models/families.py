@@ -219,15 +219,15 @@ def family_for(config: Any) -> type[Family]:
     return family_of_type(getattr(config, "model_type", None))
 
 
-def model_types(*, exportable: bool = False) -> tuple[str, ...]:
-    """Every registered model type (`exportable`: decoder-only ones, which acd-export takes)."""
-    return tuple(m.model_type for f in FAMILIES.values() if not (exportable and f.is_encoder_decoder)
+def model_types(*, decoder_only: bool = False) -> tuple[str, ...]:
+    """Every registered model type (`decoder_only`: without the encoder-decoder ones)."""
+    return tuple(m.model_type for f in FAMILIES.values() if not (decoder_only and f.is_encoder_decoder)
                  for m in f.models)
 
 
-def labels(*, exportable: bool = False) -> str:
+def labels(*, decoder_only: bool = False) -> str:
     """The registered architectures as messages name them: 'GPT-2, GPT-Neo, Llama, ...'."""
-    return ", ".join(m.label for f in FAMILIES.values() if not (exportable and f.is_encoder_decoder)
+    return ", ".join(m.label for f in FAMILIES.values() if not (decoder_only and f.is_encoder_decoder)
                      for m in f.models)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from autocontrast.bundle import Manifest
 from autocontrast.cli_support import run_cli
 from autocontrast.config import (
     DEFAULT_ALPHA,
@@ -27,6 +28,29 @@ def multi_exit_from_args(mode: str, exits: str | None, alpha: float, minimum_can
     return configuration_for_mode(mode, exits, alpha=alpha, minimum_candidates=minimum_candidates)
 
 
+def bundle_mode(manifest: Manifest, mode: str, exits: str | tuple | None, alpha: float,
+                minimum_candidates: int) -> MultiExitConfiguration:
+    """`multi_exit_from_args`, where a contrast without --exits takes the bundle's fused contrast."""
+    if mode == "contrast" and exits is None:
+        fused = manifest.fused_contrast
+        if fused is None:
+            raise ConfigurationError("this bundle has no fused contrast: name the exits, e.g. --exits "
+                                     f"{manifest.num_layers},{manifest.num_layers // 2}")
+        exits = (fused.upper, fused.lower)
+    return multi_exit_from_args(mode, exits, alpha, minimum_candidates)
+
+
+def add_mode_arguments(p: argparse.ArgumentParser, *, default: str = "contrast") -> None:
+    """--mode, --exits, --alpha, --minimum-candidates, as acd-generate and acd-serve take them."""
+    p.add_argument("--mode", choices=MODE_NAMES, default=default,
+                   help=f"decode with the model's own head, one exit, or the ACD contrast (default {default})")
+    p.add_argument("--exits", help="exit for --mode exit (15) or UPPER,LOWER for contrast (default: the "
+                                   "bundle's fused contrast)")
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help=f"contrast plausibility threshold ({DEFAULT_ALPHA})")
+    p.add_argument("--minimum-candidates", type=int, default=DEFAULT_MINIMUM_CANDIDATES,
+                   help=f"contrast minimum candidates ({DEFAULT_MINIMUM_CANDIDATES})")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="acd-generate", description=__doc__.split("\n\n")[0],
                                 epilog="examples:\n" + "\n".join(__doc__.strip().splitlines()[2:]),
@@ -34,14 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="export bundle directory (made by acd-export)")
     p.add_argument("--prompt", required=True, help="prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the bundle's chat template")
-    p.add_argument("--mode", choices=MODE_NAMES, default="contrast",
-                   help="decode with the model's own head, one exit, or the ACD contrast (default)")
-    p.add_argument("--exits", help="exit for --mode exit (e.g. 15) or UPPER,LOWER for contrast (default: the "
-                                   "bundle's fused contrast)")
-    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA,
-                   help=f"contrast plausibility threshold ({DEFAULT_ALPHA})")
-    p.add_argument("--minimum-candidates", type=int, default=DEFAULT_MINIMUM_CANDIDATES,
-                   help=f"contrast minimum candidates ({DEFAULT_MINIMUM_CANDIDATES})")
+    add_mode_arguments(p)
     p.add_argument("--numpy-contrast", action="store_true", help="compute the contrast in NumPy even if fused")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
@@ -61,13 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     generator = Generator(args.bundle, provider=args.provider)
-    exits = args.exits
-    if args.mode == "contrast" and exits is None:  # the bundle's own choice, never a model's numbers
-        fused = generator.manifest.fused_contrast
-        if fused is None:
-            raise ConfigurationError(f"{args.bundle} fuses no contrast; pass --exits UPPER,LOWER")
-        exits = (fused.upper, fused.lower)
-    multi_exit = multi_exit_from_args(args.mode, exits, args.alpha, args.minimum_candidates)
+    multi_exit = bundle_mode(generator.manifest, args.mode, args.exits, args.alpha, args.minimum_candidates)
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
                               stop_strings=tuple(args.stop), min_new_tokens=args.min_new_tokens,

@@ -27,8 +27,9 @@ def chat_template(bundle_dir: Path, manifest: Manifest) -> str | None:
     return path.read_text(encoding="utf-8") if path.is_file() else None
 
 
-def render_chat(template: str | None, prompt: str, *, special_tokens: dict[str, str]) -> str:
-    """The prompt as one user message through the bundle's chat template, ready for the assistant."""
+def render_chat(template: str | None, prompt: str | list[dict[str, str]], *, special_tokens: dict[str, str]) -> str:
+    """The prompt (one user message, or a list of {role, content} messages) through the bundle's chat
+    template, ready for the assistant."""
     if template is None:
         raise PromptError("this bundle has no chat template; generate without --chat / chat=True")
     import jinja2
@@ -40,7 +41,8 @@ def render_chat(template: str | None, prompt: str, *, special_tokens: dict[str, 
 
     env.globals["raise_exception"] = raise_exception
     try:
-        return env.from_string(template).render(messages=[{"role": "user", "content": prompt}],
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return env.from_string(template).render(messages=messages,
                                                 add_generation_prompt=True, **special_tokens)
     except jinja2.TemplateError as err:
         raise BundleError(f"the bundle's chat template cannot be rendered: {err}") from None

@@ -71,3 +71,38 @@ def test_chart_is_written(results):
 def test_unknown_system_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigurationError, match="unknown system"):
         main(["--bundle", str(tmp_path), "--systems", "ours-magic", "--out", str(tmp_path)])
+
+
+def test_providers_expand_into_one_system_per_provider(tmp_path, capsys):
+    code = main(["--bundle", str(tmp_path), "--providers", "cpu,GPU,cuda", "--systems", "ours-original,ours-acd-fused",
+                 "--list-systems"])
+    assert code == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["ours-original", "ours-acd-fused", "ours-original-fp32-cuda", "ours-acd-fused-fp32-cuda"]
+
+
+def test_unknown_provider_exits_2_with_the_choices(tmp_path, capsys):
+    from autocontrast.cli_support import run_cli
+
+    code = run_cli(main, ["--bundle", str(tmp_path), "--providers", "cpu,quantum", "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown provider 'quantum'; choose one of: cpu, cuda, tensorrt")
+
+
+@pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
+def test_gpu_provider_without_onnxruntime_gpu_exits_2_before_loading(tmp_path, capsys, provider):
+    import onnxruntime as ort
+
+    from autocontrast.cli_support import run_cli
+    from autocontrast.runtime.providers import ORT_NAMES
+
+    if ORT_NAMES[provider] in ort.get_available_providers():
+        pytest.skip(f"this onnxruntime offers {provider}: the missing-provider error cannot happen")
+    # tmp_path is no bundle: the provider is refused before any bundle, tokenizer or worker is touched
+    code = run_cli(main, ["--bundle", str(tmp_path), "--providers", f"cpu,{provider}", "--systems", "ours-original",
+                          "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"provider '{provider}' is not available in this onnxruntime" in err and "pip install" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

@@ -1,0 +1,298 @@
+"""The OpenAI-compatible HTTP app (Starlette): routes, auth, limits, streaming, errors.
+
+Thin over the scheduler: a request is parsed (`protocol`), encoded and submitted as a `Job`; its
+`TokenEvent`s come back from the scheduler thread through an asyncio queue and go out as one JSON
+body or as server-sent events. A client that disconnects has its job cancelled (its row leaves the
+batch before the next step). Every error is OpenAI's error body; the server keeps serving.
+
+>>> app = create_app(Generator("smollm2-acd"), ServerConfig(model_name="smollm2"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from autocontrast.config import MultiExitConfiguration
+from autocontrast.errors import AutocontrastError, ConfigurationError, PromptError
+from autocontrast.runtime.generator import Generator
+from autocontrast.runtime.stepper import TokenEvent
+from autocontrast.serve.metrics import CONTENT_TYPE, Metrics
+from autocontrast.serve.protocol import (
+    Limits,
+    OpenAIError,
+    RequestSpec,
+    bad_request,
+    chunk_body,
+    completion_body,
+    new_id,
+    parse_request,
+    usage_chunk,
+)
+from autocontrast.serve.scheduler import Job, QueueFullError, Scheduler, SchedulerStoppedError
+
+log = logging.getLogger("autocontrast.serve")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    model_name: str
+    default_mode: MultiExitConfiguration = dataclasses.field(default_factory=MultiExitConfiguration)
+    api_key: str | None = None
+    max_batch: int = 8
+    max_queue: int = 64
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    max_body_bytes: int = 1 << 20
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_queue < 0 or self.max_body_bytes < 1:
+            raise ConfigurationError(f"max_batch ({self.max_batch}) must be >= 1, max_queue ({self.max_queue}) >= 0 "
+                                     f"and max_body_bytes ({self.max_body_bytes}) >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class AppSpec:
+    """All a process needs to build the app itself (a Ray replica gets this, pickled, and builds its own
+    Generator from it). `bundle` must be a path valid where the app is built: make it absolute."""
+
+    bundle: str
+    config: ServerConfig
+    provider: str = "cpu"
+    threads: int | None = None
+
+
+def build_app(spec: AppSpec) -> Starlette:
+    """Open the bundle (the default mode's graph loaded before any request) and return its app.
+
+    >>> app = build_app(AppSpec("/models/smollm2-acd", ServerConfig(model_name="smollm2")))  # doctest: +SKIP
+    """
+    generator = Generator(spec.bundle, provider=spec.provider, threads=spec.threads, preload=())
+    generator.session(generator.mode(spec.config.default_mode).graph)
+    return create_app(generator, spec.config)
+
+
+def create_app(generator: Generator, config: ServerConfig) -> Starlette:
+    """The ASGI app serving `generator` under `config` (run it with uvicorn)."""
+    metrics = Metrics()
+    scheduler = Scheduler(generator, max_batch=config.max_batch, max_queue=config.max_queue, observe=metrics.observe)
+    generator.mode(config.default_mode)  # a default mode the bundle cannot serve fails at start, not per request
+    server = _Server(generator, config, scheduler, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        scheduler.start()
+        yield
+        await asyncio.to_thread(scheduler.stop, drain=True)
+
+    routes = [Route("/health", server.health), Route("/metrics", server.prometheus),
+              Route("/v1/models", server.models),
+              Route("/v1/completions", server.completions, methods=["POST"]),
+              Route("/v1/chat/completions", server.chat_completions, methods=["POST"])]
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+        OpenAIError: _openai_error, HTTPException: _http_error, Exception: _server_error})
+    app.state.scheduler, app.state.metrics = scheduler, metrics
+    return app
+
+
+async def _openai_error(request: Request, err: OpenAIError) -> Response:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+async def _http_error(request: Request, err: HTTPException) -> Response:
+    return await _openai_error(request, OpenAIError(err.status_code, f"{request.method} {request.url.path}: "
+                                                    f"{err.detail}", code="not_found" if err.status_code == 404
+                                                    else None))
+
+
+async def _server_error(request: Request, err: Exception) -> Response:
+    log.exception("internal error serving %s", request.url.path)
+    return JSONResponse(OpenAIError(500, f"internal server error: {type(err).__name__}", type="server_error").body(),
+                        status_code=500)
+
+
+class _Server:
+    def __init__(self, generator: Generator, config: ServerConfig, scheduler: Scheduler, metrics: Metrics) -> None:
+        self.generator, self.config, self.scheduler, self.metrics = generator, config, scheduler, metrics
+        self.created = int(time.time())
+
+    # -- plain routes ---------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok", "pid": os.getpid(), **self.scheduler.describe()})
+
+    async def prometheus(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def models(self, request: Request) -> Response:
+        self._authorize(request, "/v1/models")
+        self._count("/v1/models", 200)
+        return JSONResponse({"object": "list", "data": [{"id": self.config.model_name, "object": "model",
+                                                         "created": self.created, "owned_by": "autocontrast"}]})
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=True)
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def _count(self, route: str, status: int) -> None:
+        self.metrics.requests.labels(route=route, status=str(status)).inc()
+
+    def _authorize(self, request: Request, route: str) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            self._count(route, 401)
+            raise OpenAIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                              code="invalid_api_key")
+
+    async def _generate(self, request: Request, *, chat: bool) -> Response:
+        route = request.url.path
+        self._authorize(request, route)
+        try:
+            body = await self._read_json(request)
+            spec = parse_request(body, chat=chat, limits=self.config.limits)
+            job = self._submit(spec, body, chat=chat)
+        except OpenAIError as err:
+            self._count(route, err.status)
+            raise
+        self._count(route, 200)
+        self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+        request_id = new_id(chat)
+        if spec.stream:
+            return StreamingResponse(self._events(request, job, spec, chat=chat, request_id=request_id),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await self._whole(request, job, chat=chat, request_id=request_id)
+
+    async def _read_json(self, request: Request) -> Any:
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise OpenAIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > limit:
+                raise OpenAIError(413, f"request body exceeds the limit of {limit} bytes")
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise bad_request(f"the request body is not valid JSON: {err}") from None
+
+    def _submit(self, spec: RequestSpec, body: dict[str, Any], *, chat: bool) -> Job:
+        if spec.model is not None and spec.model != self.config.model_name:
+            raise OpenAIError(404, f"the model {spec.model!r} does not exist; this server serves "
+                              f"{self.config.model_name!r}", param="model", code="model_not_found")
+        gen = self.generator
+        params = spec.params
+        try:
+            ids = gen.encode_chat(spec.messages) if chat else gen.encode(spec.prompt)
+            if chat and "max_tokens" not in body and "max_completion_tokens" not in body:
+                room = gen.manifest.max_positions - len(ids)  # the default budget fits the context
+                params = dataclasses.replace(params, max_new_tokens=max(1, min(params.max_new_tokens, room)))
+            gen.check_length(len(ids), params.max_new_tokens)
+            params.check_vocabulary(gen.manifest.vocab_size)
+            loop = asyncio.get_running_loop()
+            events: asyncio.Queue = asyncio.Queue()
+            job = Job(ids, params, spec.multi_exit or self.config.default_mode,
+                      on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+            job.channel = events
+            self.scheduler.submit(job)
+        except QueueFullError as err:
+            raise OpenAIError(429, f"{err}; retry after {self.config.retry_after_s} s", type="rate_limit_error",
+                              code="rate_limit_exceeded",
+                              headers={"Retry-After": str(self.config.retry_after_s)}) from None
+        except SchedulerStoppedError as err:
+            raise OpenAIError(503, str(err), type="server_error", code="shutting_down") from None
+        except AutocontrastError as err:
+            param = ("multi_exit" if isinstance(err, ConfigurationError) else
+                     ("messages" if chat else "prompt") if isinstance(err, PromptError) else None)
+            raise bad_request(str(err), param) from None
+        return job
+
+    async def _next(self, request: Request, job: Job, watcher: asyncio.Task) -> TokenEvent | BaseException | None:
+        """The job's next event, or None if the client has gone (then the job is cancelled)."""
+        getter = asyncio.ensure_future(job.channel.get())
+        done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            return getter.result()
+        getter.cancel()
+        job.cancel()
+        log.info("client left; request cancelled after %d token(s)", job.generated)
+        return None
+
+    async def _whole(self, request: Request, job: Job, *, chat: bool, request_id: str) -> Response:
+        watcher = asyncio.ensure_future(_disconnected(request))
+        pieces = []
+        try:
+            while True:
+                event = await self._next(request, job, watcher)
+                if event is None:
+                    return Response(status_code=499)  # nobody is listening; the job is cancelled
+                if isinstance(event, BaseException):
+                    raise OpenAIError(500, f"generation failed: {event}", type="server_error")
+                pieces.append(event.text)
+                if event.finish_reason is not None:
+                    break
+        finally:
+            watcher.cancel()
+        return JSONResponse(completion_body(chat=chat, request_id=request_id, model=self.config.model_name,
+                                            text="".join(pieces), finish_reason=event.finish_reason,
+                                            prompt_tokens=len(job.prompt_ids), completion_tokens=job.generated))
+
+    async def _events(self, request: Request, job: Job, spec: RequestSpec, *, chat: bool,
+                      request_id: str) -> AsyncIterator[str]:
+        model = self.config.model_name
+        watcher = asyncio.ensure_future(_disconnected(request))
+        try:
+            if chat:  # the role first, before any token: the client knows the answer has begun
+                yield _sse(chunk_body(chat=True, request_id=request_id, model=model, text=None, finish_reason=None,
+                                      first=True))
+            while True:
+                event = await self._next(request, job, watcher)
+                if event is None:
+                    return
+                if isinstance(event, BaseException):
+                    yield _sse(OpenAIError(500, f"generation failed: {event}", type="server_error").body())
+                    break
+                if event.text or event.finish_reason is not None:
+                    yield _sse(chunk_body(chat=chat, request_id=request_id, model=model, text=event.text,
+                                          finish_reason=event.finish_reason))
+                if event.finish_reason is not None:
+                    break
+            if spec.include_usage:
+                yield _sse(usage_chunk(chat=chat, request_id=request_id, model=model,
+                                       prompt_tokens=len(job.prompt_ids), completion_tokens=job.generated))
+            yield "data: [DONE]\n\n"
+        finally:
+            watcher.cancel()
+            job.cancel()  # a no-op once the job has finished; stops it if the stream was abandoned
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read: nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"

@@ -1,0 +1,244 @@
+"""The OpenAI wire format: request bodies to a `RequestSpec`, results to response bodies, errors to
+OpenAI's error body. Pure functions over dicts; no HTTP here.
+
+Request fields follow OpenAI's completions and chat completions, plus the extras vLLM users know
+(`top_k`, `repetition_penalty`, `min_tokens`, `ignore_eos`) and `multi_exit`, the ACD mode of this
+request: the `MultiExitConfiguration` fields by their Python names.
+
+>>> spec = parse_request({"prompt": "Hi", "max_tokens": 4, "temperature": 0}, chat=False, limits=Limits())
+>>> spec.params.max_new_tokens, spec.params.do_sample
+(4, False)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import uuid
+from typing import Any
+
+from autocontrast.config import MultiExitConfiguration
+from autocontrast.errors import AutocontrastError
+from autocontrast.runtime.params import GenerationParams
+
+MULTI_EXIT_FIELDS = ("use_original_head", "output_layer_index", "contrast_layer_indices", "alpha",
+                     "minimum_candidates")
+# fields we take but cannot honour: a request that asks for them gets a clear 400, not a silent ignore
+UNSUPPORTED = {"logprobs": "logprobs are not returned by this server", "echo": "echo is not supported",
+               "suffix": "suffix is not supported", "tools": "tool calls are not supported",
+               "functions": "function calls are not supported", "logit_bias": "logit_bias is not supported",
+               "top_logprobs": "top_logprobs are not returned by this server"}
+FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "length": "length"}
+# our parameter names in error messages -> the OpenAI field the client sent
+PARAM_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "stop_strings": "stop",
+               "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
+               "repetition_penalty": "repetition_penalty", "stop_token_ids": "stop"}
+
+
+class OpenAIError(Exception):
+    """An error answered in OpenAI's format: `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, param=param, code=code)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one request may ask for."""
+
+    max_tokens: int = 1024  # the most new tokens one request may ask for (and the chat default)
+    completion_default_tokens: int = 16  # OpenAI's default max_tokens for /v1/completions
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestSpec:
+    """A validated request: what to generate and how to answer."""
+
+    prompt: str | list[int] | None  # completions
+    messages: list[dict[str, str]] | None  # chat
+    params: GenerationParams
+    multi_exit: MultiExitConfiguration | None  # None: the server's default mode
+    stream: bool
+    include_usage: bool
+    model: str | None
+
+
+def _number(body: dict[str, Any], name: str, default: float | None, *, integer: bool = False) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or (not integer and not math.isfinite(value)):
+        raise bad_request(f"'{name}' must be {'an integer' if integer else 'a finite number'}, got {value!r}", name)
+    return value
+
+
+def _bool(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise bad_request(f"'{name}' must be true or false, got {value!r}", name)
+    return value
+
+
+def _stop(body: dict[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 16:
+        return tuple(stop)
+    raise bad_request("'stop' must be a string or a list of at most 16 strings", "stop")
+
+
+def _multi_exit(body: dict[str, Any]) -> MultiExitConfiguration | None:
+    fields = body.get("multi_exit")
+    if fields is None:
+        return None
+    if not isinstance(fields, dict):
+        raise bad_request("'multi_exit' must be an object of MultiExitConfiguration fields", "multi_exit")
+    unknown = sorted(set(fields) - set(MULTI_EXIT_FIELDS))
+    if unknown:
+        raise bad_request(f"unknown multi_exit field(s) {', '.join(unknown)}; known: {', '.join(MULTI_EXIT_FIELDS)}",
+                          "multi_exit")
+    if isinstance(fields.get("contrast_layer_indices"), list):
+        fields = {**fields, "contrast_layer_indices": tuple(fields["contrast_layer_indices"])}
+    try:
+        return MultiExitConfiguration(**fields)
+    except (AutocontrastError, TypeError, ValueError) as err:
+        raise bad_request(f"multi_exit: {err}", "multi_exit") from None
+
+
+def _prompt(body: dict[str, Any]) -> str | list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str) and prompt:
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    if isinstance(prompt, list) and len(prompt) > 1:
+        raise bad_request("one prompt per request: send several prompts as several requests", "prompt")
+    raise bad_request("'prompt' must be a non-empty string or a list of token ids", "prompt")
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise bad_request(f"messages[{i}] must be an object with a 'role' string", "messages")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise bad_request(f"messages[{i}].content parts must be text parts", "messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise bad_request(f"messages[{i}].content must be a string", "messages")
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+def parse_request(body: Any, *, chat: bool, limits: Limits) -> RequestSpec:
+    """A request body (parsed JSON) to a `RequestSpec`; anything wrong is a 400 naming the field."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    for name, why in UNSUPPORTED.items():
+        if body.get(name) not in (None, False, {}, []):
+            raise bad_request(f"'{name}': {why}", name, "unsupported_parameter")
+    if _number(body, "n", 1, integer=True) != 1 or _number(body, "best_of", 1, integer=True) != 1:
+        raise bad_request("only n=1 (and best_of=1) is supported: send several requests instead", "n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _number(body, name, 0.0) != 0.0:
+            raise bad_request(f"'{name}' is not supported; use repetition_penalty", name, "unsupported_parameter")
+    default = limits.max_tokens if chat else limits.completion_default_tokens
+    max_tokens = _number(body, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens",
+                         default, integer=True)
+    if not 1 <= max_tokens <= limits.max_tokens:
+        raise bad_request(f"max_tokens ({max_tokens}) must be within 1..{limits.max_tokens}", "max_tokens")
+    top_k = _number(body, "top_k", 0, integer=True)
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise bad_request("'stream_options' must be an object", "stream_options")
+    try:
+        params = GenerationParams(
+            max_new_tokens=max_tokens, temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0),
+            top_k=0 if top_k == -1 else top_k, seed=_number(body, "seed", None, integer=True),
+            repetition_penalty=_number(body, "repetition_penalty", 1.0), stop_strings=_stop(body),
+            min_new_tokens=_number(body, "min_tokens", 0, integer=True), ignore_eos=_bool(body, "ignore_eos", False))
+    except AutocontrastError as err:
+        message = str(err)
+        param = next((v for k, v in PARAM_NAMES.items() if message.startswith(k)), None)
+        raise bad_request(message, param) from None
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request("'model' must be a string", "model")
+    return RequestSpec(prompt=None if chat else _prompt(body), messages=_messages(body) if chat else None,
+                       params=params, multi_exit=_multi_exit(body), stream=_bool(body, "stream", False),
+                       include_usage=_bool(stream_options, "include_usage", False), model=model)
+
+
+# -- responses --------------------------------------------------------------------------------------
+
+
+def new_id(chat: bool) -> str:
+    return f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(*, chat: bool, request_id: str, model: str, text: str, finish_reason: str,
+                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """The whole (non-streamed) response."""
+    reason = FINISH_REASONS.get(finish_reason, finish_reason)
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": reason}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+    return {"id": request_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chunk_body(*, chat: bool, request_id: str, model: str, text: str | None, finish_reason: str | None,
+               first: bool = False) -> dict[str, Any]:
+    """One server-sent event of a streamed response; the first chat chunk carries the role."""
+    reason = FINISH_REASONS.get(finish_reason, finish_reason) if finish_reason else None
+    if chat:
+        delta: dict[str, str] = {"role": "assistant"} if first else {}
+        if text:
+            delta["content"] = text
+        elif first:
+            delta["content"] = ""
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+    return {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [choice]}
+
+
+def usage_chunk(*, chat: bool, request_id: str, model: str, prompt_tokens: int,
+                completion_tokens: int) -> dict[str, Any]:
+    """The last chunk when `stream_options.include_usage` is set: no choices, the usage."""
+    return {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}

@@ -1,0 +1,230 @@
+"""acd-serve against the official openai client, on loopback: routes, streaming, ACD per request,
+continuous batching (concurrent requests equal their text alone), errors in OpenAI's format."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from autocontrast.config import MultiExitConfiguration
+from tests.runtime.conftest import CONTRAST
+from tests.serve.conftest import API_KEY, ServerProcess
+
+ACD = MultiExitConfiguration(use_original_head=False, contrast_layer_indices=CONTRAST)
+PROMPTS = ["The capital of France is", "Once upon a time, in a small village by the sea", "Hi", "1, 2, 3,",
+           "A recipe for bread:", "The weather today", "In 1492,", "Dear diary,"]
+
+
+def _alone(generator, prompt, config=ACD, *, chat=False, tokens=12):
+    return generator.generate(prompt, multi_exit=config, max_new_tokens=tokens, chat=chat).text
+
+
+def test_models_lists_the_bundle(client, llama_bundle):
+    assert [m.id for m in client.models.list().data] == [llama_bundle.name]
+
+
+def test_completion_equals_the_generator_alone(client, generator):
+    out = client.completions.create(model=generator.bundle_dir.name, prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert out.choices[0].text == _alone(generator, PROMPTS[0])
+    assert out.usage.prompt_tokens == len(generator.encode(PROMPTS[0]))
+    assert out.usage.completion_tokens <= 12 and out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_chat_completion_uses_the_chat_template(client, generator):
+    out = client.chat.completions.create(model=generator.bundle_dir.name, max_tokens=12, temperature=0,
+                                         messages=[{"role": "user", "content": PROMPTS[1]}])
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == _alone(generator, PROMPTS[1], chat=True)
+
+
+def test_streamed_chat_starts_with_the_role_and_ends_with_a_finish_reason(client, generator):
+    chunks = list(client.chat.completions.create(model=generator.bundle_dir.name, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 messages=[{"role": "user", "content": PROMPTS[2]}]))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == _alone(generator, PROMPTS[2], chat=True)
+
+
+def test_streamed_completion_equals_the_whole_one(client, generator):
+    chunks = list(client.completions.create(model=generator.bundle_dir.name, prompt=PROMPTS[3], max_tokens=12,
+                                            temperature=0, stream=True))
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert "".join(c.choices[0].text for c in chunks) == _alone(generator, PROMPTS[3])
+
+
+@pytest.mark.parametrize("fields", [dict(use_original_head=True),
+                                    dict(use_original_head=False, output_layer_index=2),
+                                    dict(use_original_head=False, contrast_layer_indices=list(CONTRAST), alpha=0.3)],
+                         ids=["original", "exit", "contrast_numpy"])
+def test_multi_exit_per_request_through_extra_body(client, generator, fields):
+    out = client.completions.create(model=generator.bundle_dir.name, prompt=PROMPTS[4], max_tokens=12, temperature=0,
+                                    extra_body={"multi_exit": fields})
+    config = MultiExitConfiguration(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    assert out.choices[0].text == _alone(generator, PROMPTS[4], config)
+
+
+def test_vllm_extras_and_stop_strings(client, generator):
+    whole = _alone(generator, PROMPTS[5], tokens=16)
+    stop = whole[len(whole) // 2:len(whole) // 2 + 3]
+    out = client.completions.create(model=generator.bundle_dir.name, prompt=PROMPTS[5], max_tokens=16, temperature=0,
+                                    stop=[stop], extra_body={"top_k": 5, "min_tokens": 2, "ignore_eos": True})
+    assert out.choices[0].text == whole[:whole.find(stop)] and out.choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_repeats(client, generator):
+    def ask():
+        return client.completions.create(model=generator.bundle_dir.name, prompt=PROMPTS[6], max_tokens=10,
+                                         temperature=1.0, top_p=0.9, seed=11).choices[0].text
+    assert ask() == ask() == generator.generate(PROMPTS[6], multi_exit=ACD, max_new_tokens=10, temperature=1.0,
+                                                top_p=0.9, seed=11).text
+
+
+def test_sixteen_concurrent_streams_each_equal_their_text_alone(client, generator):
+    jobs = [(PROMPTS[i % len(PROMPTS)], 8 + i) for i in range(16)]
+
+    def stream(job):
+        chunks = client.completions.create(model=generator.bundle_dir.name, prompt=job[0], max_tokens=job[1],
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
+        return "".join(c.choices[0].text for c in chunks)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        texts = list(pool.map(stream, jobs))
+    expected = [generator.generate(p, multi_exit=ACD, max_new_tokens=n, ignore_eos=True).text for p, n in jobs]
+    assert texts == expected
+
+
+ERRORS = [
+    ("temperature of the wrong type", dict(prompt="Hi", temperature="hot"), "temperature"),
+    ("n above one", dict(prompt="Hi", n=2), "n"),
+    ("negative max_tokens", dict(prompt="Hi", max_tokens=-1), "max_tokens"),
+    ("max_tokens beyond the limit", dict(prompt="Hi", max_tokens=10**6), "max_tokens"),
+    ("top_p out of range", dict(prompt="Hi", top_p=1.5), "top_p"),
+    ("empty prompt", dict(prompt=""), "prompt"),
+    ("prompt of floats", dict(prompt=[1.5, 2.5]), "prompt"),
+    ("two prompts", dict(prompt=["a", "b"]), "prompt"),
+    ("over-long prompt", dict(prompt=[5] * 300, max_tokens=8), "prompt"),
+    ("unknown exit", dict(prompt="Hi", extra_body={"multi_exit": {"use_original_head": False,
+                                                                 "output_layer_index": 9}}), "multi_exit"),
+    ("unknown multi_exit field", dict(prompt="Hi", extra_body={"multi_exit": {"layer": 2}}), "multi_exit"),
+    ("logprobs", dict(prompt="Hi", logprobs=2), "logprobs"),
+    ("stop of the wrong type", dict(prompt="Hi", stop=[1, 2]), "stop"),
+    ("negative seed", dict(prompt="Hi", seed=-5), "seed"),
+]
+
+
+@pytest.mark.parametrize("fields,param", [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
+def test_bad_requests_are_400_in_openai_format_and_the_server_goes_on(client, generator, fields, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=generator.bundle_dir.name, **{"max_tokens": 4, **fields})
+    assert caught.value.status_code == 400
+    assert caught.value.body["type"] == "invalid_request_error" and caught.value.body["param"] == param
+    assert caught.value.body["message"]
+    assert client.completions.create(model=generator.bundle_dir.name, prompt="Hi", max_tokens=2).choices
+
+
+def test_malformed_json_is_400(server):
+    response = httpx.post(f"{server.base}/v1/completions", content=b'{"prompt": "Hi",',
+                          headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_an_oversized_body_is_413(server):
+    response = httpx.post(f"{server.base}/v1/completions", content=b'{"prompt": "' + b"a" * (2 << 20) + b'"}',
+                          headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 413 and "exceeds the limit" in response.json()["error"]["message"]
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.completions.create(model="gpt-4", prompt="Hi", max_tokens=2)
+    assert caught.value.body["code"] == "model_not_found"
+
+
+def test_a_request_without_the_api_key_is_401(server):
+    bare = openai.OpenAI(base_url=f"{server.base}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bare.models.list()
+    assert httpx.post(f"{server.base}/v1/completions", json={"prompt": "Hi"}).status_code == 401
+    assert httpx.get(f"{server.base}/health").status_code == 200  # health needs no key
+
+
+def test_metrics_are_prometheus_text(client, server, generator):
+    client.completions.create(model=generator.bundle_dir.name, prompt="Hi", max_tokens=3, temperature=0)
+    text = httpx.get(f"{server.base}/metrics").text
+    for name in ("acd_requests_total", "acd_generated_tokens_total", "acd_queue_depth", "acd_batch_size",
+                 "acd_time_to_first_token_seconds_bucket", "acd_time_per_output_token_seconds_bucket"):
+        assert name in text
+    assert server.metric("acd_generated_tokens_total") >= 3
+
+
+def test_a_dropped_stream_is_cancelled_and_the_server_goes_idle(server, generator):
+    cancelled = server.metric("acd_cancelled_requests_total")
+    generated = server.metric("acd_generated_tokens_total")
+    body = {"model": generator.bundle_dir.name, "prompt": PROMPTS[1], "max_tokens": 240, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server.base}/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        next(response.iter_lines())  # the first event arrived: generation is under way
+    time.sleep(1.0)
+    assert server.health()["running"] == 0 and server.health()["queue_depth"] == 0
+    assert server.metric("acd_cancelled_requests_total") == cancelled + 1
+    assert server.metric("acd_generated_tokens_total") - generated < 240
+
+
+@pytest.mark.slow
+def test_a_full_queue_is_429_with_retry_after(smollm2_bundle):
+    # SmolLM2 (~20 ms a token) keeps the first request running while the queue fills
+    small = ServerProcess(smollm2_bundle, "--max-batch", "1", "--max-queue", "1", "--mode", "original")
+    try:
+        body = {"prompt": PROMPTS[1], "max_tokens": 200, "stream": True, "ignore_eos": True}
+        with httpx.Client(base_url=small.base, timeout=120) as http:
+            with http.stream("POST", "/v1/completions", json=body) as running:
+                lines = running.iter_lines()  # kept: a dropped iterator closes the connection
+                assert '"finish_reason": null' in next(lines)
+                with http.stream("POST", "/v1/completions", json=body) as queued:
+                    assert small.health()["queue_depth"] == 1, small.output()
+                    refused = httpx.post(f"{small.base}/v1/completions", json=body, timeout=30)
+                    assert refused.status_code == 429
+                    assert refused.headers["Retry-After"] == "1"
+                    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+                    assert queued.status_code == 200
+                    events = [line for line in queued.iter_lines() if line.startswith("data: {")]
+                    assert '"finish_reason": "length"' in events[-1]  # the queued request was served in full
+        assert small.health() == {**small.health(), "status": "ok", "running": 0, "queue_depth": 0}
+    finally:
+        small.stop()
+
+
+@pytest.mark.slow
+def test_sigterm_drains_running_requests_then_exits(smollm2_bundle):
+    from autocontrast.runtime import Generator
+
+    server = ServerProcess(smollm2_bundle, "--mode", "original")
+    body = {"prompt": PROMPTS[0], "max_tokens": 60, "stream": True, "ignore_eos": True, "temperature": 0}
+    with httpx.stream("POST", f"{server.base}/v1/completions", json=body, timeout=120) as response:
+        stream = response.iter_lines()
+        lines = [next(stream)]
+        server.proc.terminate()  # SIGTERM mid-stream
+        lines = [line for line in lines + list(stream) if line]
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert lines[-1] == "data: [DONE]" and events[-1]["choices"][0]["finish_reason"] == "length"
+    assert "".join(e["choices"][0]["text"] for e in events) == Generator(smollm2_bundle).generate(
+        PROMPTS[0], max_new_tokens=60, ignore_eos=True).text
+    assert server.proc.wait(timeout=60) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.base}/health", timeout=2)
+
+
+def test_the_server_binds_to_loopback_by_default():
+    from autocontrast.serve.cli import _parser
+
+    assert _parser().parse_args(["bundle"]).host == "127.0.0.1"
