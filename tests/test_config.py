@@ -167,20 +167,3 @@ def test_configuration_for_mode_refuses_what_does_not_fit(mode, exits, message):
     with pytest.raises(ConfigurationError, match=message):
         configuration_for_mode(mode, exits)
 
-
-def test_bench_takes_its_default_contrast_and_exit_from_the_bundle(tmp_path):
-    import argparse
-
-    from autocontrast.bench.systems import system_specs
-    from autocontrast.bundle import Manifest, write_manifest
-
-    manifest = Manifest.example()
-    write_manifest(tmp_path, manifest)
-    for name in [g.file for g in manifest.graphs] + list(manifest.tokenizer_files):
-        (tmp_path / name).write_text("")
-    args = argparse.Namespace(systems="ours-exit,ours-acd-fused", contrast=None, exit_=None, providers="cpu",
-                              bundle=tmp_path, int8_bundle=None, fp16_bundle=None, model=None)
-    specs = system_specs(args)
-    fused = manifest.fused_contrast
-    assert [s.params["contrast"] for s in specs] == [(fused.upper, fused.lower)] * 2
-    assert [s.params["exit"] for s in specs] == [fused.lower] * 2

@@ -33,6 +33,7 @@ from autocontrast.models.families import FAMILIES, model_types
 
 VOCAB = 512
 NUM_LAYERS = 4
+MAX_POSITIONS = 1024  # room for long generations: a tiny model is fast, tests that need one running use many tokens
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # ids 0, 1, 2: the tiny configs' pad, bos and eos (SmolLM2's ids for the same tokens)
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -55,7 +56,7 @@ def save_tiny_tokenizer(directory: Path, lines: Iterable[str]) -> Path:
     tokenizer.save(str(directory / "tokenizer.json"))
     pad, bos, eos = SPECIAL_TOKENS
     special = {"bos_token": bos, "eos_token": eos, "pad_token": pad, "unk_token": pad}
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 256, "chat_template": CHAT_TEMPLATE,
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": MAX_POSITIONS, "chat_template": CHAT_TEMPLATE,
               **special}
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
@@ -87,10 +88,10 @@ def export_cases() -> list[tuple[str, VocabularyProjectionMode]]:
 _COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 # grouped-query attention (4 query heads, 2 KV heads), tied head
 _LLAMA_LIKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **_COMMON)
+                   num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True, **_COMMON)
 TINY_CONFIGS = {
-    "gpt2": lambda: GPT2Config(n_embd=32, n_layer=NUM_LAYERS, n_head=4, n_positions=256, **_COMMON),
-    "gpt_neo": lambda: GPTNeoConfig(hidden_size=32, num_layers=NUM_LAYERS, num_heads=4, max_position_embeddings=256,
+    "gpt2": lambda: GPT2Config(n_embd=32, n_layer=NUM_LAYERS, n_head=4, n_positions=MAX_POSITIONS, **_COMMON),
+    "gpt_neo": lambda: GPTNeoConfig(hidden_size=32, num_layers=NUM_LAYERS, num_heads=4, max_position_embeddings=MAX_POSITIONS,
                                     attention_types=[[["global", "local"], NUM_LAYERS // 2]], window_size=16,
                                     **_COMMON),
     "llama": lambda: LlamaConfig(**_LLAMA_LIKE),

@@ -8,7 +8,10 @@ from autocontrast.bench.stats import RunTiming
 
 
 class RuntimeSystem:
-    def __init__(self, bundle: str, *, mode: str, provider: str, contrast: tuple[Any, Any], exit_: Any) -> None:
+    """`contrast=None`: the bundle's fused contrast; `exit_=None`: the contrast's lower exit."""
+
+    def __init__(self, bundle: str, *, mode: str, provider: str, contrast: tuple[Any, Any] | None,
+                 exit_: Any = None) -> None:
         self.bundle, self.mode_name, self.provider = bundle, mode, provider
         self.contrast, self.exit_ = contrast, exit_
         self.generator: Any = None
@@ -26,13 +29,21 @@ class RuntimeSystem:
 
     def load(self) -> None:
         from autocontrast.config import configuration_for_mode
+        from autocontrast.errors import ConfigurationError
         from autocontrast.runtime import Generator
 
-        mode = "contrast" if self.mode_name.startswith("acd") else self.mode_name  # acd-fused, acd-numpy
-        self.multi_exit = configuration_for_mode(mode, {"original": (), "exit": (self.exit_,)}.get(mode, self.contrast))
-        self.fused = self.mode_name != "acd-numpy"
         # Only this mode's graph is loaded: the memory figure is that of a service running this mode.
         self.generator = Generator(self.bundle, provider=self.provider, preload=())
+        mode = "contrast" if self.mode_name.startswith("acd") else self.mode_name  # acd-fused, acd-numpy
+        needs_contrast = mode == "contrast" or (mode == "exit" and self.exit_ is None)
+        if needs_contrast and self.contrast is None:
+            fused = self.generator.manifest.fused_contrast  # a generic tool takes its exits from the bundle
+            if fused is None:
+                raise ConfigurationError(f"{self.bundle} fuses no contrast; pass --contrast UPPER,LOWER and --exit N")
+            self.contrast = (fused.upper, fused.lower)
+        exit_ = self.exit_ if self.exit_ is not None else (self.contrast[1] if self.contrast else None)
+        self.multi_exit = configuration_for_mode(mode, {"original": (), "exit": (exit_,)}.get(mode, self.contrast))
+        self.fused = self.mode_name != "acd-numpy"
         mode = self.generator.mode(self.multi_exit, fused=self.fused)
         self.generator.session(mode.graph)
         if self.mode_name == "acd-fused" and not mode.fused:

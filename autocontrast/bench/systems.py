@@ -67,10 +67,11 @@ def system_specs(args: argparse.Namespace) -> list[SystemSpec]:
     unknown = [s for s in wanted if s not in DEFAULT_SYSTEMS]
     if unknown:
         raise ConfigurationError(f"unknown system(s) {unknown}; known: {', '.join(DEFAULT_SYSTEMS)}")
-    contrast = _exits(args.contrast) if args.contrast else _bundle_contrast(args.bundle)
-    if len(contrast) != 2:
+    # None: the bundle's fused contrast and its lower exit, read where the bundle is opened
+    contrast = _exits(args.contrast) if args.contrast else None
+    if contrast is not None and len(contrast) != 2:
         raise ConfigurationError(f"--contrast needs UPPER,LOWER, got {args.contrast!r}")
-    exit_ = _exits(args.exit_)[0] if args.exit_ else contrast[1]
+    exit_ = _exits(args.exit_)[0] if args.exit_ else None
     providers = requested_providers(args.providers)
     bundles = [("fp32", args.bundle), ("int8", args.int8_bundle), ("fp16", args.fp16_bundle)]
     specs = []
@@ -86,7 +87,8 @@ def system_specs(args: argparse.Namespace) -> list[SystemSpec]:
                     "bundle": str(bundle), "mode": mode, "provider": provider, "contrast": contrast, "exit": exit_}))
     model = str(args.model) if args.model else ""
     if "torch-acd" in wanted:
-        specs.append(SystemSpec("torch-acd", "torch-acd", {"model": model, "contrast": contrast}))
+        specs.append(SystemSpec("torch-acd", "torch-acd", {"model": model,
+                                                           "contrast": contrast or _bundle_contrast(args.bundle)}))
     if "torch-greedy" in wanted:
         specs.append(SystemSpec("torch-greedy", "torch", {"model": model}))
     if "optimum-greedy" in wanted:
@@ -103,8 +105,8 @@ def build(spec: SystemSpec) -> Any:
     if spec.kind == "ours":
         from autocontrast.bench.ours import RuntimeSystem
 
-        return RuntimeSystem(p["bundle"], mode=p["mode"], provider=p["provider"], contrast=tuple(p["contrast"]),
-                             exit_=p["exit"])
+        return RuntimeSystem(p["bundle"], mode=p["mode"], provider=p["provider"],
+                             contrast=tuple(p["contrast"]) if p["contrast"] else None, exit_=p["exit"])
     from autocontrast.bench import peers
 
     if spec.kind == "torch":

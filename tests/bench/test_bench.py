@@ -106,3 +106,16 @@ def test_gpu_provider_without_onnxruntime_gpu_exits_2_before_loading(tmp_path, c
     err = capsys.readouterr().err
     assert f"provider '{provider}' is not available in this onnxruntime" in err and "pip install" in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", ["exit", "acd-fused"])
+def test_our_systems_take_the_bundles_fused_contrast_when_none_is_given(mode, tiny_bundle):
+    from autocontrast.bench.ours import RuntimeSystem
+    from autocontrast.bundle import read_manifest
+
+    bundle = tiny_bundle("llama", "SHARED_PROJECTION_DIRECT", fuse_contrast=(3, 1))
+    fused = read_manifest(bundle).fused_contrast
+    system = RuntimeSystem(str(bundle), mode=mode, provider="cpu", contrast=None)
+    system.load()
+    wanted = (fused.upper, fused.lower) if mode == "acd-fused" else (fused.lower,)
+    assert system.multi_exit.required_exits == wanted

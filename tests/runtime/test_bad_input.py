@@ -24,6 +24,7 @@ from autocontrast.errors import (
 )
 from autocontrast.runtime import Generator
 from tests.runtime.conftest import CONTRAST
+from tests.tiny_models import MAX_POSITIONS
 
 
 def _acd(**fields) -> MultiExitConfiguration:
@@ -60,7 +61,7 @@ CASES = [
     ("empty id list in a batch", lambda g: g.generate([[5, 6], []]), PromptError, "no tokens"),
     ("whitespace prompt", lambda g: g.generate("   "), PromptError, "empty"),
     ("id outside the vocabulary", lambda g: g.generate([5, 10**7]), PromptError, "outside the vocabulary"),
-    ("prompt beyond max positions", lambda g: g.generate([5] * 300, max_new_tokens=8), PromptError,
+    ("prompt beyond max positions", lambda g: g.generate([5] * (MAX_POSITIONS + 44), max_new_tokens=8), PromptError,
      "maximum positions"),
     # generation parameters
     ("temperature NaN", _gen(temperature=math.nan), GenerationParameterError, "temperature"),
