@@ -16,6 +16,9 @@ Graph conventions (all graphs of a bundle share them):
   position (and the fused contrast, if any, as (batch, seq, vocab)).
 - `GraphSpec.external_data`: files holding a graph's weights; acd-export writes one shared,
   deduplicated `weights.bin` that every graph reads by offset.
+- `GraphSpec.layers`: an early-exit decode graph computes only the first `layers` decoder layers
+  (its exits are at or below that layer) and its KV cache has that many layers (`Manifest.kv_for`);
+  None: every layer.
 
 Manifest dicts: `variant` = {dtype, optimize, quantize, quantization (int8 recipe), agreement
 (int8: teacher-forced token agreement with fp32), tensorrt (provider options per graph, cache
@@ -41,7 +44,8 @@ from autocontrast.config import Exit, parse_exit
 from autocontrast.errors import BundleError
 
 FORMAT = "autocontrast-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: GraphSpec.layers (early-exit graphs)
+READABLE_VERSIONS = (1, 2)  # a version-1 manifest is a version-2 one without early-exit graphs
 MANIFEST_FILE = "manifest.json"
 
 DECODE = "decode"
@@ -71,6 +75,10 @@ class KVCacheSpec:
         """Input names in graph order: key then value of layer 0, 1, ..."""
         return [n.format(layer=i) for i in range(self.num_layers) for n in (self.past_key, self.past_value)]
 
+    def for_layers(self, layers: int | None) -> KVCacheSpec:
+        """This layout for a graph computing only the first `layers` layers (None: all of them)."""
+        return self if layers is None or layers == self.num_layers else dataclasses.replace(self, num_layers=layers)
+
     def present_names(self) -> list[str]:
         return [n.format(layer=i) for i in range(self.num_layers) for n in (self.present_key, self.present_value)]
 
@@ -95,9 +103,14 @@ class GraphSpec:
     logits_output: str = "exit_logits"
     contrast: ContrastSpec | None = None
     external_data: tuple[str, ...] = ()  # files the graph's weights live in, relative to the bundle
+    layers: int | None = None  # decoder layers the graph computes (an early exit); None: all of them
 
     def exit_position(self, exit_: Exit) -> int:
         return self.exits.index(exit_)
+
+    def cost(self, num_layers: int) -> tuple[int, int, bool]:
+        """Sort key of the work one step of this graph does: layers computed, exits projected, fused contrast."""
+        return (self.layers or num_layers, len(self.exits), self.contrast is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,14 +143,18 @@ class Manifest:
         raise BundleError(f"bundle has no graph named {name!r}; it has: {[g.name for g in self.graphs]}")
 
     def graph_for_exits(self, exits: Sequence[Exit], *, kind: str = DECODE) -> GraphSpec:
-        """The cheapest graph of `kind` (fewest exits) that returns all of `exits`."""
+        """The cheapest graph of `kind` (fewest layers, then fewest exits) that returns all of `exits`."""
         wanted = set(exits)
         fitting = [g for g in self.graphs if g.kind == kind and wanted <= set(g.exits)]
         if not fitting:
             have = sorted({str(e) for g in self.graphs if g.kind == kind for e in g.exits})
             raise BundleError(f"no {kind} graph in this bundle returns exits {list(exits)}; "
                               f"its {kind} graphs return: {', '.join(have) or 'nothing'}")
-        return min(fitting, key=lambda g: (len(g.exits), g.contrast is not None))
+        return min(fitting, key=lambda g: g.cost(self.num_layers))
+
+    def kv_for(self, graph: GraphSpec) -> KVCacheSpec:
+        """The KV cache layout of one graph: the bundle's, with only the layers the graph computes."""
+        return self.kv_cache.for_layers(graph.layers)
 
     def fused_graph(self, upper: Exit, lower: Exit, alpha: float, minimum_candidates: int) -> GraphSpec | None:
         """A decode graph whose fused contrast is exactly this one, if the bundle has it."""
@@ -163,18 +180,27 @@ class Manifest:
             raise BundleError(f"not an autocontrast bundle manifest (format is {data.get('format')!r}, "
                               f"expected {FORMAT!r})" if isinstance(data, dict) else "manifest is not a JSON object")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise BundleError(f"bundle format_version {version!r} is not supported by this runtime "
-                              f"(it reads version {FORMAT_VERSION}); re-export the model with this autocontrast")
+                              f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))}); re-export the model "
+                              "with this autocontrast")
         try:
             fields = dict(data)
             fields["exits"] = tuple(parse_exit(e) for e in fields["exits"])
             fields["kv_cache"] = KVCacheSpec(**fields["kv_cache"])
             fields["graphs"] = tuple(_graph_from_dict(g) for g in fields["graphs"])
             fields["tokenizer_files"] = tuple(fields.get("tokenizer_files", ("tokenizer.json",)))
-            return cls(**fields)
+            fields["format_version"] = FORMAT_VERSION  # read as (and rewritten as) the current version
+            manifest = cls(**fields)
         except (KeyError, TypeError, ValueError) as err:
             raise BundleError(f"manifest is malformed: {type(err).__name__}: {err}") from None
+        for g in manifest.graphs:
+            if g.layers is not None and not (1 <= g.layers <= manifest.num_layers and g.kind == DECODE
+                                             and all(isinstance(e, int) and e <= g.layers for e in g.exits)):
+                raise BundleError(f"manifest is malformed: graph {g.name!r} computes {g.layers} layers but "
+                                  f"returns exits {[str(e) for e in g.exits]} ({g.kind}, model of "
+                                  f"{manifest.num_layers} layers); re-export the bundle")
+        return manifest
 
     @staticmethod
     def example() -> Manifest:

@@ -16,9 +16,11 @@ DESCRIPTION = """\
 Export a multi-exit language model (a local folder or a hub id) to a bundle that the torch-free
 runtime runs: ONNX graphs with a KV cache, the tokenizer, and manifest.json.
 
-The bundle holds three graphs sharing one weights file:
+The bundle holds these graphs, sharing one weights file:
   decode_original  the checkpoint's own head, last position only (plain decoding pays nothing extra)
   decode_exits     the chosen exits stacked, last position only, plus the fused contrast if asked
+  decode_exit_K    an early exit: only layers 1..K run (decoding with exit K alone costs ~K/L);
+                   by default one per chosen exit below the top layer (--early-exits)
   score            every position's logits of every exit (perplexity, lm-eval log-likelihoods)
 Every graph is checked against PyTorch (a prefill and cached decode steps); an export that does
 not match within tolerance fails and leaves nothing behind.
@@ -39,6 +41,15 @@ def _pair(text: str) -> tuple:
     return exits
 
 
+def _early_exits(text: str) -> tuple[int, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer numbers (e.g. 15 or 10,15) or 'none', got {text!r}") from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="acd-export", description=DESCRIPTION, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="plausibility threshold of the fused contrast")
     p.add_argument("--minimum-candidates", type=int, default=DEFAULT_MINIMUM_CANDIDATES,
                    help="minimum plausible candidates of the fused contrast")
+    p.add_argument("--early-exits", type=_early_exits, default=None, metavar="K[,K...]|none",
+                   help="exits that get an early-exit graph computing only their layers (default: the chosen "
+                        "exits below the top layer, none when the exits are a checkpoint's own list)")
     p.add_argument("--no-score-graph", action="store_true", help="leave out the every-position score graph")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="float16 halves the weights, for GPUs (inputs, outputs and KV cache stay float32)")
@@ -82,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                             alpha=args.alpha, minimum_candidates=args.minimum_candidates,
                             score_graph=not args.no_score_graph, dtype=args.dtype, optimize=args.optimize,
                             quantize=args.quantize, tensorrt=args.tensorrt, trt_max_batch=args.trt_max_batch,
-                            trt_max_length=args.trt_max_length)
+                            trt_max_length=args.trt_max_length, early_exits=args.early_exits)
 
     def log(message: str) -> None:
         if not args.quiet or message.startswith("exported") or message.startswith("  "):

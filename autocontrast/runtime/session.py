@@ -126,5 +126,5 @@ def open_session(bundle_dir: Path, manifest: Manifest, graph: GraphSpec, *, prov
                  device_id: int = 0, threads: int | None = None) -> ExitSession:
     """The session of one graph of a bundle, with the bundle's recorded TensorRT options."""
     trt = (manifest.variant.get("tensorrt") or {}).get("provider_options", {}).get(graph.name)
-    return ExitSession(bundle_dir, graph, kv=manifest.kv_cache, vocab_size=manifest.vocab_size, provider=provider,
+    return ExitSession(bundle_dir, graph, kv=manifest.kv_for(graph), vocab_size=manifest.vocab_size, provider=provider,
                        device_id=device_id, threads=threads, trt_options=trt)

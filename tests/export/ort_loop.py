@@ -16,7 +16,8 @@ class GraphRunner:
         manifest = json.loads((bundle / "manifest.json").read_text())
         spec = next(g for g in manifest["graphs"] if g["name"] == graph)
         kv = manifest["kv_cache"]
-        self.layers, self.heads, self.head_dim = kv["num_layers"], kv["num_kv_heads"], kv["head_dim"]
+        self.heads, self.head_dim = kv["num_kv_heads"], kv["head_dim"]
+        self.layers = spec.get("layers") or kv["num_layers"]  # an early-exit graph caches only its layers
         self.past_names = [f"past_key_values.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
         self.present_names = [f"present.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
         self.exits = [e if e == "original" else int(e) for e in spec["exits"]]
