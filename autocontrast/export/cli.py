@@ -11,6 +11,7 @@ import sys
 from autocontrast.cli_support import run_cli
 from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, parse_exits
 from autocontrast.errors import ExportError
+from autocontrast.export.variants import QUANTIZATIONS
 
 DESCRIPTION = """\
 Export a multi-exit language model (a local folder or a hub id) to a bundle that the torch-free
@@ -31,6 +32,7 @@ examples:
   acd-export ~/models/SmolLM2-135M-Instruct smollm2-acd --exits 30,15 --fuse-contrast 30,15
   acd-export IBM/gpt2-medium-multiexit gpt2-acd --exits 24,12 --fuse-contrast 24,12 --alpha 0.1
   acd-export ~/models/SmolLM2-135M-Instruct smollm2-int8 --exits 30,15 --fuse-contrast 30,15 --quantize int8
+  acd-export ~/models/SmolLM2-135M-Instruct smollm2-int4 --exits 30,15 --fuse-contrast 30,15 --quantize int4
 """
 
 
@@ -74,9 +76,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="float16 halves the weights, for GPUs (inputs, outputs and KV cache stay float32)")
     p.add_argument("--optimize", action="store_true", help="apply ONNX Runtime's transformer graph fusions")
-    p.add_argument("--quantize", choices=("int8",), default=None,
-                   help="8-bit weight quantization for CPUs and edge devices; token agreement with fp32 "
-                        "is measured and recorded")
+    p.add_argument("--quantize", choices=tuple(QUANTIZATIONS), default=None,
+                   help="weight quantization (MatMulNBits): int8 for CPUs, int4 for edge devices; token "
+                        "agreement with fp32 is measured and recorded")
     p.add_argument("--tensorrt", action="store_true",
                    help="also build TensorRT engines (needs a CUDA GPU, onnxruntime-gpu and TensorRT)")
     p.add_argument("--trt-max-batch", type=int, default=8, help="largest batch of the TensorRT profile")

@@ -40,12 +40,12 @@ from autocontrast.bundle import (
 )
 from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, ORIGINAL, Exit, sort_exits
 from autocontrast.errors import ExportError, UnknownExitError, UnsupportedArchitectureError
+from autocontrast.export.variants import QUANTIZATIONS
 
 CONTRAST_OUTPUT = "contrast_scores"
 LOGITS_OUTPUT = "exit_logits"
 OPSET = 17
 DTYPES = ("float32", "float16")
-QUANTIZATIONS = ("int8",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,8 @@ class ExportOptions:
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
             raise ExportError(f"--quantize {self.quantize!r} is not supported; choose: {', '.join(QUANTIZATIONS)}")
         if self.quantize and self.dtype != "float32":
-            raise ExportError("--quantize int8 quantizes float32 weights; do not combine it with --dtype float16")
+            raise ExportError(f"--quantize {self.quantize} quantizes float32 weights; do not combine it with "
+                              "--dtype float16")
         if self.fuse_contrast is not None and len(self.fuse_contrast) != 2:
             raise ExportError(f"--fuse-contrast needs UPPER,LOWER, got {self.fuse_contrast!r}")
         if self.early_exits is not None and not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1
@@ -303,10 +304,7 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
                                external_data=(WEIGHTS_FILE,), layers=layers))
     variant: dict[str, Any] = {"dtype": options.dtype, "optimize": options.optimize, "quantize": options.quantize}
     if options.quantize:
-        from autocontrast.export.variants import INT8_ACCURACY_LEVEL, INT8_BLOCK
-
-        variant["quantization"] = {"method": "MatMulNBits", "bits": 8, "block_size": INT8_BLOCK,
-                                   "accuracy_level": INT8_ACCURACY_LEVEL, "symmetric": True}
+        variant["quantization"] = QUANTIZATIONS[options.quantize].to_dict()
     if options.variant_name != "float32" or options.optimize:
         log(f"[3/6] applying variant {options.variant_name}{' + ORT fusions' if options.optimize else ''}")
         paths = apply_variant(paths, model=model, options=options, log=log)
