@@ -20,11 +20,24 @@ Graph conventions (all graphs of a bundle share them):
   (its exits are at or below that layer) and its KV cache has that many layers (`Manifest.kv_for`);
   None: every layer.
 
+Encoder-decoder bundles (T5; `Manifest.encoder_decoder` is set) add an `encoder` graph: inputs
+`input_ids` and `attention_mask` (batch, source) int64 of the prompt; outputs every decoder layer's
+cross-attention keys and values, named by `EncoderDecoderSpec.cross_names()`, each
+(batch, kv_heads, source, head_dim), computed once per prompt. Their decode and score graphs
+are the decoder's: `input_ids`, `attention_mask` and `position_ids` are the decoder tokens' (the
+first decoder token is `decoder_start_token_id` at position 0; positions feed the relative
+position bias), and they also take `encoder_attention_mask` (batch, source) and the cross
+keys/values under the same names (a graph whose exits all lie below the top layers does not
+read those layers' cross keys/values and does not declare them: feed the inputs a graph declares).
+
 Manifest dicts: `variant` = {dtype, optimize, quantize, quantization (int8 recipe), agreement
 (int8: teacher-forced token agreement with fp32), tensorrt (provider options per graph, cache
 paths relative to the bundle)};
 `validation` = {tolerance, batch, prompt_length, decode_steps, graphs: {graph: {output: max abs
-diff vs PyTorch}}, passed}; `special_tokens` = {bos_token_id, eos_token_ids, pad_token_id}.
+diff vs PyTorch}}, passed}; `special_tokens` = {bos_token_id, eos_token_ids, pad_token_id};
+`files` = {path relative to the bundle: SHA-256 hex} of every file but the manifest, recorded by
+`write_manifest` (format version 2; version 1 bundles have none). Reading a bundle never hashes;
+`read_manifest(..., verify=True)` (and `acd-verify`) checks every recorded file.
 
 >>> m = Manifest.from_dict(Manifest.example().to_dict())
 >>> m.graph_for_exits([30, 15]).name
@@ -34,6 +47,7 @@ diff vs PyTorch}}, passed}; `special_tokens` = {bos_token_id, eos_token_ids, pad
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -44,12 +58,14 @@ from autocontrast.config import Exit, parse_exit
 from autocontrast.errors import BundleError
 
 FORMAT = "autocontrast-bundle"
-FORMAT_VERSION = 2  # 2: GraphSpec.layers (early-exit graphs)
-READABLE_VERSIONS = (1, 2)  # a version-1 manifest is a version-2 one without early-exit graphs
+FORMAT_VERSION = 3  # 2: `files` (SHA-256 of every file); 3: `GraphSpec.layers` (early-exit graphs)
+READABLE_VERSIONS = (1, 2, 3)  # each adds optional fields only: an older manifest reads as it was
 MANIFEST_FILE = "manifest.json"
 
 DECODE = "decode"
 SCORE = "score"
+ENCODER = "encoder"
+KINDS = (DECODE, SCORE, ENCODER)
 # ONNX metadata key under which each graph records the exits it returns (JSON list, graph order),
 # so a reader can refuse a manifest that does not describe the graph it sits beside.
 EXITS_METADATA_KEY = "autocontrast.exits"
@@ -84,6 +100,27 @@ class KVCacheSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class EncoderDecoderSpec:
+    """What an encoder-decoder bundle adds: the encoder graph and the cross-attention KV it hands on.
+
+    The cross keys/values of decoder layer i are (batch, kv_heads, source, head_dim), with the
+    decoder's KV heads and head size (`Manifest.kv_cache`); they depend only on the prompt.
+    """
+
+    decoder_start_token_id: int
+    num_layers: int  # decoder layers (each has a cross-attention)
+    encoder_layers: int
+    encoder_graph: str = "encoder"  # the name of the encoder's GraphSpec
+    encoder_attention_mask: str = "encoder_attention_mask"  # decoder graphs' input: the prompt's mask
+    cross_key: str = "cross_key_values.{layer}.key"
+    cross_value: str = "cross_key_values.{layer}.value"
+
+    def cross_names(self) -> list[str]:
+        """Encoder outputs = decoder inputs, in order: key then value of decoder layer 0, 1, ..."""
+        return [n.format(layer=i) for i in range(self.num_layers) for n in (self.cross_key, self.cross_value)]
+
+
+@dataclasses.dataclass(frozen=True)
 class ContrastSpec:
     """A contrast fused into a graph: its output name and exact parameters."""
 
@@ -98,7 +135,7 @@ class ContrastSpec:
 class GraphSpec:
     name: str
     file: str
-    kind: str  # DECODE or SCORE
+    kind: str  # DECODE, SCORE or ENCODER (no exits)
     exits: tuple[Exit, ...]
     logits_output: str = "exit_logits"
     contrast: ContrastSpec | None = None
@@ -131,6 +168,8 @@ class Manifest:
     variant: dict[str, Any] = dataclasses.field(default_factory=lambda: {"dtype": "float32"})
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     validation: dict[str, Any] = dataclasses.field(default_factory=dict)
+    files: dict[str, str] = dataclasses.field(default_factory=dict)  # relative path -> SHA-256 hex
+    encoder_decoder: EncoderDecoderSpec | None = None  # set for encoder-decoder models (T5)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -166,6 +205,10 @@ class Manifest:
         return None
 
     @property
+    def is_encoder_decoder(self) -> bool:
+        return self.encoder_decoder is not None
+
+    @property
     def eos_token_ids(self) -> tuple[int, ...]:
         return tuple(self.special_tokens.get("eos_token_ids") or ())
 
@@ -181,19 +224,22 @@ class Manifest:
                               f"expected {FORMAT!r})" if isinstance(data, dict) else "manifest is not a JSON object")
         version = data.get("format_version")
         if version not in READABLE_VERSIONS:
-            raise BundleError(f"bundle format_version {version!r} is not supported by this runtime "
-                              f"(it reads versions {', '.join(map(str, READABLE_VERSIONS))}); re-export the model "
-                              "with this autocontrast")
+            raise BundleError(f"bundle format_version {version!r} is not supported by this runtime (it reads "
+                              f"versions {', '.join(map(str, READABLE_VERSIONS))}); re-export the model with "
+                              "this autocontrast")
         try:
             fields = dict(data)
             fields["exits"] = tuple(parse_exit(e) for e in fields["exits"])
             fields["kv_cache"] = KVCacheSpec(**fields["kv_cache"])
             fields["graphs"] = tuple(_graph_from_dict(g) for g in fields["graphs"])
             fields["tokenizer_files"] = tuple(fields.get("tokenizer_files", ("tokenizer.json",)))
-            fields["format_version"] = FORMAT_VERSION  # read as (and rewritten as) the current version
+            if fields.get("encoder_decoder") is not None:
+                fields["encoder_decoder"] = EncoderDecoderSpec(**fields["encoder_decoder"])
             manifest = cls(**fields)
         except (KeyError, TypeError, ValueError) as err:
             raise BundleError(f"manifest is malformed: {type(err).__name__}: {err}") from None
+        if manifest.encoder_decoder is not None:
+            manifest.graph(manifest.encoder_decoder.encoder_graph)  # raises BundleError when absent
         for g in manifest.graphs:
             if g.layers is not None and not (1 <= g.layers <= manifest.num_layers and g.kind == DECODE
                                              and all(isinstance(e, int) and e <= g.layers for e in g.exits)):
@@ -225,19 +271,60 @@ def _graph_from_dict(data: dict[str, Any]) -> GraphSpec:
         c = dict(fields["contrast"])
         c["upper"], c["lower"] = parse_exit(c["upper"]), parse_exit(c["lower"])
         fields["contrast"] = ContrastSpec(**c)
-    if fields["kind"] not in (DECODE, SCORE):
+    if fields["kind"] not in KINDS:
         raise ValueError(f"graph {fields.get('name')!r} has unknown kind {fields['kind']!r}")
     return GraphSpec(**fields)
 
 
-def write_manifest(bundle_dir: str | Path, manifest: Manifest) -> Path:
+def is_bundle(path: str | Path) -> bool:
+    """Whether `path` is a bundle directory of this format (any version): its manifest names FORMAT.
+
+    The test `acd-export --force` applies before replacing a directory: anything else is not ours.
+    """
+    manifest = Path(path) / MANIFEST_FILE
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return Path(path).is_dir() and isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_digests(bundle_dir: str | Path) -> dict[str, str]:
+    """SHA-256 of every file under `bundle_dir` except the manifest, by relative POSIX path."""
+    root = Path(bundle_dir)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p != root / MANIFEST_FILE)
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in files}
+
+
+def write_manifest(bundle_dir: str | Path, manifest: Manifest) -> Manifest:
+    """Write `manifest.json`, recording the SHA-256 of every file now in `bundle_dir`; returns what was written.
+
+    Call it last, once every other file of the bundle is in place.
+    """
+    manifest = dataclasses.replace(manifest, files=file_digests(bundle_dir), format=FORMAT,
+                                   format_version=FORMAT_VERSION)
     path = Path(bundle_dir) / MANIFEST_FILE
     path.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
-    return path
+    return manifest
 
 
-def read_manifest(bundle_dir: str | Path) -> Manifest:
-    """Read and check a bundle's manifest: format, version, and that every named file exists."""
+def read_manifest(bundle_dir: str | Path, *, verify: bool = False) -> Manifest:
+    """Read and check a bundle's manifest: format, version, and that every named file exists.
+
+    `verify=True` also hashes every file the manifest records and raises `BundleError` naming the
+    first that is missing or differs (reads the whole bundle: seconds for a large one).
+
+    >>> read_manifest("smollm2-acd", verify=True).architecture  # doctest: +SKIP
+    'llama'
+    """
     root = Path(bundle_dir)
     path = root / MANIFEST_FILE
     if root.exists() and not root.is_dir():
@@ -260,4 +347,26 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
     missing = [f for f in dict.fromkeys(needed + list(manifest.tokenizer_files)) if not (root / f).is_file()]
     if missing:
         raise BundleError(f"bundle {str(root)!r} is incomplete: missing {', '.join(missing)}")
+    if verify:
+        check_files(root, manifest)
     return manifest
+
+
+def check_files(bundle_dir: str | Path, manifest: Manifest) -> None:
+    """Raise `BundleError` naming the first recorded file that is missing or whose SHA-256 differs.
+
+    Files the manifest does not record (a runtime's own cache, a user's notes) are not checked.
+    """
+    root = Path(bundle_dir)
+    if not manifest.files:
+        raise BundleError(f"bundle {str(root)!r} records no file digests (format version "
+                          f"{manifest.format_version}); re-export it with this autocontrast to verify it")
+    for name, expected in manifest.files.items():
+        path = root / name
+        if not path.is_file():
+            raise BundleError(f"bundle {str(root)!r} is damaged: {name} is missing; copy the bundle again "
+                              "or re-export it")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise BundleError(f"bundle {str(root)!r} is damaged: {name} differs from the manifest (SHA-256 "
+                              f"{actual[:12]}..., recorded {expected[:12]}...); copy the bundle again or re-export it")

@@ -16,8 +16,6 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from autocontrast.config import MultiExitConfiguration
 from autocontrast.runtime import Generator
 
@@ -48,8 +46,7 @@ def kv_cache_devices(generator: Generator, prompts: list[list[int]], steps: int 
     out = state.extend(prompts)
     for _ in range(steps):
         out = state.advance(out.exit_logits[:, 0].argmax(-1))  # (batch,)
-    values = state.cache._values  # noqa: SLF001 - where the cache keeps its values is the question asked
-    return sorted({"host (numpy)" if isinstance(v, np.ndarray) else v.device_name().lower() for v in values})
+    return sorted(state.cache.devices())
 
 
 def greedy(generator: Generator, prompts: list[list[int]]) -> dict[str, list[list[int]]]:

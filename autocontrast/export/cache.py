@@ -21,8 +21,10 @@ from autocontrast.errors import ExportError
 from autocontrast.export.exporter import ExportOptions, export_bundle
 
 _PACKAGE = Path(__file__).resolve().parents[1]
+# everything that shapes a bundle or its validation report (validation runs the runtime's decode loop)
 SOURCES = ("export/*.py", "bundle.py", "config.py", "models/contrast.py", "models/multi_exit.py",
-           "models/families.py", "models/auto.py")
+           "models/families.py", "models/auto.py", "runtime/decode_state.py", "runtime/session.py",
+           "runtime/kv_cache.py", "runtime/encoder*.py")
 
 
 def source_hash() -> str:

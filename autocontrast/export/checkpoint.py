@@ -9,6 +9,8 @@ Works for a local folder or a hub id (files are resolved with transformers' `cac
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,59 @@ from autocontrast.errors import ExportError
 from autocontrast.models.multi_exit import CASTS, HEADS
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+CHECKPOINT_HELP = "a Hugging Face checkpoint folder (config.json and model.safetensors or pytorch_model.bin)"
+
+
+def unreadable_weight_errors() -> tuple[type[BaseException], ...]:
+    """What reading truncated or corrupt weight files raises (safetensors, torch's zip and pickle readers)."""
+    from safetensors import SafetensorError
+
+    return OSError, EOFError, RuntimeError, json.JSONDecodeError, pickle.UnpicklingError, SafetensorError
+
+
+def model_config(model: str) -> Any:
+    """The checkpoint's HF config; its model type from config.json only, never guessed from the folder's name.
+
+    Raises `ExportError` for a missing, unreadable or type-less config.json.
+    """
+    local = os.path.isdir(model)
+    if not local and os.path.lexists(model):
+        raise ExportError(f"MODEL {model!r} is a file; give {CHECKPOINT_HELP}")
+    try:
+        path = Path(model, "config.json") if local else _file(model, "config.json")
+    except ValueError:  # not a valid hub id either
+        path = None
+    if path is None or not path.is_file():
+        where = "it has no config.json" if local else "no such folder, and no hub checkpoint of that name here"
+        raise ExportError(f"cannot read a model config from {model!r}: {where}; give {CHECKPOINT_HELP}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportError(f"cannot read a model config from {model!r}: {path.name} is not valid JSON "
+                          f"({err}); restore it from the original checkpoint") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise ExportError(f"cannot read a model config from {model!r}: its config.json has no model_type; "
+                          "restore it from the original checkpoint (save_pretrained writes one)")
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model)
+    except (OSError, ValueError, KeyError) as err:
+        raise ExportError(f"cannot read a model config from {model!r}: {err}") from None
+
+
+def require_weights(model: str) -> None:
+    """`ExportError` for a local checkpoint folder without weight files (a hub id is checked when loaded)."""
+    if os.path.isdir(model) and not any(Path(model, name).is_file() for name in WEIGHT_FILES):
+        raise ExportError(f"{model!r} has a config.json but no weights ({', '.join(WEIGHT_FILES[::2])}); "
+                          "copy the checkpoint's weight files into it or save the model again with save_pretrained")
+
+
+def corrupt_weights_error(model: str, err: BaseException) -> ExportError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return ExportError(f"cannot read the weights of {model!r} ({type(err).__name__}: {first_line}); they look "
+                       "truncated or corrupt (an interrupted download or copy?): copy or save the checkpoint again")
 
 
 def _file(model: str, name: str) -> Path | None:
@@ -32,7 +87,14 @@ def _file(model: str, name: str) -> Path | None:
 
 
 def weight_names(model: str) -> set[str]:
-    """Names of the checkpoint's tensors, read without loading them."""
+    """Names of the checkpoint's tensors, read without loading them (`ExportError` if unreadable)."""
+    try:
+        return _weight_names(model)
+    except unreadable_weight_errors() as err:
+        raise corrupt_weights_error(model, err) from None
+
+
+def _weight_names(model: str) -> set[str]:
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         path = _file(model, index)
         if path:

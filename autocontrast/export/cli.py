@@ -24,7 +24,9 @@ The bundle holds these graphs, sharing one weights file:
                    by default one per chosen exit below the top layer (--early-exits)
   score            every position's logits of every exit (perplexity, lm-eval log-likelihoods)
 Every graph is checked against PyTorch (a prefill and cached decode steps); an export that does
-not match within tolerance fails and leaves nothing behind.
+not match within tolerance fails and leaves nothing behind. So does one stopped by Ctrl-C, SIGTERM
+or SIGHUP; what a killed export (SIGKILL) left beside OUTPUT, the next export to OUTPUT removes.
+manifest.json records the SHA-256 of every file: `acd-verify OUTPUT` checks them.
 """
 
 EXAMPLES = """\
@@ -55,8 +57,9 @@ def _early_exits(text: str) -> tuple[int, ...]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="acd-export", description=DESCRIPTION, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="checkpoint folder or hub id (GPT-2, GPT-Neo, Llama, Mistral, Qwen2)")
-    p.add_argument("output", help="bundle directory to create (refused if it exists, unless --force)")
+    p.add_argument("model", help="checkpoint folder or hub id (GPT-2, GPT-Neo, Llama, Mistral, Qwen2, T5)")
+    p.add_argument("output", help="bundle directory to create (refused if it exists, unless --force); checked "
+                                   "before the model loads")
     p.add_argument("--exits", type=parse_exits, default=None,
                    help="exits to export, e.g. 30,15 or original,12 (default: the checkpoint's "
                         "lm_head_layer_indices; a plain checkpoint: its top and middle layer)")
@@ -83,7 +86,9 @@ def parser() -> argparse.ArgumentParser:
                    help="also build TensorRT engines (needs a CUDA GPU, onnxruntime-gpu and TensorRT)")
     p.add_argument("--trt-max-batch", type=int, default=8, help="largest batch of the TensorRT profile")
     p.add_argument("--trt-max-length", type=int, default=2048, help="longest sequence of the TensorRT profile")
-    p.add_argument("--force", action="store_true", help="replace OUTPUT if it exists (only once validated)")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUTPUT if it is an autocontrast bundle, once the new one is validated; "
+                        "anything else there is refused and left untouched")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
     return p
 

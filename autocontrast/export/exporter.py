@@ -20,8 +20,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +39,16 @@ from autocontrast.bundle import (
     write_manifest,
 )
 from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, ORIGINAL, Exit, sort_exits
-from autocontrast.errors import ExportError, UnknownExitError, UnsupportedArchitectureError
+from autocontrast.errors import AutocontrastError, ExportError, UnknownExitError
+from autocontrast.export.output import (
+    TerminationGuard,
+    check_output,
+    discard_work_dir,
+    make_work_dir,
+    missing_parents,
+    remove_stale_work,
+    replace_output,
+)
 from autocontrast.export.variants import QUANTIZATIONS
 
 CONTRAST_OUTPUT = "contrast_scores"
@@ -107,70 +116,105 @@ def export_bundle(model: str | os.PathLike, output: str | os.PathLike, *, option
                   force: bool = False, log: Callable[[str], None] = _stderr) -> ExportResult:
     """Export `model` (local folder or hub id) to a validated bundle at `output`.
 
-    Raises `ExportError` (output exists without force, bad options), `UnknownExitError`,
-    `UnsupportedArchitectureError`, `ProviderUnavailableError` (TensorRT without a GPU) or
-    `ExportValidationError`; on any error nothing is left at or beside `output`.
+    The output path is checked before the model loads (see `autocontrast.export.output`): it must
+    name a directory in a writable place and not exist, unless `force` and it is a bundle, which
+    is then replaced once the new one is validated; anything else there is never touched.
+    Temporary directories that killed exports to `output` left behind are removed first.
+
+    Raises `ExportError` (a bad output path, a missing or corrupt checkpoint, bad options),
+    `UnknownExitError`, `UnsupportedArchitectureError`, `ProviderUnavailableError` (TensorRT
+    without a GPU) or `ExportValidationError`; on any error, Ctrl-C, SIGTERM or SIGHUP nothing is
+    left at or beside `output`.
     """
     options = options or ExportOptions()
     started = time.perf_counter()
-    source, output = str(model), Path(output)
-    if output.exists() and not force:
-        raise ExportError(f"{output} already exists; pass --force (force=True) to replace it")
+    source, output = str(model), check_output(output, force=force)
     if options.tensorrt:
         from autocontrast.export.tensorrt import check_tensorrt
 
         check_tensorrt()
+    remove_stale_work(output, log=log)
     log(f"[1/6] loading {source}")
     loaded = _load(source, options)
     exits, graphs = _plan(loaded, options)
-    created = _missing_parents(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
-        manifest = _build(loaded, source, exits, graphs, options, work, log)
-        if options.tensorrt:
-            from autocontrast.export.tensorrt import build_engines
-
-            log("[6/6] building TensorRT engines")
-            manifest = build_engines(work, manifest, log=log, max_batch=options.trt_max_batch,
-                                     max_length=options.trt_max_length)
-        else:
-            log("[6/6] writing the manifest")
-        write_manifest(work, manifest)
-        work.chmod(0o755)  # mkdtemp made it private; a bundle is an ordinary directory
-        _replace(work, output, force=force)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        for directory in created:
-            try:
-                directory.rmdir()
-            except OSError:
-                pass
-        raise
+    manifest = _export_into_place(loaded, source, output, exits, graphs, options, force=force, log=log)
     size = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
     result = ExportResult(output, manifest, time.perf_counter() - started, size)
     log(summary(result))
     return result
 
 
-def _missing_parents(path: Path) -> list[Path]:
-    missing, parent = [], path.parent.absolute()
-    while not parent.exists():
-        missing.append(parent)
-        parent = parent.parent
-    return missing
+def _export_into_place(loaded: _Loaded, source: str, output: Path, exits: tuple[Exit, ...],
+                       graphs: list[dict[str, Any]], options: ExportOptions, *, force: bool,
+                       log: Callable[[str], None]) -> Manifest:
+    """Build the bundle in a temporary directory beside `output`, then rename it into place.
+
+    On any error or interruption the temporary directory, and parents made for it, are removed.
+    """
+    _import_build_modules()
+    created = missing_parents(output)
+    work: Path | None = None
+    reported: list[str] = []
+
+    def clean_up() -> None:
+        if work is not None:
+            discard_work_dir(work)
+        for directory in created:
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
+
+    def interrupted(signum: int) -> None:
+        if reported:
+            return
+        reported.append(name := signal.Signals(signum).name)
+        if work is not None and work.exists():
+            clean_up()
+            log(f"interrupted ({name}): removed the unfinished export {work}")
+        else:  # after the rename into place: the bundle is complete
+            log(f"interrupted ({name}) after {output} was complete")
+
+    with TerminationGuard(interrupted) as guard:
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            work = make_work_dir(output)
+        except OSError as err:
+            clean_up()
+            raise ExportError(f"cannot create {output.parent} ({err.strerror}); choose an OUTPUT in a "
+                              "directory you can write to") from None
+        try:
+            manifest = _build(loaded, source, exits, graphs, options, work, log)
+            if options.tensorrt:
+                from autocontrast.export.tensorrt import build_engines
+
+                log("[6/6] building TensorRT engines")
+                manifest = build_engines(work, manifest, log=log, max_batch=options.trt_max_batch,
+                                         max_length=options.trt_max_length)
+            else:
+                log("[6/6] writing the manifest")
+            manifest = write_manifest(work, manifest)  # records every file's SHA-256
+            work.chmod(0o755)  # mkdtemp made it private; a bundle is an ordinary directory
+            with guard.hold():
+                replace_output(work, output, force=force)
+        except BaseException as err:
+            if isinstance(err, KeyboardInterrupt):  # raised by the guard, or by an application's handler
+                interrupted(signal.SIGINT)
+            clean_up()
+            if isinstance(err, OSError) and not isinstance(err, BrokenPipeError):  # a full disk, a lost mount
+                raise ExportError(f"cannot write the bundle beside {output} ({err}); nothing was written") from err
+            raise
+    return manifest
 
 
-def _replace(work: Path, output: Path, *, force: bool) -> None:
-    old = None
-    if output.exists() and not force:  # appeared while we exported (a concurrent export)
-        raise ExportError(f"{output} appeared during the export; pass --force to replace it")
-    if output.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-        output.rename(old / "bundle")
-    work.rename(output)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def _import_build_modules() -> None:
+    """Import what `_build` needs before the partial directory exists: an interrupt that lands inside a
+    C extension's import (onnx, protobuf) can crash the interpreter outright."""
+    import autocontrast.export.tied_head  # noqa: F401
+    import autocontrast.export.trace  # noqa: F401
+    import autocontrast.export.validation  # noqa: F401
+    import autocontrast.export.variants  # noqa: F401
+    import autocontrast.export.weights  # noqa: F401
 
 
 @dataclasses.dataclass
@@ -182,25 +226,34 @@ class _Loaded:
 
 
 def _load(source: str, options: ExportOptions) -> _Loaded:
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
     from autocontrast.config import MultiExitConfiguration, VocabularyProjectionMode
-    from autocontrast.export.checkpoint import detect_projection_mode
+    from autocontrast.export.checkpoint import (
+        corrupt_weights_error,
+        detect_projection_mode,
+        model_config,
+        require_weights,
+        unreadable_weight_errors,
+    )
     from autocontrast.models.auto import AutoMultiExitModel
     from autocontrast.models.families import family_for
 
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise ExportError(f"cannot read a model config from {source!r}: {err}") from None
+    config = model_config(source)
     if family_for(config).is_encoder_decoder:
-        raise UnsupportedArchitectureError(
-            f"{config.model_type!r} is an encoder-decoder model; acd-export supports decoder-only models "
-            "(GPT-2, GPT-Neo, Llama, Mistral, Qwen2)")
+        from autocontrast.export.t5 import check_options
+
+        check_options(options)
+    require_weights(source)
     mode = (VocabularyProjectionMode.parse(options.projection) if options.projection
             else detect_projection_mode(source))
-    model = AutoMultiExitModel.from_pretrained(source, MultiExitConfiguration(vocab_projection_mode=mode),
-                                               dtype="float32")
+    try:
+        model = AutoMultiExitModel.from_pretrained(source, MultiExitConfiguration(vocab_projection_mode=mode),
+                                                   dtype="float32")
+    except AutocontrastError:
+        raise
+    except unreadable_weight_errors() as err:
+        raise corrupt_weights_error(source, err) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception:  # noqa: BLE001 - validation then uses fixed random ids
@@ -241,7 +294,8 @@ def _plan(loaded: _Loaded, options: ExportOptions) -> tuple[tuple[Exit, ...], li
         raise ExportError("'original' can only be the upper exit of a fused contrast")
     if contrast is not None and isinstance(contrast[0], int) and contrast[1] >= contrast[0]:
         raise ExportError(f"--fuse-contrast needs the lower exit below the upper one, got {contrast[0]},{contrast[1]}")
-    early = _early_exits(options, chosen, L, from_checkpoint=options.exits is None and loaded.checkpoint_exits is not None)
+    early = _early_exits(options, chosen, L, from_checkpoint=options.exits is None and loaded.checkpoint_exits is not None,
+                         encoder_decoder=model.family.is_encoder_decoder)
     layered = tuple(e for e in chosen if e != ORIGINAL)
     explicit_original = ORIGINAL in chosen
     stacked = graph_exit_order(model, chosen if explicit_original else layered) if layered else ()
@@ -259,12 +313,15 @@ def _plan(loaded: _Loaded, options: ExportOptions) -> tuple[tuple[Exit, ...], li
 
 
 def _early_exits(options: ExportOptions, chosen: tuple[Exit, ...], num_layers: int, *,
-                 from_checkpoint: bool) -> tuple[int, ...]:
+                 from_checkpoint: bool, encoder_decoder: bool = False) -> tuple[int, ...]:
     """The exits that get an early-exit graph, each checked against the chosen exits."""
     if options.early_exits is None:
-        if from_checkpoint:
+        if from_checkpoint or encoder_decoder:
             return ()
         return tuple(sorted(e for e in chosen if isinstance(e, int) and e < num_layers))
+    if encoder_decoder and options.early_exits:
+        raise ExportError("--early-exits is for decoder-only models; an encoder-decoder bundle has none "
+                          "(pass --early-exits none or leave it out)")
     for k in options.early_exits:
         if k not in chosen:
             raise ExportError(f"--early-exits {k}: exit {k} is not among the exported exits "
@@ -288,6 +345,13 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
     family, config = model.family, model.config
     kv = KVCacheSpec(num_layers=model.num_layers, num_kv_heads=family.num_kv_heads(config),
                      head_dim=family.head_dim(config))
+    trace, validate, encoder_decoder = trace_graph, validate_graphs, None
+    if family.is_encoder_decoder:  # T5: an encoder graph first; decoder graphs take its cross-attention KV
+        from autocontrast.export.t5 import encoder_decoder_spec, trace_t5_graph, with_encoder
+        from autocontrast.export.t5_validation import validate_t5_graphs
+
+        trace, validate, encoder_decoder = trace_t5_graph, validate_t5_graphs, encoder_decoder_spec(model)
+        plan = with_encoder(plan)
     raw = work / ".raw"
     specs, paths = [], {}
     for i, g in enumerate(plan):
@@ -296,8 +360,9 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
             f"{', '.join(map(str, g['exits']))}{', fused contrast' if contrast else ''}"
             f"{', layers 1..' + str(g['layers']) if g.get('layers') else ''})")
         layers = g.get("layers")
-        paths[g["name"]] = trace_graph(model, g["exits"], kind=g["kind"], contrast=contrast, kv=kv.for_layers(layers),
-                                       directory=raw / g["name"], opset=OPSET, layers=layers)
+        early = {"layers": layers} if layers else {}  # only decoder-only graphs have early exits
+        paths[g["name"]] = trace(model, g["exits"], kind=g["kind"], contrast=contrast, kv=kv.for_layers(layers),
+                                 directory=raw / g["name"], opset=OPSET, **early)
         spec_contrast = ContrastSpec(CONTRAST_OUTPUT, *contrast) if contrast else None
         specs.append(GraphSpec(g["name"], f"{g['name']}.onnx", g["kind"], tuple(g["exits"]),
                                logits_output=LOGITS_OUTPUT, contrast=spec_contrast,
@@ -314,8 +379,8 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
                          metadata={s.name: {EXITS_METADATA_KEY: exits_metadata(s.exits)} for s in specs})
     shutil.rmtree(raw, ignore_errors=True)
     log(f"[5/6] validating against PyTorch (prefill + {options.validation_steps} cached decode steps)")
-    report = validate_graphs(model, work, specs, kv, tolerance=TOLERANCES[options.variant_name],
-                             tokenizer=loaded.tokenizer, steps=options.validation_steps)
+    report = validate(model, work, specs, kv, tolerance=TOLERANCES[options.variant_name],
+                      tokenizer=loaded.tokenizer, steps=options.validation_steps)
     if options.quantize:
         from autocontrast.export.variants import teacher_forced_agreement
 
@@ -328,7 +393,8 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
         max_positions=family.max_positions(config), projection_mode=model.vocab_projection_mode.name,
         exits=exits, kv_cache=kv, graphs=tuple(specs),
         special_tokens=special_tokens(config, loaded.generation_config), tokenizer_files=tokenizer_files,
-        chat_template=template, variant=variant, versions=versions(opset=OPSET), validation=report)
+        chat_template=template, variant=variant, versions=versions(opset=OPSET), validation=report,
+        encoder_decoder=encoder_decoder)
 
 
 def summary(result: ExportResult) -> str:

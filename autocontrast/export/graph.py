@@ -120,10 +120,19 @@ class ExitGraph(nn.Module):
             out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        past_key_values=cache, use_cache=self.kind == DECODE,
                        output_hidden_states=self.needs_hidden, return_dict=True)
-        final = self._keep(out.last_hidden_state)  # (batch, [seq,] hidden), final norm applied
+        results = self.project(self._keep(out.last_hidden_state), out.hidden_states)
+        if self.kind == DECODE:
+            results.extend(_flat_present(out.past_key_values, self.num_layers))
+        return tuple(results)
+
+    def project(self, final: torch.Tensor, hidden_states: Any) -> list[torch.Tensor]:
+        """[exit logits, (contrast)] from the top's output and every layer's recorded hidden state.
+
+        final: (batch, [seq,] hidden), what the original head multiplies; hidden_states[i]: (batch, seq, hidden)
+        """
         stacked = []
         for head, members in self.groups:
-            hidden = torch.stack([self._prepared_hidden(e, final, out.hidden_states) for e in members],
+            hidden = torch.stack([self._prepared_hidden(e, final, hidden_states) for e in members],
                                  dim=-2)  # (batch, [seq,] n_group, hidden)
             stacked.append(head(hidden.to(head.weight.dtype)))  # (batch, [seq,] n_group, vocab)
         logits = stacked[0] if len(stacked) == 1 else torch.cat(stacked, dim=-2)
@@ -134,9 +143,7 @@ class ExitGraph(nn.Module):
             u = logits.select(-2, self.exits.index(upper))  # (batch, [seq,] vocab)
             lo = logits.select(-2, self.exits.index(lower))
             results.append(calculate_contrasted_logits(u, lo, minimum_candidates=k, alpha=alpha))
-        if self.kind == DECODE:
-            results.extend(_flat_present(out.past_key_values, self.num_layers))
-        return tuple(results)
+        return results
 
 
 def _flat_present(cache: Any, num_layers: int) -> list[torch.Tensor]:

@@ -178,7 +178,7 @@ def _check(report: dict[str, Any], graphs: Sequence[GraphSpec], tolerance: Toler
     failures = []
     for g in graphs:
         for name, diff in report["graphs"][g.name].items():
-            limit = (tolerance.present if name == "present.*" else
+            limit = (tolerance.present if name.endswith(".*") else  # KV caches: present.*, cross_key_values.*
                      tolerance.contrast if g.contrast is not None and name == g.contrast.output else tolerance.logits)
             if limit is not None and not diff <= limit:
                 failures.append(f"{g.name}:{name} differs by {diff:.3g} (tolerance {limit:g})")

@@ -42,10 +42,12 @@ class DecodeState:
         """(batch,) tokens in each row's cache."""
         return self.mask.sum(axis=1)
 
-    def extend(self, rows: Sequence[Sequence[int]]) -> StepOutput:
+    def extend(self, rows: Sequence[Sequence[int]], *, prompt_lengths: Sequence[int] | None = None) -> StepOutput:
         """Prefill `rows` (prompts, left-padded together) and add them after the batch's rows.
 
-        Returns the new rows' outputs only: (len(rows), n_exits, vocab).
+        Returns the new rows' outputs only: (len(rows), n_exits, vocab). `prompt_lengths` is for
+        the interface shared with `EncoderDecoderState`: a decoder-only model reads prompt and
+        generated tokens alike.
         """
         width = max(len(r) for r in rows)
         ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)  # (new, width), left-padded
@@ -83,8 +85,11 @@ class DecodeState:
         self.mask = np.ascontiguousarray(mask[:, first:])
         self.next_position = self.next_position[index]
 
-    def rewind_row(self, row: int, length: int) -> None:
-        """Keep the first `length` cache entries of `row` (its next token goes at position `length`)."""
+    def rewind_row(self, row: int, length: int) -> bool:
+        """Keep the first `length` cache entries of `row` (its next token goes at position `length`).
+
+        Returns True (done in place), as `EncoderDecoderState.rewind_row` does when it can.
+        """
         have = int(self.mask[row].sum())
         if not 0 <= length <= have:
             raise ValueError(f"cannot rewind a row of {have} cached tokens to {length}")
@@ -96,6 +101,7 @@ class DecodeState:
         if last < self.mask.shape[1]:  # trailing columns nobody uses: trim them
             self.cache.rewind_to(last)
             self.mask = np.ascontiguousarray(self.mask[:, :last])
+        return True
 
 
 def _left_pad(mask: np.ndarray, columns: int) -> np.ndarray:

@@ -30,7 +30,16 @@ import numpy as np
 
 from autocontrast.bundle import SCORE, GraphSpec, read_manifest
 from autocontrast.config import Exit, MultiExitConfiguration
-from autocontrast.errors import GenerationParameterError, PromptError, RuntimeOptionError, UnknownExitError
+from autocontrast.errors import (
+    BundleError,
+    GenerationParameterError,
+    PromptError,
+    RuntimeOptionError,
+    UnknownExitError,
+)
+from autocontrast.runtime.decode_state import DecodeState
+from autocontrast.runtime.encoder import EncoderSession, open_encoder
+from autocontrast.runtime.encoder_decoder_state import EncoderDecoderState
 from autocontrast.runtime.modes import DecodeMode, graph_with_exits, resolve_mode
 from autocontrast.runtime.params import GenerationParams
 from autocontrast.runtime.session import ExitSession, open_session
@@ -70,16 +79,18 @@ class Generator:
     MAX_THREADS = 1024
 
     def __init__(self, bundle: str | Path, *, provider: str = "cpu", device_id: int = 0,
-                 threads: int | None = None, preload: Sequence[MultiExitConfiguration] | None = None) -> None:
+                 threads: int | None = None, preload: Sequence[MultiExitConfiguration] | None = None,
+                 verify: bool = False) -> None:
         if threads is not None and (not isinstance(threads, numbers.Integral) or isinstance(threads, bool)
                                     or not 1 <= threads <= self.MAX_THREADS):
             raise RuntimeOptionError(f"threads ({threads!r}) must be an integer within 1..{self.MAX_THREADS} "
                                      f"(this machine has {os.cpu_count()} cores; None lets onnxruntime choose)")
         self.bundle_dir = Path(bundle)
-        self.manifest = read_manifest(self.bundle_dir)
+        self.manifest = read_manifest(self.bundle_dir, verify=verify)  # verify: hash every file first
         self.tokenizer = load_tokenizer(self.bundle_dir)
         self.provider, self.device_id, self.threads = provider, device_id, threads
         self._sessions: dict[str, ExitSession] = {}
+        self._encoder: EncoderSession | None = None  # an encoder-decoder bundle's, opened on first use
         self._lock = threading.Lock()
         self._chat_template = chat_template(self.bundle_dir, self.manifest)
         special = self.manifest.special_tokens
@@ -90,6 +101,8 @@ class Generator:
         # runs ACD preloads that mode and never holds the plain graph's weights.
         for config in (MultiExitConfiguration(),) if preload is None else preload:
             self.session(self.mode(config).graph)
+        if self.manifest.is_encoder_decoder:
+            self.encoder_session()
 
     # -- pieces -------------------------------------------------------------------------------
 
@@ -101,6 +114,22 @@ class Generator:
                                                           provider=self.provider, device_id=self.device_id,
                                                           threads=self.threads)
             return self._sessions[graph.name]
+
+    def decode_state(self, graph: GraphSpec) -> DecodeState | EncoderDecoderState:
+        """A new, empty batch state over one decode graph (an encoder-decoder bundle's runs its encoder too)."""
+        spec = self.manifest.encoder_decoder
+        if spec is None:
+            return DecodeState(self.session(graph), pad_token_id=self.pad_token_id)
+        return EncoderDecoderState(self.encoder_session(), self.session(graph),
+                                   start_token_id=spec.decoder_start_token_id, pad_token_id=self.pad_token_id)
+
+    def encoder_session(self) -> EncoderSession:
+        """The (lazily opened, shared) encoder of an encoder-decoder bundle."""
+        with self._lock:
+            if self._encoder is None:
+                self._encoder = open_encoder(self.bundle_dir, self.manifest, provider=self.provider,
+                                             device_id=self.device_id, threads=self.threads)
+            return self._encoder
 
     def mode(self, multi_exit: MultiExitConfiguration | None = None, *, fused: bool = True) -> DecodeMode:
         return resolve_mode(self.manifest, multi_exit or MultiExitConfiguration(), fused=fused)
@@ -156,6 +185,13 @@ class Generator:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
     def check_length(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        if self.manifest.is_encoder_decoder:  # the prompt is the encoder's; the decoder starts afresh
+            longest = max(prompt_tokens, max_new_tokens + 1)
+            if longest > self.manifest.max_positions:
+                raise PromptError(f"prompt ({prompt_tokens} tokens) or max_new_tokens ({max_new_tokens}) plus the "
+                                  f"decoder's start token exceeds the model's maximum positions "
+                                  f"({self.manifest.max_positions})")
+            return
         if prompt_tokens + max_new_tokens > self.manifest.max_positions:
             raise PromptError(f"prompt ({prompt_tokens} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the "
                               f"model's maximum positions ({self.manifest.max_positions})")
@@ -222,6 +258,10 @@ class Generator:
         Runs the bundle's score graph (right-padded batch; causal attention keeps pads out of
         real positions). Memory grows with batch * seq * exits * vocab: batch long texts in chunks.
         """
+        if self.manifest.is_encoder_decoder:
+            raise BundleError("scoring token sequences needs a decoder-only bundle: an encoder-decoder (T5) "
+                                   "bundle's score graph reads decoder tokens against an encoded prompt, which "
+                                   "this method does not take")
         if isinstance(token_ids, (str, bytes)) or len(token_ids) == 0:
             raise PromptError("no sequences to score: pass a non-empty list of token-id lists")
         rows = [self.encode(t) for t in token_ids]

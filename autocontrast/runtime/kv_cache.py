@@ -34,14 +34,8 @@ class KVCache:
         empty = np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype=np.dtype(spec.dtype))
         self._values: list[Any] = [empty] * (2 * spec.num_layers)
         self.length = 0  # columns of past (the batch's common width)
-
-    @property
-    def input_names(self) -> list[str]:
-        return self.spec.past_names()
-
-    @property
-    def output_names(self) -> list[str]:
-        return self.spec.present_names()
+        self.input_names = spec.past_names()
+        self.output_names = spec.present_names()
 
     def bind_inputs(self, binding: ort.IOBinding) -> None:
         for name, value in zip(self.input_names, self._values, strict=True):
@@ -54,6 +48,10 @@ class KVCache:
         """Take the step's present outputs (graph order) as the next past."""
         self._values = list(present)
         self.length += new_tokens
+
+    def devices(self) -> set[str]:
+        """Where the entries live: {'host'} after a reshape, {'cpu'} or {'cuda'} when the last step's outputs."""
+        return {"host" if isinstance(v, np.ndarray) else v.device_name().lower() for v in self._values}
 
     def arrays(self) -> list[np.ndarray]:
         """Every entry as a host array: [(batch, kv_heads, past, head_dim)] in graph order (copies from a device)."""

@@ -48,8 +48,10 @@ class ExitSession:
     """
 
     def __init__(self, graph_dir: Path, graph: GraphSpec, *, kv: KVCacheSpec, vocab_size: int, provider: str = "cpu",
-                 device_id: int = 0, threads: int | None = None, trt_options: dict[str, Any] | None = None) -> None:
+                 device_id: int = 0, threads: int | None = None, trt_options: dict[str, Any] | None = None,
+                 extra_inputs: tuple[str, ...] = ()) -> None:
         self.graph, self.kv, self.vocab_size, self.provider = graph, kv, vocab_size, provider
+        self.extra_inputs = extra_inputs  # required beyond tokens and past (an encoder-decoder's prompt mask)
         providers = resolve_providers(provider, device_id=device_id, trt_options=trt_options, bundle_dir=graph_dir)
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -63,13 +65,14 @@ class ExitSession:
         check_session_providers(self.session, provider)
         self.device = output_device(provider)
         self._device_id = device_id
+        self.input_names = frozenset(i.name for i in self.session.get_inputs())
         self._check_signature()
 
     def _check_signature(self) -> None:
         """The graph must have the inputs, outputs and exits the manifest promises."""
         inputs = {i.name for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
-        want_in = set(TOKEN_INPUTS)
+        want_in = set(TOKEN_INPUTS) | set(self.extra_inputs)
         want_out = {self.graph.logits_output}
         if self.graph.kind == DECODE:
             want_in |= set(self.kv.past_names())
@@ -92,15 +95,20 @@ class ExitSession:
                               "re-export the bundle (or restore its manifest.json)")
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             cache: KVCache | None) -> StepOutput:
+             cache: KVCache | None, *, extra: dict[str, np.ndarray] | None = None) -> StepOutput:
         """One forward. input_ids/position_ids (batch, seq), attention_mask (batch, past+seq), int64.
 
         Decode graphs read `cache` as the past and leave the present in it (on the session's device).
+        `extra`: more inputs by name (an encoder-decoder's cross-attention KV); those the graph does
+        not declare are left out (a graph whose exits lie below a layer never reads its cross KV).
         """
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", input_ids)
         binding.bind_cpu_input("attention_mask", attention_mask)
         binding.bind_cpu_input("position_ids", position_ids)
+        for name, value in (extra or {}).items():
+            if name in self.input_names:
+                binding.bind_cpu_input(name, value)
         names = [self.graph.logits_output]
         if self.graph.contrast is not None:
             names.append(self.graph.contrast.output)
@@ -126,5 +134,6 @@ def open_session(bundle_dir: Path, manifest: Manifest, graph: GraphSpec, *, prov
                  device_id: int = 0, threads: int | None = None) -> ExitSession:
     """The session of one graph of a bundle, with the bundle's recorded TensorRT options."""
     trt = (manifest.variant.get("tensorrt") or {}).get("provider_options", {}).get(graph.name)
+    extra = (manifest.encoder_decoder.encoder_attention_mask,) if manifest.encoder_decoder else ()
     return ExitSession(bundle_dir, graph, kv=manifest.kv_for(graph), vocab_size=manifest.vocab_size, provider=provider,
-                       device_id=device_id, threads=threads, trt_options=trt)
+                       device_id=device_id, threads=threads, trt_options=trt, extra_inputs=extra)

@@ -27,7 +27,6 @@ import numpy as np
 from autocontrast.config import Exit, MultiExitConfiguration
 from autocontrast.errors import GenerationParameterError, RowError, UnknownExitError
 from autocontrast.runtime import sampling
-from autocontrast.runtime.decode_state import DecodeState
 from autocontrast.runtime.detokenizer import StreamDecoder
 from autocontrast.runtime.modes import DecodeMode, checked_scores, exit_aliases, mode_on_graph
 from autocontrast.runtime.params import GenerationParams
@@ -59,6 +58,7 @@ class Row:
         self.finish_reason: str | None = None
         self.decoder = decoder
         self.rng = np.random.default_rng(params.seed)
+        self.decoder_start_token_id: int | None = None  # set for an encoder-decoder model's rows
 
     @property
     def done(self) -> bool:
@@ -67,6 +67,14 @@ class Row:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.token_ids
+
+    @property
+    def context_ids(self) -> list[int]:
+        """What repetition penalty and logits processors see, as in HF: the model's input so far (a
+        decoder-only model's prompt and tokens; an encoder-decoder's decoder tokens, start token first)."""
+        if self.decoder_start_token_id is None:
+            return self.all_ids
+        return [self.decoder_start_token_id] + self.token_ids
 
     @property
     def text(self) -> str:
@@ -81,7 +89,7 @@ class Stepper:
         self.generator = generator
         self.default_mode = mode
         self.graph = mode.graph
-        self.state = DecodeState(generator.session(self.graph), pad_token_id=generator.pad_token_id)
+        self.state = generator.decode_state(self.graph)  # a DecodeState, or an EncoderDecoderState (T5)
         self._rows: dict[int, Row] = {}
         self._batch: list[int] = []  # row ids in the order of the state's batch
         self._joining: list[tuple[int, list[int]]] = []  # (row id, ids to prefill) before the next step
@@ -129,6 +137,8 @@ class Stepper:
                                                        else frozenset(gen.manifest.eos_token_ids))
         row = Row(self._next_id, ids, params, mode, stop_ids,
                   StreamDecoder(gen.tokenizer, stop_strings=params.stop_strings))
+        if gen.manifest.encoder_decoder is not None:
+            row.decoder_start_token_id = gen.manifest.encoder_decoder.decoder_start_token_id
         self._next_id += 1
         self._rows[row.id] = row
         self._joining.append((row.id, ids))
@@ -169,9 +179,10 @@ class Stepper:
         for token in row.token_ids:
             row.decoder.push(token)
         row.decoder.emitted = row.decoder.text  # what was streamed before stays streamed
-        if row_id in self._batch:
-            self.state.rewind_row(self._batch.index(row_id), length - 1)
-        else:
+        if row_id in self._batch and not self.state.rewind_row(self._batch.index(row_id), length - 1):
+            index = self._batch.index(row_id)  # an encoder-decoder's prompt changed: prefill the row anew
+            self._keep([i for i in range(len(self._batch)) if i != index])
+        if row_id not in self._batch:
             self._joining = [(r, i) for r, i in self._joining if r != row_id] + [(row_id, ids)]
 
     # -- stepping --------------------------------------------------------------------------------
@@ -187,7 +198,8 @@ class Stepper:
             parts.append(self.state.advance(pending))
         if self._joining:
             joining, self._joining = self._joining, []
-            parts.append(self.state.extend([ids for _, ids in joining]))
+            parts.append(self.state.extend([ids for _, ids in joining],
+                                           prompt_lengths=[len(self._rows[r].prompt_ids) for r, _ in joining]))
             self._batch += [r for r, _ in joining]
         if not parts:
             return []
@@ -228,8 +240,8 @@ class Stepper:
             modes[key] = row.mode
             groups.setdefault(key, []).append(i)
         for key, members in groups.items():
-            index = np.array(members, dtype=np.int64)
-            for i, s in zip(members, modes[key].scores(self._last.rows(index)), strict=True):
+            part = self._last if len(members) == len(rows) else self._last.rows(np.array(members, dtype=np.int64))
+            for i, s in zip(members, modes[key].scores(part), strict=True):
                 out[i] = s
         return out
 
@@ -239,13 +251,13 @@ class Stepper:
         params = row.params
         scores = scores[None, :]  # (1, vocab)
         if params.repetition_penalty != 1.0:
-            scores = sampling.apply_repetition_penalty(scores, [np.asarray(row.all_ids, dtype=np.int64)],
+            scores = sampling.apply_repetition_penalty(scores, [np.asarray(row.context_ids, dtype=np.int64)],
                                                        params.repetition_penalty)
         if len(row.token_ids) < params.min_new_tokens and row.stop_ids:
             scores = scores.copy()
             scores[0, sorted(row.stop_ids)] = -np.inf
         for processor in params.logits_processors:
-            ids = np.asarray(row.all_ids, dtype=np.int64)
+            ids = np.asarray(row.context_ids, dtype=np.int64)
             scores = checked_scores(processor(ids, scores[0].copy()), scores.shape[1:], processor)[None, :]
         if not params.do_sample:
             return int(sampling.greedy(scores)[0])

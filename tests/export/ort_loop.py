@@ -1,50 +1,36 @@
-"""A minimal ONNX Runtime driver of a bundle graph for tests (independent of the exporter's validation)."""
+"""Drive one decode graph of a bundle through the runtime's one decode loop (`DecodeState`), with
+outputs by name, for tests that compare a graph's outputs with PyTorch step by step."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+
+from autocontrast.bundle import read_manifest
+from autocontrast.runtime.decode_state import DecodeState
+from autocontrast.runtime.session import StepOutput, open_session
 
 
 class GraphRunner:
     """Runs one decode graph of a bundle step by step, keeping the KV cache between calls."""
 
     def __init__(self, bundle: Path, graph: str):
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        spec = next(g for g in manifest["graphs"] if g["name"] == graph)
-        kv = manifest["kv_cache"]
-        self.heads, self.head_dim = kv["num_kv_heads"], kv["head_dim"]
-        self.layers = spec.get("layers") or kv["num_layers"]  # an early-exit graph caches only its layers
-        self.past_names = [f"past_key_values.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
-        self.present_names = [f"present.{i}.{k}" for i in range(self.layers) for k in ("key", "value")]
-        self.exits = [e if e == "original" else int(e) for e in spec["exits"]]
-        self.contrast = spec["contrast"]["output"] if spec.get("contrast") else None
-        self.session = ort.InferenceSession(str(bundle / spec["file"]), providers=["CPUExecutionProvider"])
-        self.past: list[np.ndarray] | None = None
-        self.mask: np.ndarray | None = None
-        self.positions: np.ndarray | None = None
+        manifest = read_manifest(bundle)
+        self.spec = manifest.graph(graph)
+        self.exits = list(self.spec.exits)
+        self.state = DecodeState(open_session(Path(bundle), manifest, self.spec))
 
     def prefill(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         """ids, mask: (batch, seq) left-padded."""
-        batch = ids.shape[0]
-        self.past = [np.zeros((batch, self.heads, 0, self.head_dim), np.float32)] * (2 * self.layers)
-        self.mask = mask.astype(np.int64)
-        positions = np.clip(np.cumsum(self.mask, axis=1) - 1, 0, None)
-        return self._run(ids.astype(np.int64), positions)
+        return self._named(self.state.extend([list(r[m.astype(bool)]) for r, m in zip(ids, mask, strict=True)]))
 
     def step(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
         """tokens: (batch,) the next token of each row."""
-        self.mask = np.concatenate([self.mask, np.ones((len(tokens), 1), np.int64)], axis=1)
-        return self._run(tokens.astype(np.int64)[:, None], self.positions[:, -1:] + 1)
+        return self._named(self.state.advance(tokens))
 
-    def _run(self, ids: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
-        self.positions = positions
-        names = ["exit_logits"] + ([self.contrast] if self.contrast else []) + self.present_names
-        feeds = {"input_ids": ids, "attention_mask": self.mask, "position_ids": positions,
-                 **dict(zip(self.past_names, self.past, strict=True))}
-        out = dict(zip(names, self.session.run(names, feeds), strict=True))
-        self.past = [out[n] for n in self.present_names]
-        return out
+    def _named(self, out: StepOutput) -> dict[str, np.ndarray]:
+        named = {self.spec.logits_output: out.exit_logits}
+        if self.spec.contrast is not None:
+            named[self.spec.contrast.output] = out.contrast
+        return named

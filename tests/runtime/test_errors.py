@@ -128,3 +128,14 @@ def test_cli_prints_the_message_without_a_traceback(llama_bundle):
                            "--top-p", "2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: top_p (2.0) must be within (0, 1]"
+
+
+def test_generator_verify_names_a_damaged_file(llama_bundle, tmp_path):
+    bundle = _copy(llama_bundle, tmp_path)
+    weights = bundle / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    Generator(bundle)  # opening does not hash: a changed weight still loads
+    with pytest.raises(BundleError, match="is damaged: weights.bin differs from the manifest"):
+        Generator(bundle, verify=True)
