@@ -22,13 +22,16 @@ INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 def trace_graph(model: Any, exits: tuple[Exit, ...], *, kind: str, contrast: tuple[Exit, Exit, float, int] | None,
-                kv: KVCacheSpec, directory: Path, opset: int = 17) -> Path:
-    """Export one graph to `directory/model.onnx` (weights beside it); returns the path."""
+                kv: KVCacheSpec, directory: Path, opset: int = 17, layers: int | None = None) -> Path:
+    """Export one graph to `directory/model.onnx` (weights beside it); returns the path.
+
+    `kv` is the graph's own cache layout (an early-exit graph of `layers` layers caches that many).
+    """
     from autocontrast.export.exporter import CONTRAST_OUTPUT, LOGITS_OUTPUT
     from autocontrast.export.graph import ExitGraph
     from autocontrast.export.patcher import export_patches
 
-    graph = ExitGraph(model, exits, kind=kind, contrast=contrast)
+    graph = ExitGraph(model, exits, kind=kind, contrast=contrast, layers=layers)
     batch, seq, past = 2, 3, 4
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq))

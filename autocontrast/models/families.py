@@ -29,6 +29,10 @@ class Family:
     hidden_size_key: ClassVar[str] = "hidden_size"
     num_layers_key: ClassVar[str] = "num_hidden_layers"
     is_encoder_decoder: ClassVar[bool] = False
+    # where the decoder stack and the final norm live on `model.base_model` (an early-exit graph
+    # keeps only the first layers and leaves the final norm to the exit)
+    layers_attr: ClassVar[str] = "layers"
+    final_norm_attr: ClassVar[str] = "norm"
 
     @classmethod
     def normalize(cls, model: Any, hidden: torch.Tensor, *, is_last_layer: bool) -> torch.Tensor:
@@ -69,6 +73,8 @@ class GPT2Family(Family):
     name = "gpt2"
     model_types = ("gpt2",)
     hidden_size_key = "n_embd"
+    layers_attr = "h"
+    final_norm_attr = "ln_f"
 
     @staticmethod
     def final_norm(model: Any) -> torch.nn.Module:
