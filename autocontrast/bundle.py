@@ -19,6 +19,9 @@ Graph conventions (all graphs of a bundle share them):
   position (and the fused contrast, if any, as (batch, seq, vocab)).
 - `GraphSpec.external_data`: files holding a graph's weights; acd-export writes one shared,
   deduplicated `weights.bin` that every graph reads by offset.
+- `GraphSpec.layers`: an early-exit decode graph computes only the first `layers` decoder layers
+  (its exits are at or below that layer) and its KV cache has that many layers (`Manifest.kv_for`);
+  None: every layer.
 
 Encoder-decoder bundles (T5; `Manifest.encoder_decoder` is set) add an `encoder` graph: inputs
 `input_ids` and `attention_mask` (batch, source) int64 of the prompt; outputs every decoder layer's
@@ -65,8 +68,8 @@ from autocontrast.config import (
 from autocontrast.errors import BundleError
 
 FORMAT = "autocontrast-bundle"
-FORMAT_VERSION = 2  # 2: `files` (SHA-256 of every file)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2: `files` (SHA-256 of every file); 3: `GraphSpec.layers` (early-exit graphs)
+READABLE_VERSIONS = (1, 2, 3)  # each adds optional fields only: an older manifest reads as it was
 MANIFEST_FILE = "manifest.json"
 
 # graph kinds and the graphs acd-export writes
@@ -110,6 +113,10 @@ class KVCacheSpec:
     def past_names(self) -> list[str]:
         """Input names in graph order: key then value of layer 0, 1, ..."""
         return [n.format(layer=i) for i in range(self.num_layers) for n in (self.past_key, self.past_value)]
+
+    def for_layers(self, layers: int | None) -> KVCacheSpec:
+        """This layout for a graph computing only the first `layers` layers (None: all of them)."""
+        return self if layers is None or layers == self.num_layers else dataclasses.replace(self, num_layers=layers)
 
     def present_names(self) -> list[str]:
         return [n.format(layer=i) for i in range(self.num_layers) for n in (self.present_key, self.present_value)]
@@ -156,9 +163,14 @@ class GraphSpec:
     logits_output: str = LOGITS_OUTPUT
     contrast: ContrastSpec | None = None
     external_data: tuple[str, ...] = ()  # files the graph's weights live in, relative to the bundle
+    layers: int | None = None  # decoder layers the graph computes (an early exit); None: all of them
 
     def exit_position(self, exit_: Exit) -> int:
         return self.exits.index(exit_)
+
+    def cost(self, num_layers: int) -> tuple[int, int, bool]:
+        """Sort key of the work one step of this graph does: layers computed, exits projected, fused contrast."""
+        return (self.layers or num_layers, len(self.exits), self.contrast is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,20 +226,24 @@ class Manifest:
         return tuple(found)
 
     def find_graph(self, exits: Sequence[Exit], *, kind: str = DECODE) -> tuple[GraphSpec, tuple[Exit, ...]] | None:
-        """The cheapest graph of `kind` (fewest exits) returning all of `exits`, with the names it
-        uses for them; None if no graph does."""
+        """The cheapest graph of `kind` (fewest layers, then fewest exits) returning all of `exits`,
+        with the names it uses for them; None if no graph does."""
         fitting = [(g, names) for g in self.graphs if g.kind == kind
                    for names in (self.graph_names(g, exits),) if names is not None]
-        return min(fitting, key=lambda c: (len(c[0].exits), c[0].contrast is not None), default=None)
+        return min(fitting, key=lambda c: c[0].cost(self.num_layers), default=None)
 
     def graph_for_exits(self, exits: Sequence[Exit], *, kind: str = DECODE) -> GraphSpec:
-        """The cheapest graph of `kind` (fewest exits) that returns all of `exits`; raises `BundleError`."""
+        """The cheapest graph of `kind` (fewest layers, then fewest exits) that returns all of `exits`."""
         found = self.find_graph(exits, kind=kind)
         if found is None:
             have = sorted({str(e) for g in self.graphs if g.kind == kind for e in g.exits})
             raise BundleError(f"no {kind} graph in this bundle returns exits {list(exits)}; "
                               f"its {kind} graphs return: {', '.join(have) or 'nothing'}")
         return found[0]
+
+    def kv_for(self, graph: GraphSpec) -> KVCacheSpec:
+        """The KV cache layout of one graph: the bundle's, with only the layers the graph computes."""
+        return self.kv_cache.for_layers(graph.layers)
 
     @property
     def fused_contrast(self) -> ContrastSpec | None:
@@ -270,11 +286,16 @@ class Manifest:
             raise BundleError(f"manifest is malformed: {type(err).__name__}: {err}") from None
         if manifest.encoder_decoder is not None:
             manifest.graph(manifest.encoder_decoder.encoder_graph)  # raises BundleError when absent
+        for g in manifest.graphs:
+            if g.layers is not None and not (1 <= g.layers <= manifest.num_layers and g.kind == DECODE
+                                             and all(isinstance(e, int) and e <= g.layers for e in g.exits)):
+                raise BundleError(f"manifest is malformed: graph {g.name!r} computes {g.layers} layers but "
+                                  f"returns exits {[str(e) for e in g.exits]} ({g.kind}, model of "
+                                  f"{manifest.num_layers} layers); re-export the bundle")
         return manifest
 
     @staticmethod
     def example() -> Manifest:
-
         """A small manifest for documentation and tests of readers."""
         kv = KVCacheSpec(num_layers=30, num_kv_heads=3, head_dim=64)
         return Manifest(

@@ -1,6 +1,6 @@
 """`acd-bench`: run the systems side by side, interleaved, and write a table, a JSON file and a chart.
 
-    acd-bench --bundle BUNDLE [--model HF_DIR] [--int8-bundle DIR] --scenarios 16x64x1,512x64x1
+    acd-bench --bundle BUNDLE [--model HF_DIR] [--int8-bundle DIR] [--int4-bundle DIR] --scenarios 16x64x1,512x64x1
     acd-bench --bundle FP32 --fp16-bundle FP16 --providers cpu,cuda --systems ours-original,ours-acd-fused
 
 A scenario is PROMPTxNEWxBATCH. Prompts are real text (WikiText-2 by default) cut to exactly PROMPT
@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", required=True, type=Path, help="fp32 export bundle (acd-export) for our systems")
     p.add_argument("--int8-bundle", type=Path, help="int8 bundle (acd-export --quantize int8), adds int8 systems")
+    p.add_argument("--int4-bundle", type=Path, help="int4 bundle (acd-export --quantize int4), adds int4 systems")
     p.add_argument("--fp16-bundle", type=Path, help="fp16 bundle (GPU), adds fp16 systems")
     p.add_argument("--model", type=Path, help="HF model folder for the PyTorch and optimum peers (optional)")
     p.add_argument("--contrast", help="UPPER,LOWER exits for ACD systems (default: the bundle's fused contrast)")

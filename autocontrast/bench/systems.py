@@ -73,7 +73,8 @@ def system_specs(args: argparse.Namespace) -> list[SystemSpec]:
         raise ConfigurationError(f"--contrast needs UPPER,LOWER, got {args.contrast!r}")
     exit_ = _exits(args.exit_)[0] if args.exit_ else None
     providers = requested_providers(args.providers)
-    bundles = [("fp32", args.bundle), ("int8", args.int8_bundle), ("fp16", args.fp16_bundle)]
+    bundles = [("fp32", args.bundle), ("int8", args.int8_bundle), ("int4", args.int4_bundle),
+               ("fp16", args.fp16_bundle)]
     specs = []
     for variant, bundle in bundles:
         if bundle is None:

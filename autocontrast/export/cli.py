@@ -11,15 +11,18 @@ import sys
 from autocontrast.cli_support import run_cli
 from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, parse_exits
 from autocontrast.errors import ExportError
+from autocontrast.export.variants import QUANTIZATIONS
 from autocontrast.models.families import labels
 
 DESCRIPTION = """\
 Export a multi-exit language model (a local folder or a hub id) to a bundle that the torch-free
 runtime runs: ONNX graphs with a KV cache, the tokenizer, and manifest.json.
 
-The bundle holds three graphs sharing one weights file:
+The bundle holds these graphs, sharing one weights file:
   decode_original  the checkpoint's own head, last position only (plain decoding pays nothing extra)
   decode_exits     the chosen exits stacked, last position only, plus the fused contrast if asked
+  decode_exit_K    an early exit: only layers 1..K run (decoding with exit K alone costs ~K/L);
+                   by default one per chosen exit below the top layer (--early-exits)
   score            every position's logits of every exit (perplexity, lm-eval log-likelihoods)
 Every graph is checked against PyTorch (a prefill and cached decode steps); an export that does
 not match within tolerance fails and leaves nothing behind. So does one stopped by Ctrl-C, SIGTERM
@@ -32,6 +35,7 @@ examples:
   acd-export ~/models/SmolLM2-135M-Instruct smollm2-acd --exits 30,15 --fuse-contrast 30,15
   acd-export IBM/gpt2-medium-multiexit gpt2-acd --exits 24,12 --fuse-contrast 24,12 --alpha 0.1
   acd-export ~/models/SmolLM2-135M-Instruct smollm2-int8 --exits 30,15 --fuse-contrast 30,15 --quantize int8
+  acd-export ~/models/SmolLM2-135M-Instruct smollm2-int4 --exits 30,15 --fuse-contrast 30,15 --quantize int4
 """
 
 
@@ -40,6 +44,15 @@ def _pair(text: str) -> tuple:
     if exits is None or len(exits) != 2:
         raise argparse.ArgumentTypeError(f"expected UPPER,LOWER (e.g. 30,15 or original,12), got {text!r}")
     return exits
+
+
+def _early_exits(text: str) -> tuple[int, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer numbers (e.g. 15 or 10,15) or 'none', got {text!r}") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -60,13 +73,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="plausibility threshold of the fused contrast")
     p.add_argument("--minimum-candidates", type=int, default=DEFAULT_MINIMUM_CANDIDATES,
                    help="minimum plausible candidates of the fused contrast")
+    p.add_argument("--early-exits", type=_early_exits, default=None, metavar="K[,K...]|none",
+                   help="exits that get an early-exit graph computing only their layers (default: the chosen "
+                        "exits below the top layer, none when the exits are a checkpoint's own list)")
     p.add_argument("--no-score-graph", action="store_true", help="leave out the every-position score graph")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="float16 halves the weights, for GPUs (inputs, outputs and KV cache stay float32)")
     p.add_argument("--optimize", action="store_true", help="apply ONNX Runtime's transformer graph fusions")
-    p.add_argument("--quantize", choices=("int8",), default=None,
-                   help="8-bit weight quantization for CPUs and edge devices; token agreement with fp32 "
-                        "is measured and recorded")
+    p.add_argument("--quantize", choices=tuple(QUANTIZATIONS), default=None,
+                   help="weight quantization (MatMulNBits): int8 for CPUs, int4 for edge devices; token "
+                        "agreement with fp32 is measured and recorded")
     p.add_argument("--tensorrt", action="store_true",
                    help="also build TensorRT engines (needs a CUDA GPU, onnxruntime-gpu and TensorRT)")
     p.add_argument("--trt-max-batch", type=int, default=8, help="largest batch of the TensorRT profile")
@@ -88,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                             alpha=args.alpha, minimum_candidates=args.minimum_candidates,
                             score_graph=not args.no_score_graph, dtype=args.dtype, optimize=args.optimize,
                             quantize=args.quantize, tensorrt=args.tensorrt, trt_max_batch=args.trt_max_batch,
-                            trt_max_length=args.trt_max_length)
+                            trt_max_length=args.trt_max_length, early_exits=args.early_exits)
 
     def log(message: str) -> None:
         if not args.quiet or message.startswith("exported") or message.startswith("  "):

@@ -62,10 +62,10 @@ from autocontrast.export.output import (
     remove_stale_work,
     replace_output,
 )
+from autocontrast.export.variants import QUANTIZATIONS
 
 OPSET = 17
 DTYPES = ("float32", "float16")
-QUANTIZATIONS = ("int8",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +85,9 @@ class ExportOptions:
     trt_max_batch: int = 8
     trt_max_length: int = 2048
     validation_steps: int = 4
+    # exits that get an early-exit graph (only their layers computed); None: the chosen exits below
+    # the top layer, unless they are a checkpoint's own list (which may name every layer)
+    early_exits: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -92,9 +95,13 @@ class ExportOptions:
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
             raise ExportError(f"--quantize {self.quantize!r} is not supported; choose: {', '.join(QUANTIZATIONS)}")
         if self.quantize and self.dtype != "float32":
-            raise ExportError("--quantize int8 quantizes float32 weights; do not combine it with --dtype float16")
+            raise ExportError(f"--quantize {self.quantize} quantizes float32 weights; do not combine it with "
+                              "--dtype float16")
         if self.fuse_contrast is not None and len(self.fuse_contrast) != 2:
             raise ExportError(f"--fuse-contrast needs UPPER,LOWER, got {self.fuse_contrast!r}")
+        if self.early_exits is not None and not all(isinstance(e, int) and not isinstance(e, bool) and e >= 1
+                                                    for e in self.early_exits):
+            raise ExportError(f"--early-exits takes layer numbers (e.g. 15 or 10,15), got {self.early_exits!r}")
         problem = contrast_parameters_problem(self.alpha, self.minimum_candidates)
         if problem:
             raise ExportError(f"fused contrast: {problem}")
@@ -297,6 +304,8 @@ def _plan(loaded: _Loaded, options: ExportOptions) -> tuple[tuple[Exit, ...], li
     problem = contrast_problem(*contrast) if contrast is not None else None
     if problem:
         raise ExportError(f"--fuse-contrast: {problem}")
+    early = _early_exits(options, chosen, L, from_checkpoint=options.exits is None and loaded.checkpoint_exits is not None,
+                         encoder_decoder=model.family.is_encoder_decoder)
     layered = tuple(e for e in chosen if e != ORIGINAL)
     explicit_original = ORIGINAL in chosen
     stacked = graph_exit_order(model, chosen if explicit_original else layered) if layered else ()
@@ -304,11 +313,33 @@ def _plan(loaded: _Loaded, options: ExportOptions) -> tuple[tuple[Exit, ...], li
     graphs = [{"name": DECODE_ORIGINAL, "kind": DECODE, "exits": (ORIGINAL,), "contrast": None}]
     if stacked:
         graphs.append({"name": DECODE_EXITS, "kind": DECODE, "exits": stacked, "contrast": fused})
+    graphs += [{"name": f"decode_exit_{k}", "kind": DECODE, "exits": (k,), "contrast": None, "layers": k}
+               for k in early]
     all_exits = tuple(sort_exits(set(chosen) | {ORIGINAL}))
     if options.score_graph:
         graphs.append({"name": SCORE_GRAPH, "kind": SCORE, "exits": graph_exit_order(model, all_exits),
                        "contrast": fused})
     return all_exits, graphs
+
+
+def _early_exits(options: ExportOptions, chosen: tuple[Exit, ...], num_layers: int, *,
+                 from_checkpoint: bool, encoder_decoder: bool = False) -> tuple[int, ...]:
+    """The exits that get an early-exit graph, each checked against the chosen exits."""
+    if options.early_exits is None:
+        if from_checkpoint or encoder_decoder:
+            return ()
+        return tuple(sorted(e for e in chosen if isinstance(e, int) and e < num_layers))
+    if encoder_decoder and options.early_exits:
+        raise ExportError("--early-exits is for decoder-only models; an encoder-decoder bundle has none "
+                          "(pass --early-exits none or leave it out)")
+    for k in options.early_exits:
+        if k not in chosen:
+            raise ExportError(f"--early-exits {k}: exit {k} is not among the exported exits "
+                              f"({', '.join(map(str, chosen))}); add it to --exits")
+        if k >= num_layers:
+            raise ExportError(f"--early-exits {k}: an early exit must be below the top layer ({num_layers}); "
+                              "the top exit already computes every layer")
+    return tuple(sorted(set(options.early_exits)))
 
 
 def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dict[str, Any]],
@@ -336,19 +367,19 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
     for i, g in enumerate(plan):
         contrast = g["contrast"]
         log(f"[2/6] tracing graph {i + 1}/{len(plan)} {g['name']!r} ({g['kind']}, exits "
-            f"{', '.join(map(str, g['exits']))}{', fused contrast' if contrast else ''})")
-        paths[g["name"]] = trace(model, g["exits"], kind=g["kind"], contrast=contrast, kv=kv,
-                                 directory=raw / g["name"], opset=OPSET)
+            f"{', '.join(map(str, g['exits']))}{', fused contrast' if contrast else ''}"
+            f"{', layers 1..' + str(g['layers']) if g.get('layers') else ''})")
+        layers = g.get("layers")
+        early = {"layers": layers} if layers else {}  # only decoder-only graphs have early exits
+        paths[g["name"]] = trace(model, g["exits"], kind=g["kind"], contrast=contrast, kv=kv.for_layers(layers),
+                                 directory=raw / g["name"], opset=OPSET, **early)
         spec_contrast = ContrastSpec(CONTRAST_OUTPUT, *contrast) if contrast else None
         specs.append(GraphSpec(g["name"], f"{g['name']}.onnx", g["kind"], tuple(g["exits"]),
                                logits_output=LOGITS_OUTPUT, contrast=spec_contrast,
-                               external_data=(WEIGHTS_FILE,)))
+                               external_data=(WEIGHTS_FILE,), layers=layers))
     variant: dict[str, Any] = {"dtype": options.dtype, "optimize": options.optimize, "quantize": options.quantize}
     if options.quantize:
-        from autocontrast.export.variants import INT8_ACCURACY_LEVEL, INT8_BLOCK
-
-        variant["quantization"] = {"method": "MatMulNBits", "bits": 8, "block_size": INT8_BLOCK,
-                                   "accuracy_level": INT8_ACCURACY_LEVEL, "symmetric": True}
+        variant["quantization"] = QUANTIZATIONS[options.quantize].to_dict()
     if options.variant_name != "float32" or options.optimize:
         log(f"[3/6] applying variant {options.variant_name}{' + ORT fusions' if options.optimize else ''}")
         paths = apply_variant(paths, model=model, options=options, log=log)
@@ -385,7 +416,8 @@ def summary(result: ExportResult) -> str:
         diffs = m.validation.get("graphs", {}).get(g.name, {})
         worst = ", ".join(f"{k} {v:.2g}" for k, v in diffs.items())
         fused = f", contrast {g.contrast.upper} vs {g.contrast.lower}" if g.contrast else ""
-        lines.append(f"  {g.file}: {g.kind}, exits {', '.join(map(str, g.exits))}{fused}; max |diff| {worst}")
+        early = f", layers 1..{g.layers} only" if g.layers else ""
+        lines.append(f"  {g.file}: {g.kind}, exits {', '.join(map(str, g.exits))}{fused}{early}; max |diff| {worst}")
     if "agreement" in m.variant:
         a = m.variant["agreement"]
         lines.append(f"  teacher-forced agreement with fp32: {a['agreed']}/{a['steps']} = {a['rate']:.1%}")

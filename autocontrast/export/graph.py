@@ -8,12 +8,18 @@
 Exits that share one projection matrix (the model's own head in the shared modes) are stacked
 and projected in one matrix product: `(batch, n_exits, hidden) @ (hidden, vocab)`.
 
+An early-exit graph (`layers=k`) runs only the first k decoder layers: the layers above k and the
+final norm are taken off the model while it runs (`first_layers`), so the trace never sees them,
+and its KV cache has k layers.
+
 >>> graph = ExitGraph(model, (30, 15), kind="decode", contrast=(30, 15, 0.1, 1))  # doctest: +SKIP
 >>> exit_logits, contrast_scores, *present = graph(ids, mask, positions, *past)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -39,25 +45,52 @@ def graph_exit_order(model: Any, exits: tuple[Exit, ...]) -> tuple[Exit, ...]:
     return tuple(e for _, members in projection_groups(model, exits) for e in members)
 
 
+@contextlib.contextmanager
+def first_layers(model: Any, layers: int | None) -> Iterator[None]:
+    """Run `model` with only its first `layers` decoder layers and no final norm (None: unchanged).
+
+    The top recorded hidden state is then layer `layers`' own output, which the exit normalises
+    itself (`exit_hidden`), exactly as in the full model.
+    """
+    if layers is None or layers == model.num_layers:
+        yield
+        return
+    family, body = model.family, model.base_model
+    stack, norm = getattr(body, family.layers_attr), getattr(body, family.final_norm_attr)
+    setattr(body, family.layers_attr, nn.ModuleList(list(stack)[:layers]))
+    setattr(body, family.final_norm_attr, nn.Identity())
+    try:
+        yield
+    finally:
+        setattr(body, family.layers_attr, stack)
+        setattr(body, family.final_norm_attr, norm)
+
+
 class ExitGraph(nn.Module):
     """A multi-exit model as a function of flat tensors (what the ONNX graph computes).
 
     kind DECODE: (input_ids, attention_mask, position_ids, *past) ->
         (exit_logits (batch, n_exits, vocab) of the last position, [contrast (batch, vocab)], *present)
     kind SCORE: (input_ids, attention_mask, position_ids) -> exit_logits (batch, seq, n_exits, vocab)
+    `layers=k`: only the first k layers run (an early exit; every exit must be a layer <= k), and
+    the past and present caches have k layers.
     """
 
     def __init__(self, model: Any, exits: tuple[Exit, ...], *, kind: str,
-                 contrast: tuple[Exit, Exit, float, int] | None = None) -> None:
+                 contrast: tuple[Exit, Exit, float, int] | None = None, layers: int | None = None) -> None:
         super().__init__()
         if kind not in (DECODE, SCORE):
             raise ValueError(f"unknown graph kind {kind!r}")
+        if layers is not None and not all(isinstance(e, int) and not model.uses_original_logits(e) and e <= layers
+                                          for e in exits):
+            raise ValueError(f"a graph of the first {layers} layers cannot return exits {exits}")
         self.model = model
         self.kind = kind
         self.groups = projection_groups(model, exits)
         self.exits = tuple(e for _, members in self.groups for e in members)
         self.contrast = contrast
-        self.num_layers = model.num_layers
+        self.layers = layers
+        self.num_layers = model.num_layers if layers is None else layers  # layers computed (and cached)
         self.needs_hidden = any(not model.uses_original_logits(e) for e in self.exits)
         # A new Module is in training mode, and the exporter restores the mode it found: stay in eval
         # so dropout never runs (in the trace or in the model afterwards).
@@ -83,9 +116,10 @@ class ExitGraph(nn.Module):
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cache = self._cache(past) if self.kind == DECODE else None
         body = self.model.base_model
-        out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   past_key_values=cache, use_cache=self.kind == DECODE,
-                   output_hidden_states=self.needs_hidden, return_dict=True)
+        with first_layers(self.model, self.layers):
+            out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       past_key_values=cache, use_cache=self.kind == DECODE,
+                       output_hidden_states=self.needs_hidden, return_dict=True)
         results = self.project(self._keep(out.last_hidden_state), out.hidden_states)
         if self.kind == DECODE:
             results.extend(_flat_present(out.past_key_values, self.num_layers))

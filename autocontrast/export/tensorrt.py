@@ -76,7 +76,7 @@ def check_tensorrt() -> None:
 
 def _shapes(graph: GraphSpec, manifest: Manifest, *, batch: int, seq: int, past: int) -> str:
     """An ORT TensorRT profile string: 'input_ids:1x1,attention_mask:1x1,...'."""
-    kv = manifest.kv_cache
+    kv = manifest.kv_for(graph)
     dims = {INPUT_IDS: (batch, seq), POSITION_IDS: (batch, seq), ATTENTION_MASK: (batch, past + seq)}
     if graph.kind == DECODE:
         dims.update({n: (batch, kv.num_kv_heads, past, kv.head_dim) for n in kv.past_names()})

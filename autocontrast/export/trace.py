@@ -31,9 +31,12 @@ from autocontrast.export.patcher import export_patches
 
 
 def trace_graph(model: Any, exits: tuple[Exit, ...], *, kind: str, contrast: tuple[Exit, Exit, float, int] | None,
-                kv: KVCacheSpec, directory: Path, opset: int = 17) -> Path:
-    """Export one graph to `directory/model.onnx` (weights beside it); returns the path."""
-    graph = ExitGraph(model, exits, kind=kind, contrast=contrast)
+                kv: KVCacheSpec, directory: Path, opset: int = 17, layers: int | None = None) -> Path:
+    """Export one graph to `directory/model.onnx` (weights beside it); returns the path.
+
+    `kv` is the graph's own cache layout (an early-exit graph of `layers` layers caches that many).
+    """
+    graph = ExitGraph(model, exits, kind=kind, contrast=contrast, layers=layers)
     batch, seq, past = 2, 3, 4
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq))

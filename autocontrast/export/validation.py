@@ -48,6 +48,9 @@ TOLERANCES = {
     "float32": Tolerance(logits=1e-3, present=1e-3, contrast=None),
     "float16": Tolerance(logits=0.25, present=0.05, contrast=None),
     "int8": Tolerance(logits=4.0, present=2.0, contrast=None),
+    # 4-bit weights move logits further (SmolLM2, blocks of 32: 14.8 logits, 6.8 KV measured): the gate
+    # catches a broken graph; the recorded teacher-forced agreement measures quality
+    "int4": Tolerance(logits=24.0, present=12.0, contrast=None),
 }
 
 
@@ -113,7 +116,7 @@ def validate_graphs(model: Any, bundle_dir: Path, graphs: Sequence[GraphSpec], k
     ids, mask = validation_batch(tokenizer, vocab)
     report: dict[str, Any] = {"tolerance": tolerance.to_dict(), "batch": int(ids.shape[0]),
                               "prompt_length": int(ids.shape[1]), "decode_steps": steps, "graphs": {}}
-    sessions = {g.name: ExitSession(bundle_dir, g, kv=kv, vocab_size=vocab) for g in graphs}
+    sessions = {g.name: ExitSession(bundle_dir, g, kv=kv.for_layers(g.layers), vocab_size=vocab) for g in graphs}
     all_exits = tuple(dict.fromkeys(e for g in graphs for e in g.exits))
     for g in graphs:
         report["graphs"][g.name] = {}
@@ -164,7 +167,8 @@ def _validate_decode(model: Any, decode: Sequence[GraphSpec], sessions: dict[str
             real = mask.astype(bool)  # (batch, total): pads' cache entries are never attended to
             figures["present.*"] = max([figures.get("present.*", 0.0)]
                                        + [max_abs_diff(w.transpose(0, 2, 1, 3)[real], h.transpose(0, 2, 1, 3)[real])
-                                          for w, h in zip(want_present, state.cache.arrays(), strict=True)])
+                                          for w, h in zip(want_present[:2 * state.session.kv.num_layers],
+                                                       state.cache.arrays(), strict=True)])
         # teacher forcing: both sides get PyTorch's greedy token from the first exit
         nxt = by_exit[all_exits[0]].argmax(-1).numpy().astype(np.int64)[:, None]  # (batch, 1)
         ids, pos = nxt, pos[:, -1:] + 1

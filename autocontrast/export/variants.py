@@ -5,11 +5,13 @@ variant is validated like fp32 (with its own tolerance). Quantization changes to
 also measures teacher-forced agreement: the fp32 PyTorch model's greedy ACD tokens are fed to the
 int8 decode graph, and we count the steps where the int8 graph would have picked the same token.
 
-int8 recipe: ORT's `quant_pre_process` (shape inference and graph simplification so every MatMul,
-the tied head included, is quantizable), then 8-bit `MatMulNBits` with blocks of 16 and
-accuracy_level 4 (int8 activations on CPU). Measured on SmolLM2, ACD 30 vs 15, 96 teacher-forced
-steps: block 32 agreed on 92/96, block 16 on 94/96 at about the same speed; accuracy_level 0
-(fp32 activations) also agreed on 94/96 but ran ~20x slower on this CPU.
+Quantization recipes (`QUANTIZATIONS`): ORT's `quant_pre_process` (shape inference and graph
+simplification so every MatMul, the tied head included, is quantizable), then `MatMulNBits` with
+accuracy_level 4 (int8 activations on CPU: the only fast path for this op on CPUs; level 0, fp32
+activations, ran ~20x slower). The head is quantized as its own MatMul (a tied head's transposed
+copy), so a step never reads the fp32 embedding matrix; the embedding itself stays a Gather that
+reads one row per token. int8: blocks of 16; int4 (edge devices): blocks of 32, as onnxruntime-genai
+ships. Agreement with fp32 is measured and recorded for both (see `teacher_forced_agreement`).
 
 >>> paths = apply_variant({"decode_original": Path("raw/decode_original/model.onnx")},
 ...                       model=model, options=ExportOptions(quantize="int8"), log=print)  # doctest: +SKIP
@@ -17,6 +19,7 @@ steps: block 32 agreed on 92/96, block 16 on 94/96 at about the same speed; accu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,8 +33,22 @@ from autocontrast.errors import ExportError
 AGREEMENT_PROMPTS = ("The history of the city begins in", "In mathematics, a prime number is",
                      "The best way to learn a new language is")
 AGREEMENT_STEPS = 32  # per prompt
-INT8_BLOCK = 16
-INT8_ACCURACY_LEVEL = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantRecipe:
+    """Weight-only quantization of every MatMul with a constant weight into `MatMulNBits`."""
+
+    bits: int
+    block_size: int
+    accuracy_level: int = 4
+    symmetric: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "MatMulNBits", **dataclasses.asdict(self)}
+
+
+QUANTIZATIONS = {"int8": QuantRecipe(bits=8, block_size=16), "int4": QuantRecipe(bits=4, block_size=32)}
 
 
 def versions(*, opset: int) -> dict[str, str]:
@@ -64,8 +81,8 @@ def apply_variant(paths: dict[str, Path], *, model: Any, options: Any, log: Call
             current = optimize_graph(current, model=model, target=path.with_name("optimized.onnx"))
         if options.dtype == "float16":
             current = to_float16(current, target=path.with_name("fp16.onnx"))
-        if options.quantize == "int8":
-            current = quantize_int8(current, target=path.with_name("int8.onnx"))
+        if options.quantize:
+            current = quantize(current, QUANTIZATIONS[options.quantize], target=path.with_name(f"{options.quantize}.onnx"))
         log(f"      {name}: {current.name}")
         out[name] = current
     return out
@@ -101,8 +118,8 @@ def to_float16(path: Path, *, target: Path) -> Path:
     return _save(converted, target)
 
 
-def quantize_int8(path: Path, *, target: Path) -> Path:
-    """8-bit weight quantization: quant_pre_process, then MatMulNBits (bits 8, block 16, accuracy 4)."""
+def quantize(path: Path, recipe: QuantRecipe, *, target: Path) -> Path:
+    """Weight-only quantization: quant_pre_process, then MatMulNBits as `recipe` says."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
@@ -113,8 +130,8 @@ def quantize_int8(path: Path, *, target: Path) -> Path:
     prepared = path.with_name("preprocessed.onnx")
     quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True, save_as_external_data=True,
                       all_tensors_to_one_file=True, external_data_location=prepared.name + ".data")
-    config = DefaultWeightOnlyQuantConfig(block_size=INT8_BLOCK, is_symmetric=True,
-                                          accuracy_level=INT8_ACCURACY_LEVEL, bits=8)
+    config = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=recipe.symmetric,
+                                          accuracy_level=recipe.accuracy_level, bits=recipe.bits)
     quantizer = MatMulNBitsQuantizer(onnx.load(str(prepared)), algo_config=config)
     chatty = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = chatty.level
@@ -138,7 +155,7 @@ def teacher_forced_agreement(model: Any, bundle_dir: Path, graphs: Sequence[Grap
 
     spec = next((g for g in graphs if g.kind == DECODE and g.contrast is not None), None) \
         or next(g for g in graphs if g.kind == DECODE)
-    session = ExitSession(bundle_dir, spec, kv=kv, vocab_size=model.config.vocab_size)
+    session = ExitSession(bundle_dir, spec, kv=kv.for_layers(spec.layers), vocab_size=model.config.vocab_size)
     pick = spec.contrast.output if spec.contrast else spec.logits_output
     agreed = steps = 0
     for prompt in AGREEMENT_PROMPTS:

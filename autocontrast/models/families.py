@@ -55,10 +55,13 @@ class Family:
     name: ClassVar[str]  # the manifest's `architecture`
     models: ClassVar[tuple[HFModel, ...]]
     model_types: ClassVar[tuple[str, ...]]  # set by `register` from `models`
-    final_norm_path: ClassVar[str]  # attribute path of the final norm, from the *ForCausalLM object
     hidden_size_key: ClassVar[str] = "hidden_size"
     num_layers_key: ClassVar[str] = "num_hidden_layers"
     is_encoder_decoder: ClassVar[bool] = False
+    # where the decoder stack and the final norm live on `model.base_model` (an early-exit graph
+    # keeps only the first layers and leaves the final norm to the exit)
+    layers_attr: ClassVar[str] = "layers"
+    final_norm_attr: ClassVar[str] = "norm"
     # config key of a number the model's own head divides its logits by (Granite); every exit's
     # projection is divided by it too, so the top exit equals the original head
     logits_divisor_key: ClassVar[str | None] = None
@@ -67,10 +70,7 @@ class Family:
 
     @classmethod
     def final_norm(cls, model: Any) -> torch.nn.Module:
-        module = model
-        for part in cls.final_norm_path.split("."):
-            module = getattr(module, part)
-        return module
+        return getattr(model.base_model, cls.final_norm_attr)
 
     @classmethod
     def normalize(cls, model: Any, hidden: torch.Tensor, *, is_last_layer: bool) -> torch.Tensor:
@@ -111,8 +111,9 @@ class Family:
 class GPT2Family(Family):
     name = "gpt2"
     models = (HFModel("gpt2", "GPT2LMHeadModel", "GPT-2"),)
-    final_norm_path = "transformer.ln_f"
     hidden_size_key = "n_embd"
+    layers_attr = "h"
+    final_norm_attr = "ln_f"
     ort_fusion = "gpt2"
 
 
@@ -137,7 +138,6 @@ class LlamaFamily(Family):
     name = "llama"
     models = (HFModel("llama", "LlamaForCausalLM", "Llama"), HFModel("mistral", "MistralForCausalLM", "Mistral"),
               HFModel("qwen2", "Qwen2ForCausalLM", "Qwen2"), HFModel("qwen3", "Qwen3ForCausalLM", "Qwen3"))
-    final_norm_path = "model.norm"
     # ORT's optimizer has no Llama class (its Llama path is the model builder); GPT-2's optimizer is
     # the generic decoder one (RMSNorm -> SimplifiedLayerNormalization, skip-norm fusions), the same
     # class ORT itself registers for "qwen3".
@@ -179,10 +179,13 @@ class GraniteFamily(LlamaFamily):
 class T5Family(Family):
     name = "t5"
     models = (HFModel("t5", "T5ForConditionalGeneration", "T5"),)
-    final_norm_path = "decoder.final_layer_norm"
     hidden_size_key = "d_model"
     num_layers_key = "num_decoder_layers"
     is_encoder_decoder = True
+
+    @classmethod
+    def final_norm(cls, model: Any) -> torch.nn.Module:
+        return model.decoder.final_layer_norm
 
     @classmethod
     def normalize(cls, model: Any, hidden: torch.Tensor, *, is_last_layer: bool) -> torch.Tensor:

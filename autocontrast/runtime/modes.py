@@ -122,12 +122,14 @@ def mode_on_graph(manifest: Manifest, config: MultiExitConfiguration, graph: Gra
 
 def resolve_mode(manifest: Manifest, config: MultiExitConfiguration, *, fused: bool = True,
                  kind: str = DECODE, graphs: Sequence[GraphSpec] | None = None) -> DecodeMode:
-    """The cheapest graph of `kind` serving `config` (a fused contrast first); `UnknownExitError` if none."""
+    """The cheapest graph of `kind` serving `config` (a fused contrast first, then fewest layers, then
+    fewest exits); `UnknownExitError` if none."""
     _check_config(manifest, config)
     candidates = [g for g in (manifest.graphs if graphs is None else graphs) if g.kind == kind]
     modes = [m for g in candidates if (m := mode_on_graph(manifest, config, g, fused=fused)) is not None]
     if modes:
-        return min(modes, key=lambda m: (not m.fused, len(m.graph.exits), m.graph.contrast is not None))
+        # a fused contrast first, then the least work: an early-exit graph computes fewer layers
+        return min(modes, key=lambda m: (not m.fused, m.graph.cost(manifest.num_layers)))
     wanted = config.required_exits
     have = {str(e) for g in candidates for e in g.exits}
     lacking = [str(e) for e in wanted if not any(str(a) in have for a in manifest.aliases(e))]

@@ -144,5 +144,5 @@ def open_session(bundle_dir: Path, manifest: Manifest, graph: GraphSpec, *, prov
     """The session of one graph of a bundle, with the bundle's recorded TensorRT options."""
     trt = (manifest.variant.get("tensorrt") or {}).get("provider_options", {}).get(graph.name)
     extra = (manifest.encoder_decoder.encoder_attention_mask,) if manifest.encoder_decoder else ()
-    return ExitSession(bundle_dir, graph, kv=manifest.kv_cache, vocab_size=manifest.vocab_size, provider=provider,
+    return ExitSession(bundle_dir, graph, kv=manifest.kv_for(graph), vocab_size=manifest.vocab_size, provider=provider,
                        device_id=device_id, threads=threads, trt_options=trt, extra_inputs=extra)

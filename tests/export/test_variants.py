@@ -52,3 +52,24 @@ def test_float16_and_int8_together_are_refused():
 
     with pytest.raises(ExportError, match="do not combine it with --dtype float16"):
         ExportOptions(dtype="float16", quantize="int8")
+
+
+@pytest.mark.parametrize("quantize,bits,block", [("int8", 8, 16), ("int4", 4, 32)])
+def test_quantized_bundle_records_its_recipe_and_agreement_and_quantizes_the_head(quantize, bits, block,
+                                                                                 tiny_checkpoint, tmp_path):
+    export_bundle(tiny_checkpoint("llama", DIRECT), tmp_path / "b",
+                  options=ExportOptions(quantize=quantize, fuse_contrast=(3, 1), score_graph=False), log=_quiet)
+    manifest = read_manifest(tmp_path / "b")
+    assert manifest.validation["passed"]
+    recipe = manifest.variant["quantization"]
+    assert (recipe["method"], recipe["bits"], recipe["block_size"], recipe["accuracy_level"]) == \
+        ("MatMulNBits", bits, block, 4)
+    agreement = manifest.variant["agreement"]
+    assert agreement["steps"] == 96 and 0.0 <= agreement["rate"] <= 1.0
+    assert agreement["rate"] == agreement["agreed"] / agreement["steps"]
+    graph = onnx.load(str(tmp_path / "b" / "decode_exits.onnx"), load_external_data=False).graph
+    vocab_sized = {t.name for t in graph.initializer if manifest.vocab_size in t.dims}
+    heads = [n for n in graph.node if set(n.input) & vocab_sized and n.op_type != "Gather"]
+    # the tied head is its own quantized matrix: a step reads no float32 vocabulary matrix
+    assert heads and all(n.op_type == "MatMulNBits" for n in heads)
+    assert all(a.i == bits for n in heads for a in n.attribute if a.name == "bits")
