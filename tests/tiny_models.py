@@ -1,6 +1,6 @@
 """Tiny random models of every supported architecture, for fast unit tests (never for claims).
 
-They use a tiny byte-level BPE tokenizer (vocab 512) trained in a fixture on WikiText-2 lines
+They use a tiny byte-level BPE tokenizer (vocab 2048) trained in a fixture on WikiText-2 lines
 (`save_tiny_tokenizer`), with ChatML special tokens and chat template, so bundles made from them
 are complete and text round-trips without the real model; everything else is a few layers of 32
 hidden units. Tests about the real model use SmolLM2 and its own tokenizer.
@@ -31,7 +31,7 @@ from autocontrast.config import MultiExitConfiguration, VocabularyProjectionMode
 from autocontrast.models.auto import AutoMultiExitModel
 from autocontrast.models.families import FAMILIES, model_types
 
-VOCAB = 512
+VOCAB = 2048  # the smallest whose tied head (vocab x 32) export/tied_head.py stores once (>= 2**16 values)
 NUM_LAYERS = 4
 MAX_POSITIONS = 1024  # room for long generations: a tiny model is fast, tests that need one running use many tokens
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

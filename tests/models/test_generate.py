@@ -15,7 +15,7 @@ from autocontrast.models.contrast import calculate_contrasted_logits
 from tests.tiny_models import NUM_LAYERS, make_tiny_model, tiny_config
 
 NEW = 8
-PROMPT = torch.tensor([[5, 17, 411, 427, 88], [31, 128, 9, 77, 300]])  # ids < the tiny vocab (512)
+PROMPT = torch.tensor([[5, 17, 411, 427, 88], [31, 128, 9, 77, 300]])  # ids within the tiny vocabulary
 
 
 def _tiny_t5(**mec_fields):

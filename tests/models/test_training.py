@@ -106,7 +106,7 @@ def test_trained_checkpoint_exports_and_generates_in_the_runtime_like_pytorch(tr
     assert set(LAYERS) <= set(result.manifest.exits)
     mec = MultiExitConfiguration(vocab_projection_mode="LAYER_SPECIFIC_PROJECTION", use_original_head=False,
                                  contrast_layer_indices="3;1")
-    prompt = [1, 450, 231, 404, 302]  # ids within the tiny vocabulary (512)
+    prompt = [1, 450, 231, 404, 302]  # ids within the tiny vocabulary
     runtime = Generator(result.path).generate([prompt], multi_exit=mec, max_new_tokens=6, ignore_eos=True)
     model = AutoMultiExitModel.from_pretrained(trained, mec)
     with torch.no_grad():
