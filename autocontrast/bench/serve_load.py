@@ -23,10 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from autocontrast.bench.cli import DEFAULT_TEXT
 from autocontrast.cli_support import run_cli
 from autocontrast.errors import ConfigurationError
-
-DEFAULT_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext-2" / "test.txt"
 
 
 @dataclasses.dataclass(frozen=True)
