@@ -101,3 +101,19 @@ def plain_llama(tiny_checkpoint) -> Path:
     from autocontrast.config import VocabularyProjectionMode
 
     return tiny_checkpoint("llama", VocabularyProjectionMode.SHARED_PROJECTION_DIRECT)
+
+
+@pytest.fixture(scope="session")
+def llama_bundle(tiny_bundle):
+    """The tiny Llama bundle: shared direct exits 1..4 + original, contrast 3 vs 1 fused (runtime and server tests)."""
+    from tests.runtime.conftest import CONTRAST
+
+    return tiny_bundle("llama", "SHARED_PROJECTION_DIRECT", fuse_contrast=CONTRAST)
+
+
+@pytest.fixture(scope="session")
+def llama_generator(llama_bundle):
+    """One Generator over `llama_bundle`, shared by the tests of a session."""
+    from autocontrast.runtime import Generator
+
+    return Generator(llama_bundle)

@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from autocontrast.bundle import EncoderDecoderSpec, GraphSpec, Manifest
 from autocontrast.errors import BundleError, InferenceError
-from autocontrast.runtime.providers import check_session_providers, resolve_providers
+from autocontrast.runtime.session import load_session
 
 
 class CrossKV:
@@ -80,19 +79,8 @@ class EncoderSession:
                  provider: str = "cpu", device_id: int = 0, threads: int | None = None,
                  trt_options: dict[str, Any] | None = None) -> None:
         self.spec, self.pad_token_id = spec, pad_token_id
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        path = Path(graph_dir) / graph.file
-        try:
-            self.session = ort.InferenceSession(
-                str(path), sess_options=options,
-                providers=resolve_providers(provider, device_id=device_id, trt_options=trt_options,
-                                            bundle_dir=Path(graph_dir)))
-        except Exception as err:  # ORT raises its own exception types; name the file and the cause
-            raise BundleError(f"onnxruntime cannot load {path}: {err}") from None
-        check_session_providers(self.session, provider)
+        self.session = load_session(graph_dir, graph.file, provider=provider, device_id=device_id,
+                                    threads=threads, trt_options=trt_options)
         missing = sorted(set(spec.cross_names()) - {o.name for o in self.session.get_outputs()})
         if missing:
             raise BundleError(f"bundle manifest does not match graph {graph.file}: it lacks the outputs "

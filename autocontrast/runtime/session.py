@@ -50,6 +50,24 @@ class StepOutput:
         return StepOutput(np.concatenate([p.exit_logits for p in parts]), contrast)
 
 
+def load_session(graph_dir: Path, file: str, *, provider: str = "cpu", device_id: int = 0, threads: int | None = None,
+                 trt_options: dict[str, Any] | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime session of one graph file of a bundle, on exactly the provider asked for (never a
+    quiet fallback); TensorRT cache paths in `trt_options` are relative to `graph_dir`."""
+    path = Path(graph_dir) / file
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = resolve_providers(provider, device_id=device_id, trt_options=trt_options, bundle_dir=Path(graph_dir))
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as err:  # ORT raises its own exception types; name the file and the cause
+        raise BundleError(f"onnxruntime cannot load {path}: {err}") from None
+    check_session_providers(session, provider)
+    return session
+
+
 class ExitSession:
     """`ExitSession(graph_dir, graph, kv=..., vocab_size=...)`; `.step(...)` runs one forward.
 
@@ -61,17 +79,8 @@ class ExitSession:
                  extra_inputs: tuple[str, ...] = ()) -> None:
         self.graph, self.kv, self.vocab_size, self.provider = graph, kv, vocab_size, provider
         self.extra_inputs = extra_inputs  # required beyond tokens and past (an encoder-decoder's prompt mask)
-        providers = resolve_providers(provider, device_id=device_id, trt_options=trt_options, bundle_dir=graph_dir)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        path = Path(graph_dir) / graph.file
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-        except Exception as err:  # ORT raises its own exception types; name the file and the cause
-            raise BundleError(f"onnxruntime cannot load {path}: {err}") from None
-        check_session_providers(self.session, provider)
+        self.session = load_session(graph_dir, graph.file, provider=provider, device_id=device_id,
+                                    threads=threads, trt_options=trt_options)
         self.device = output_device(provider)
         self._device_id = device_id
         self.input_names = frozenset(i.name for i in self.session.get_inputs())

@@ -66,18 +66,8 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="session")
-def llama_bundle(tiny_bundle):
-    """The runtime tests' tiny Llama bundle (same export, same cache): exits 1..4, contrast 3 vs 1 fused."""
-    from tests.runtime.conftest import CONTRAST
-
-    return tiny_bundle("llama", "SHARED_PROJECTION_DIRECT", fuse_contrast=CONTRAST)
-
-
-@pytest.fixture(scope="session")
-def generator(llama_bundle):
-    from autocontrast.runtime import Generator
-
-    return Generator(llama_bundle)
+def generator(llama_generator):
+    return llama_generator
 
 
 @pytest.fixture(scope="module")
