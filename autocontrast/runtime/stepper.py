@@ -154,13 +154,18 @@ class Stepper:
 
     def drop(self, row_id: int) -> Row:
         """Remove a row (running or finished) now; its computation stops. Returns its final state."""
-        row = self.row(row_id)
-        self._joining = [(r, ids) for r, ids in self._joining if r != row_id]
-        if row_id in self._batch:
-            index = self._batch.index(row_id)
-            self._keep([i for i in range(len(self._batch)) if i != index])
-        del self._rows[row_id]
-        return row
+        return self.drop_rows([row_id])[0]
+
+    def drop_rows(self, row_ids: list[int]) -> list[Row]:
+        """Remove several rows at once: one reshaping of the batch's cache, however many leave."""
+        rows = [self.row(r) for r in row_ids]
+        leaving = set(row_ids)
+        self._joining = [(r, ids) for r, ids in self._joining if r not in leaving]
+        if leaving & set(self._batch):
+            self._keep([i for i, r in enumerate(self._batch) if r not in leaving])
+        for row_id in leaving:
+            del self._rows[row_id]
+        return rows
 
     def rewind_to(self, row_id: int, length: int) -> None:
         """Cut a row back to its first `length` tokens (prompt + generated); the next step continues from there.
@@ -189,9 +194,8 @@ class Stepper:
 
     def step(self) -> list[TokenEvent]:
         """Give every running row one more token. Finished rows leave the batch at the next step."""
-        finished = [i for i, r in enumerate(self._batch) if self._rows[r].done]
-        if finished:
-            self._keep([i for i in range(len(self._batch)) if i not in set(finished)])
+        if any(self._rows[r].done for r in self._batch):
+            self._keep([i for i, r in enumerate(self._batch) if not self._rows[r].done])
         parts = []
         if self._batch:
             pending = np.array([self._rows[r].all_ids[-1] for r in self._batch], dtype=np.int64)  # (batch,)
@@ -210,7 +214,8 @@ class Stepper:
         self.state.keep(indices)
         self._batch = [self._batch[i] for i in indices]
         if self._last is not None:  # logits of rows still here stay readable
-            keep = [i for i, r in enumerate(self._last_rows) if r in set(self._batch)]
+            here = set(self._batch)
+            keep = [i for i, r in enumerate(self._last_rows) if r in here]
             self._last, self._last_rows = self._last.rows(np.array(keep, dtype=np.int64)), \
                 [self._last_rows[i] for i in keep]
 

@@ -140,12 +140,13 @@ class Scheduler:
 
     def _drop_cancelled(self) -> None:
         for graph, rows in self._rows.items():
-            for row, job in list(rows.items()):
-                if job.cancelled.is_set():
-                    self._steppers[graph].drop(row)
+            gone = [row for row, job in rows.items() if job.cancelled.is_set()]
+            if gone:
+                self._steppers[graph].drop_rows(gone)
+                for row in gone:
                     del rows[row]
-                    self._running -= 1
-                    self._observe("cancelled", 1)
+                self._running -= len(gone)
+                self._observe("cancelled", len(gone))
         kept = [j for j in self._queue if not j.cancelled.is_set()]
         if len(kept) != len(self._queue):
             self._queue = collections.deque(kept)
@@ -186,10 +187,12 @@ class Scheduler:
                           now - (job.submitted if job.last_token is None else job.last_token))
             job.last_token, job.generated = now, job.generated + 1
             job.on_event(event)
-            if event.finish_reason is not None:
-                stepper.drop(event.row)  # release its cache now; nothing of it is read again
-                del rows[event.row]
-                self._running -= 1
+        finished = [e.row for e in events if e.finish_reason is not None and e.row in rows]
+        if finished:  # release their cache now, in one reshaping; nothing of them is read again
+            stepper.drop_rows(finished)
+            for row in finished:
+                del rows[row]
+            self._running -= len(finished)
 
     def describe(self) -> dict[str, Any]:
         return {"queue_depth": self.queue_depth, "running": self.running, "max_batch": self.max_batch,
