@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import (
     GemmaConfig,
@@ -146,3 +147,21 @@ def save_tiny_checkpoint(arch: str, mode: VocabularyProjectionMode, directory: P
         if (tokenizer_dir / name).is_file():
             shutil.copy(tokenizer_dir / name, directory / name)
     return directory
+
+
+def left_padded_prompts(lengths: list[int], *, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random prompt ids (from 3 up, clear of the special ids) of the given lengths, left-padded to the
+    first: ids (batch, lengths[0]) int64 and mask (batch, lengths[0]) int64."""
+    rng = np.random.default_rng(seed)
+    width = lengths[0]
+    ids = np.zeros((len(lengths), width), np.int64)
+    mask = np.zeros((len(lengths), width), np.int64)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = rng.integers(3, VOCAB, n)
+        mask[row, width - n:] = 1
+    return ids, mask
+
+
+def multi_exit_model(checkpoint: Path, mode: VocabularyProjectionMode):
+    """The PyTorch multi-exit model of a saved tiny checkpoint in `mode` (the parity tests' reference)."""
+    return AutoMultiExitModel.from_pretrained(str(checkpoint), MultiExitConfiguration(vocab_projection_mode=mode))

@@ -13,33 +13,21 @@ import pytest
 import torch
 
 from autocontrast.bundle import ENCODER, read_manifest
-from autocontrast.config import MultiExitConfiguration, VocabularyProjectionMode
+from autocontrast.config import VocabularyProjectionMode
 from autocontrast.errors import ExportError
 from autocontrast.export import ExportOptions, export_bundle
-from autocontrast.models.auto import AutoMultiExitModel
 from autocontrast.models.contrast import calculate_contrasted_logits
-from tests.tiny_models import VOCAB
+from tests.runtime.conftest import CONTRAST
+from tests.tiny_models import VOCAB, left_padded_prompts, multi_exit_model
 
 MODES = tuple(VocabularyProjectionMode)
-CONTRAST = (3, 1)
 STEPS = 10  # past 8 positions: the decoder's relative-position buckets turn logarithmic there
 ATOL = 1e-4
 
 
 def _prompts(batch: int) -> tuple[np.ndarray, np.ndarray]:
     """(batch, 10) prompt ids and mask; rows after the first are left-padded."""
-    rng = np.random.default_rng(batch)
-    lengths = [10] if batch == 1 else [10, 6, 1]
-    ids = np.zeros((batch, 10), np.int64)
-    mask = np.zeros((batch, 10), np.int64)
-    for row, n in enumerate(lengths):
-        ids[row, 10 - n:] = rng.integers(3, VOCAB, n)
-        mask[row, 10 - n:] = 1
-    return ids, mask
-
-
-def _torch_model(checkpoint, mode):
-    return AutoMultiExitModel.from_pretrained(str(checkpoint), MultiExitConfiguration(vocab_projection_mode=mode))
+    return left_padded_prompts([10] if batch == 1 else [10, 6, 1], seed=batch)
 
 
 class T5Runner:
@@ -84,7 +72,7 @@ class T5Runner:
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.name.lower())
 def test_every_exit_matches_pytorch_over_cached_decode_steps(mode, batch, tiny_bundle, tiny_checkpoint):
     bundle = tiny_bundle("t5", mode, fuse_contrast=CONTRAST)
-    model = _torch_model(tiny_checkpoint("t5", mode), mode)
+    model = multi_exit_model(tiny_checkpoint("t5", mode), mode)
     runners = [T5Runner(bundle, name) for name in ("decode_original", "decode_exits")]
     ids, mask = _prompts(batch)
     outs = [r.prefill(ids, mask) for r in runners]
@@ -112,7 +100,7 @@ def test_every_exit_matches_pytorch_over_cached_decode_steps(mode, batch, tiny_b
 def test_score_graph_matches_pytorch_at_every_decoder_position(mode, tiny_bundle, tiny_checkpoint):
     bundle = tiny_bundle("t5", mode, fuse_contrast=CONTRAST)
     spec = read_manifest(bundle).graph("score")
-    model = _torch_model(tiny_checkpoint("t5", mode), mode)
+    model = multi_exit_model(tiny_checkpoint("t5", mode), mode)
     ids, mask = _prompts(3)
     decoder = np.concatenate([np.zeros((3, 1), np.int64), np.random.default_rng(0).integers(3, VOCAB, (3, 11))], 1)
     runner = T5Runner(bundle, "decode_original")

@@ -19,35 +19,23 @@ from autocontrast.bundle import (
     SCORE_GRAPH,
     read_manifest,
 )
-from autocontrast.config import MultiExitConfiguration, VocabularyProjectionMode
-from autocontrast.models.auto import AutoMultiExitModel
+from autocontrast.config import VocabularyProjectionMode
 from autocontrast.models.contrast import calculate_contrasted_logits
 from autocontrast.models.families import family_of_type
 from tests.export.ort_loop import GraphRunner
-from tests.tiny_models import DECODER_ONLY, VOCAB, export_cases
+from tests.runtime.conftest import CONTRAST
+from tests.tiny_models import DECODER_ONLY, export_cases, left_padded_prompts, multi_exit_model
 
 CASES = export_cases()
 IDS = [f"{arch}-{mode.name.lower()}" for arch, mode in CASES]
 MODES = tuple(VocabularyProjectionMode)
-CONTRAST = (3, 1)
 STEPS = 8
 ATOL = 1e-4
 
 
 def _batch(batch: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(batch)
     # rows 2 and 3 left-padded; 12 + 8 steps > GPT-Neo's local attention window (16)
-    lengths = [12] if batch == 1 else [12, 7, 1]
-    ids = np.zeros((batch, 12), np.int64)
-    mask = np.zeros((batch, 12), np.int64)
-    for row, n in enumerate(lengths):
-        ids[row, 12 - n:] = rng.integers(3, VOCAB, n)
-        mask[row, 12 - n:] = 1
-    return ids, mask
-
-
-def _torch_model(checkpoint, mode):
-    return AutoMultiExitModel.from_pretrained(str(checkpoint), MultiExitConfiguration(vocab_projection_mode=mode))
+    return left_padded_prompts([12] if batch == 1 else [12, 7, 1], seed=batch)
 
 
 def _torch_last(model, exits, ids, mask, positions, cache):
@@ -64,7 +52,7 @@ def _torch_last(model, exits, ids, mask, positions, cache):
 @pytest.mark.parametrize("arch,mode", CASES, ids=IDS)
 def test_every_exit_matches_pytorch_over_cached_decode_steps(arch, mode, batch, tiny_bundle, tiny_checkpoint):
     bundle = tiny_bundle(arch, mode, fuse_contrast=CONTRAST)
-    model = _torch_model(tiny_checkpoint(arch, mode), mode)
+    model = multi_exit_model(tiny_checkpoint(arch, mode), mode)
     runners = [GraphRunner(bundle, name) for name in (DECODE_ORIGINAL, DECODE_EXITS)]
     ids, mask = _batch(batch)
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
@@ -90,7 +78,7 @@ def test_score_graph_matches_pytorch_at_every_real_position(arch, tiny_bundle, t
     bundle = tiny_bundle(arch, mode, fuse_contrast=CONTRAST)
     manifest = read_manifest(bundle)
     spec = manifest.graph(SCORE_GRAPH)
-    model = _torch_model(tiny_checkpoint(arch, mode), mode)
+    model = multi_exit_model(tiny_checkpoint(arch, mode), mode)
     ids, mask = _batch(3)
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     import onnxruntime as ort
@@ -121,7 +109,7 @@ def test_manifest_names_the_registered_family_and_the_models_own_kv_layout(arch,
     manifest = read_manifest(tiny_bundle(arch, mode))
     assert manifest.architecture == family_of_type(arch).name and manifest.validation["passed"] is True
     with torch.no_grad():  # the layout transformers' own cache has
-        cache = _torch_model(tiny_checkpoint(arch, mode), mode)(torch.tensor([[5, 6, 7]]), use_cache=True).past_key_values
+        cache = multi_exit_model(tiny_checkpoint(arch, mode), mode)(torch.tensor([[5, 6, 7]]), use_cache=True).past_key_values
     keys = cache.layers[0].keys  # (batch, kv_heads, seq, head_dim)
     assert (manifest.kv_cache.num_layers, manifest.kv_cache.num_kv_heads, manifest.kv_cache.head_dim) == \
         (len(cache.layers), keys.shape[1], keys.shape[3])

@@ -14,15 +14,11 @@ from autocontrast.errors import BundleError
 from autocontrast.models.auto import AutoMultiExitModel
 from autocontrast.runtime import Generator
 from tests.runtime.conftest import CONTRAST
+from tests.runtime.test_tiny_parity import MODES as DECODER_MODES
+from tests.runtime.test_tiny_parity import NEW_TOKENS, PROMPTS
 
-PROMPTS = ("The capital of France is", "Once upon a time, in a small village by the sea, there lived")
-NEW_TOKENS = 12
-MODES = {
-    "original": dict(),
-    "exit": dict(use_original_head=False, output_layer_index=2),
-    "contrast": dict(use_original_head=False, contrast_layer_indices=CONTRAST),
-    "contrast_alpha_k": dict(use_original_head=False, contrast_layer_indices=CONTRAST, alpha=0.4, minimum_candidates=5),
-}
+# the decoder-only parity tests' prompts and modes (but alpha 0), so both families answer the same questions
+MODES = {name: fields for name, fields in DECODER_MODES.items() if name != "contrast_alpha0"}
 ACD = MultiExitConfiguration(use_original_head=False, contrast_layer_indices=CONTRAST)
 
 
