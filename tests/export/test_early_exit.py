@@ -13,8 +13,8 @@ from autocontrast.config import VocabularyProjectionMode
 from autocontrast.errors import ExportError
 from autocontrast.export import ExportOptions
 from tests.export.ort_loop import GraphRunner
-from tests.export.test_tiny_parity import _batch, _torch_last, _torch_model
-from tests.tiny_models import DECODER_ONLY
+from tests.export.test_tiny_parity import _batch, _torch_last
+from tests.tiny_models import DECODER_ONLY, multi_exit_model
 
 DIRECT = VocabularyProjectionMode.SHARED_PROJECTION_DIRECT
 EXIT = 2  # of the tiny models' 4 layers
@@ -30,7 +30,7 @@ def test_early_exit_graph_matches_pytorch_exit_over_cached_steps(arch, mode, tin
     spec = read_manifest(bundle).graph(f"decode_exit_{EXIT}")
     assert spec.layers == EXIT and spec.exits == (EXIT,)
     runner = GraphRunner(bundle, spec.name)
-    model = _torch_model(tiny_checkpoint(arch, mode), mode)
+    model = multi_exit_model(tiny_checkpoint(arch, mode), mode)
     ids, mask = _batch(3)
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     out, cache = runner.prefill(ids, mask), None
