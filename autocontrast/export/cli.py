@@ -79,7 +79,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-score-graph", action="store_true", help="leave out the every-position score graph")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="float16 halves the weights, for GPUs (inputs, outputs and KV cache stay float32)")
-    p.add_argument("--optimize", action="store_true", help="apply ONNX Runtime's transformer graph fusions")
+    p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=None,
+                   help="graph fusions (the architecture's set: for Llama-family models merged q/k/v and gate/up "
+                        "MatMuls and skip-RMSNorm, on by default; for GPT-2 ONNX Runtime's GPT-2 optimizer, off by "
+                        "default); --no-optimize exports the traced graph as it is")
     p.add_argument("--quantize", choices=tuple(QUANTIZATIONS), default=None,
                    help="weight quantization (MatMulNBits): int8 for CPUs, int4 for edge devices; token "
                         "agreement with fp32 is measured and recorded")

@@ -79,7 +79,7 @@ class ExportOptions:
     minimum_candidates: int = DEFAULT_MINIMUM_CANDIDATES
     score_graph: bool = True
     dtype: str = "float32"
-    optimize: bool = False
+    optimize: bool | None = None  # graph fusions; None: the family's default (`Family.fuses_by_default`)
     quantize: str | None = None
     tensorrt: bool = False
     trt_max_batch: int = 8
@@ -348,7 +348,7 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
     from autocontrast.export.tied_head import untie_transposed_copies
     from autocontrast.export.trace import trace_graph
     from autocontrast.export.validation import TOLERANCES, validate_graphs
-    from autocontrast.export.variants import apply_variant, versions
+    from autocontrast.export.variants import apply_variant, fusions_for, versions
     from autocontrast.export.weights import WEIGHTS_FILE, write_shared_weights
 
     model = loaded.model
@@ -377,12 +377,13 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
         specs.append(GraphSpec(g["name"], f"{g['name']}.onnx", g["kind"], tuple(g["exits"]),
                                logits_output=LOGITS_OUTPUT, contrast=spec_contrast,
                                external_data=(WEIGHTS_FILE,), layers=layers))
-    variant: dict[str, Any] = {"dtype": options.dtype, "optimize": options.optimize, "quantize": options.quantize}
+    fusions = fusions_for(family, options.optimize)
+    variant: dict[str, Any] = {"dtype": options.dtype, "optimize": bool(fusions), "quantize": options.quantize}
     if options.quantize:
         variant["quantization"] = QUANTIZATIONS[options.quantize].to_dict()
-    if options.variant_name != "float32" or options.optimize:
-        log(f"[3/6] applying variant {options.variant_name}{' + ORT fusions' if options.optimize else ''}")
-        paths = apply_variant(paths, model=model, options=options, log=log)
+    if options.variant_name != "float32" or fusions:
+        log(f"[3/6] applying variant {options.variant_name}{' + graph fusions' if fusions else ''}")
+        paths, variant["fusions"] = apply_variant(paths, model=model, options=options, log=log)
     log("[4/6] writing graphs with one shared weights file")
     # a tied head reads the embedding matrix, not a transposed copy of it
     write_shared_weights(paths, work, transform=untie_transposed_copies,

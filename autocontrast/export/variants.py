@@ -43,6 +43,7 @@ class QuantRecipe:
     block_size: int
     accuracy_level: int = 4
     symmetric: bool = True
+    head_bits: int | None = None  # the LM heads' bits; None: `bits`
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": "MatMulNBits", **dataclasses.asdict(self)}
@@ -72,20 +73,47 @@ def versions(*, opset: int) -> dict[str, str]:
     return found
 
 
-def apply_variant(paths: dict[str, Path], *, model: Any, options: Any, log: Callable[[str], None]) -> dict[str, Path]:
-    """Transform each graph file; returns the new files (the traced ones are left in place)."""
-    out = {}
+def fusions_for(family: Any, optimize: bool | None) -> tuple[str, ...]:
+    """The graph fusions an export runs: `optimize` None: the family's, if it fuses by default;
+    True: the family's (an `ExportError` where it has none); False: none."""
+    if optimize is False:
+        return ()
+    if optimize is None:
+        return family.fusions if family.fuses_by_default else ()
+    if not family.fusions:  # the registry says which fusions fit; never guess a set
+        raise ExportError(f"--optimize has no graph fusions for {family.name!r} models; export without it")
+    return family.fusions
+
+
+def apply_variant(paths: dict[str, Path], *, model: Any, options: Any,
+                  log: Callable[[str], None]) -> tuple[dict[str, Path], dict[str, dict[str, int]]]:
+    """Transform each graph file (the traced ones are left in place).
+
+    Returns the new files and, per graph, how many nodes each fusion made ({} when none ran).
+    """
+    from autocontrast.export.fusions import apply_fusions
+
+    fusions = fusions_for(model.family, options.optimize)
+    out: dict[str, Path] = {}
+    fused: dict[str, dict[str, int]] = {}
     for name, path in paths.items():
         current = path
-        if options.optimize:
-            current = optimize_graph(current, model=model, target=path.with_name("optimized.onnx"))
+        if fusions:
+            target = path.with_name("fused.onnx")
+            fused[name] = apply_fusions(current, fusions, model=model, target=target)
+            current = target
         if options.dtype == "float16":
             current = to_float16(current, target=path.with_name("fp16.onnx"))
         if options.quantize:
-            current = quantize(current, QUANTIZATIONS[options.quantize], target=path.with_name(f"{options.quantize}.onnx"))
-        log(f"      {name}: {current.name}")
+            current = quantize(current, QUANTIZATIONS[options.quantize], target=path.with_name(f"{options.quantize}.onnx"),
+                               vocab_size=model.config.vocab_size)
+        log(f"      {name}: {current.name}" + (f" ({_counts(fused[name])})" if fusions else ""))
         out[name] = current
-    return out
+    return out, fused
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
 
 
 def _save(model: Any, target: Path) -> Path:
@@ -94,18 +122,6 @@ def _save(model: Any, target: Path) -> Path:
     onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=target.name + ".data", size_threshold=1024)
     return target
-
-
-def optimize_graph(path: Path, *, model: Any, target: Path) -> Path:
-    """ONNX Runtime's transformer fusions (LayerNorm, Gelu, attention where it matches), CPU-safe."""
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    family = model.family
-    if family.ort_fusion is None:  # the registry says which fusion set fits; never guess one
-        raise ExportError(f"--optimize has no ONNX Runtime fusions for {family.name!r} models; export without it")
-    optimized = optimize_model(str(path), model_type=family.ort_fusion, num_heads=model.config.num_attention_heads,
-                               hidden_size=family.hidden_size(model.config), opt_level=1, use_gpu=False)
-    return _save(optimized.model, target)
 
 
 def to_float16(path: Path, *, target: Path) -> Path:
@@ -118,21 +134,39 @@ def to_float16(path: Path, *, target: Path) -> Path:
     return _save(converted, target)
 
 
-def quantize(path: Path, recipe: QuantRecipe, *, target: Path) -> Path:
-    """Weight-only quantization: quant_pre_process, then MatMulNBits as `recipe` says."""
+def quantize(path: Path, recipe: QuantRecipe, *, target: Path, vocab_size: int) -> Path:
+    """Weight-only quantization: quant_pre_process, then MatMulNBits as `recipe` says.
+
+    The heads (MatMuls whose weight has `vocab_size` columns) get `recipe.head_bits` when it is set.
+    """
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = path.with_name("preprocessed.onnx")
     quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True, save_as_external_data=True,
                       all_tensors_to_one_file=True, external_data_location=prepared.name + ".data")
+    model = onnx.load(str(prepared))
+    inits = {t.name: t for t in model.graph.initializer}
+    heads = {n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+             and inits[n.input[1]].dims[-1] == vocab_size}
+    head_bits = recipe.head_bits or recipe.bits
+    if head_bits != recipe.bits:  # the heads first, on their own; the second pass skips MatMulNBits nodes
+        model = _matmul_nbits(model, recipe, bits=head_bits, only=heads)
+    model = _matmul_nbits(model, recipe, bits=recipe.bits)
+    return _save(model, target)
+
+
+def _matmul_nbits(model: Any, recipe: QuantRecipe, *, bits: int, only: set[str] | None = None) -> Any:
+    """Every MatMul with a constant weight (or only those named `only`) as `bits`-bit MatMulNBits."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
     config = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=recipe.symmetric,
-                                          accuracy_level=recipe.accuracy_level, bits=recipe.bits)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(prepared)), algo_config=config)
+                                          accuracy_level=recipe.accuracy_level, bits=bits)
+    exclude = [] if only is None else [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in only]
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=exclude)
     chatty = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = chatty.level
     chatty.setLevel(logging.WARNING)  # it logs one INFO line per node it skips: thousands
@@ -140,7 +174,7 @@ def quantize(path: Path, recipe: QuantRecipe, *, target: Path) -> Path:
         quantizer.process()
     finally:
         chatty.setLevel(level)
-    return _save(quantizer.model.model, target)
+    return quantizer.model.model
 
 
 def teacher_forced_agreement(model: Any, bundle_dir: Path, graphs: Sequence[GraphSpec], kv: KVCacheSpec, *,

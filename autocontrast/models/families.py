@@ -4,8 +4,8 @@ One registered class per family is the only place an architecture is declared. I
 `model_type`s it covers and their `transformers` classes (the multi-exit classes are built from
 these, see `autocontrast.models.multi_exit.model_class`), where the final norm lives, which config
 keys hold the sizes (and so the KV-cache layout), how the model's own head scales its logits, and
-which ONNX Runtime fusion set `acd-export --optimize` uses. The exporter's messages and the tests'
-parametrisation (tests/tiny_models.py) read this registry too.
+which graph fusions its exported graphs get (`fusions`: by default, or with `acd-export --optimize`).
+The exporter's messages and the tests' parametrisation (tests/tiny_models.py) read this registry too.
 
 How to add an architecture (DESIGN): if it is built like one already here, add its model type to
 that family's `models`; otherwise declare a class below with `@register`. Then give it a tiny
@@ -65,8 +65,11 @@ class Family:
     # config key of a number the model's own head divides its logits by (Granite); every exit's
     # projection is divided by it too, so the top exit equals the original head
     logits_divisor_key: ClassVar[str | None] = None
-    # `onnxruntime.transformers.optimizer` model_type for --optimize; None: no fusions offered
-    ort_fusion: ClassVar[str | None] = None
+    # graph fusions (names in `autocontrast.export.fusions.FUSIONS`), run in this order; () offers none
+    fusions: ClassVar[tuple[str, ...]] = ()
+    # whether an export runs `fusions` without being asked (`--optimize`): only where they were
+    # validated against PyTorch and measured to help
+    fuses_by_default: ClassVar[bool] = False
 
     @classmethod
     def final_norm(cls, model: Any) -> torch.nn.Module:
@@ -114,7 +117,7 @@ class GPT2Family(Family):
     hidden_size_key = "n_embd"
     layers_attr = "h"
     final_norm_attr = "ln_f"
-    ort_fusion = "gpt2"
+    fusions = ("gpt2_optimizer",)
 
 
 @register
@@ -124,7 +127,7 @@ class GPTNeoFamily(GPT2Family):
     name = "gpt_neo"
     models = (HFModel("gpt_neo", "GPTNeoForCausalLM", "GPT-Neo"),)
     hidden_size_key = "hidden_size"
-    ort_fusion = "gpt2"  # ORT has no GPT-Neo optimizer; GPT-2's fusions (LayerNorm, GELU) match its blocks
+    fusions = ("gpt2_optimizer",)  # ORT has no GPT-Neo optimizer; GPT-2's fusions (LayerNorm, GELU) match its blocks
 
 
 @register
@@ -138,10 +141,10 @@ class LlamaFamily(Family):
     name = "llama"
     models = (HFModel("llama", "LlamaForCausalLM", "Llama"), HFModel("mistral", "MistralForCausalLM", "Mistral"),
               HFModel("qwen2", "Qwen2ForCausalLM", "Qwen2"), HFModel("qwen3", "Qwen3ForCausalLM", "Qwen3"))
-    # ORT's optimizer has no Llama class (its Llama path is the model builder); GPT-2's optimizer is
-    # the generic decoder one (RMSNorm -> SimplifiedLayerNormalization, skip-norm fusions), the same
-    # class ORT itself registers for "qwen3".
-    ort_fusion = "gpt2"
+    # ORT's optimizer has no Llama class (its Llama path is the model builder), so the fusions are
+    # named one by one; see `autocontrast.export.fusions` for what each does and what was measured
+    fusions = ("shared_input_matmuls", "simplified_layer_norm", "skip_simplified_layer_norm")
+    fuses_by_default = True
 
 
 @register
@@ -150,7 +153,8 @@ class Phi3Family(LlamaFamily):
 
     name = "phi3"
     models = (HFModel("phi3", "Phi3ForCausalLM", "Phi-3"),)
-    ort_fusion = "gpt2"  # ORT's "phi" optimizer is for Phi-2's dynamo export, not this graph
+    # q/k/v and gate/up are already one matrix each; ORT's "phi" optimizer is for Phi-2's dynamo export
+    fusions = ("simplified_layer_norm", "skip_simplified_layer_norm")
 
 
 @register

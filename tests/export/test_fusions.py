@@ -1,0 +1,122 @@
+"""Graph fusions: merged q/k/v and gate/up MatMuls compute what the traced graph computes, a default
+Llama export fuses, validates against PyTorch and records what ran, and the registry names only
+fusions that exist."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from autocontrast.bundle import DECODE, DECODE_ORIGINAL, KVCacheSpec, read_manifest
+from autocontrast.config import VocabularyProjectionMode
+from autocontrast.errors import ExportError
+from autocontrast.export import ExportOptions, export_bundle
+from autocontrast.export.fusions import FUSIONS, fuse_shared_input_matmuls
+from autocontrast.export.trace import trace_graph
+from autocontrast.export.variants import fusions_for
+from autocontrast.models.families import FAMILIES, LlamaFamily, T5Family
+from tests.tiny_models import NUM_LAYERS, multi_exit_model
+
+DIRECT = VocabularyProjectionMode.SHARED_PROJECTION_DIRECT
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def traced_llama(tiny_checkpoint, tmp_path_factory):
+    """The tiny Llama's traced decode graph (original head), unfused, and its KV layout."""
+    model = multi_exit_model(tiny_checkpoint("llama", DIRECT), DIRECT)
+    family, config = model.family, model.config
+    kv = KVCacheSpec(num_layers=model.num_layers, num_kv_heads=family.num_kv_heads(config),
+                     head_dim=family.head_dim(config))
+    path = trace_graph(model, ("original",), kind=DECODE, contrast=None, kv=kv,
+                       directory=tmp_path_factory.mktemp("traced"))
+    return path, kv
+
+
+def _feeds(kv: KVCacheSpec, *, past: int, seq: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    batch = 2
+    feeds = {"input_ids": rng.integers(3, 100, (batch, seq)).astype(np.int64),
+             "attention_mask": np.ones((batch, past + seq), np.int64),
+             "position_ids": np.tile(np.arange(past, past + seq, dtype=np.int64), (batch, 1))}
+    for name in kv.past_names():  # (batch, kv_heads, past, head_dim)
+        feeds[name] = rng.standard_normal((batch, kv.num_kv_heads, past, kv.head_dim)).astype(np.float32)
+    return feeds
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def _matmuls_sharing_an_input(model: onnx.ModelProto) -> int:
+    weights = {t.name for t in model.graph.initializer}
+    inputs = [n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    return len(inputs) - len(set(inputs))
+
+
+def test_shared_input_matmuls_merges_qkv_and_gate_up_of_every_layer(traced_llama):
+    model = onnx.load(str(traced_llama[0]))
+    assert _matmuls_sharing_an_input(model) == 3 * NUM_LAYERS  # q/k/v: 2 extra, gate/up: 1 extra, per layer
+    assert fuse_shared_input_matmuls(model) == 2 * NUM_LAYERS
+    assert _matmuls_sharing_an_input(model) == 0
+    onnx.checker.check_model(model)
+
+
+@pytest.mark.parametrize("past,seq", [(0, 5), (6, 1)], ids=["prefill", "decode-step"])
+def test_shared_input_matmuls_leave_every_output_unchanged(traced_llama, past, seq):
+    path, kv = traced_llama
+    original = onnx.load(str(path))
+    fused = onnx.load(str(path))
+    fuse_shared_input_matmuls(fused)
+    feeds = _feeds(kv, past=past, seq=seq)
+    for want, have in zip(_run(original, feeds), _run(fused, feeds), strict=True):
+        np.testing.assert_allclose(have, want, atol=1e-5, rtol=0)
+
+
+def test_a_weight_read_by_two_nodes_is_not_merged(traced_llama):
+    model = onnx.load(str(traced_llama[0]))
+    q_proj = next(n for n in model.graph.node if n.op_type == "MatMul" and "q_proj" in n.name)
+    model.graph.node.append(onnx.helper.make_node("Identity", [q_proj.input[1]], ["extra_reader"]))
+    assert fuse_shared_input_matmuls(model) == 2 * NUM_LAYERS  # layer 0: k/v merge, q stays apart
+    assert q_proj in model.graph.node and _matmuls_sharing_an_input(model) == 1
+
+
+def test_a_default_llama_export_fuses_validates_against_pytorch_and_records_the_fusions(tiny_checkpoint, tmp_path):
+    export_bundle(tiny_checkpoint("llama", DIRECT), tmp_path / "b", options=ExportOptions(score_graph=False),
+                  log=_quiet)
+    manifest = read_manifest(tmp_path / "b")
+    assert manifest.variant["optimize"] is True and manifest.validation["passed"]
+    counts = manifest.variant["fusions"][DECODE_ORIGINAL]
+    assert list(counts) == list(LlamaFamily.fusions)
+    assert counts["shared_input_matmuls"] == 2 * NUM_LAYERS
+    assert all(v > 0 for v in counts.values())  # every fusion the registry lists found its pattern
+    assert max(manifest.validation["graphs"][DECODE_ORIGINAL].values()) <= 1e-4  # vs PyTorch, every output
+    graph = onnx.load(str(tmp_path / "b" / f"{DECODE_ORIGINAL}.onnx"), load_external_data=False)
+    assert _matmuls_sharing_an_input(graph) == 0
+
+
+def test_no_optimize_exports_the_traced_graph(tiny_checkpoint, tmp_path):
+    export_bundle(tiny_checkpoint("llama", DIRECT), tmp_path / "b",
+                  options=ExportOptions(score_graph=False, optimize=False), log=_quiet)
+    manifest = read_manifest(tmp_path / "b")
+    assert manifest.variant["optimize"] is False and "fusions" not in manifest.variant
+    graph = onnx.load(str(tmp_path / "b" / f"{DECODE_ORIGINAL}.onnx"), load_external_data=False)
+    assert _matmuls_sharing_an_input(graph) == 3 * NUM_LAYERS
+
+
+def test_optimize_for_a_family_without_fusions_is_a_clear_error():
+    with pytest.raises(ExportError, match="--optimize has no graph fusions for 't5'"):
+        fusions_for(T5Family, True)
+    assert fusions_for(T5Family, None) == ()
+
+
+def test_every_family_names_only_fusions_that_exist():
+    for family in FAMILIES.values():
+        assert set(family.fusions) <= set(FUSIONS), family.name
+        assert family.fusions or not family.fuses_by_default, family.name
