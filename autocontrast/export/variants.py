@@ -1,17 +1,26 @@
-"""Bundle variants: fp16 (GPUs), ORT transformer fusions, int8 weight quantization (CPUs, edge).
+"""Bundle variants: graph fusions, fp16 (GPUs), int8 and int4 weight quantization (CPUs, edge).
 
 Each works on the traced graphs' files before the shared weights file is written, and the
-variant is validated like fp32 (with its own tolerance). Quantization changes tokens, so int8
-also measures teacher-forced agreement: the fp32 PyTorch model's greedy ACD tokens are fed to the
-int8 decode graph, and we count the steps where the int8 graph would have picked the same token.
+variant is validated like fp32 (with its own tolerance). Graph fusions (`autocontrast.export.fusions`)
+are the family's (`Family.fusions`); they run first, so a quantized graph quantizes merged
+matrices. Quantization changes tokens, so it also measures teacher-forced agreement: the fp32
+PyTorch model's greedy ACD tokens are fed to the quantized decode graph, and we count the steps
+where it would have picked the same token.
 
 Quantization recipes (`QUANTIZATIONS`): ORT's `quant_pre_process` (shape inference and graph
 simplification so every MatMul, the tied head included, is quantizable), then `MatMulNBits` with
 accuracy_level 4 (int8 activations on CPU: the only fast path for this op on CPUs; level 0, fp32
 activations, ran ~20x slower). The head is quantized as its own MatMul (a tied head's transposed
 copy), so a step never reads the fp32 embedding matrix; the embedding itself stays a Gather that
-reads one row per token. int8: blocks of 16; int4 (edge devices): blocks of 32, as onnxruntime-genai
-ships. Agreement with fp32 is measured and recorded for both (see `teacher_forced_agreement`).
+reads one row per token. Blocks of 32 along K, as onnxruntime-genai ships (blocks of 16 read twice
+the scale bytes for the same agreement on SmolLM2). int8: round to nearest, symmetric. int4 (edge
+devices): HQQ (half-quadratic, data-free: asymmetric, float zero points fitted per block), with the
+heads at 8 bits (round to nearest, symmetric), as onnxruntime-genai quantizes its head apart from
+the layers. Measured on SmolLM2 (see the README): round-to-nearest 4-bit agreed on 55 % of steps
+(8-bit head: 59 %; blocks of 16: 65 %; 8-bit attention: 72 %), HQQ on 100 %, because the SmolLM2 we
+have was itself dequantized from a Q4_1 GGUF (4-bit, blocks of 32, a float minimum per block): HQQ's
+float zero points find that grid again, where an integer zero point cannot. A model trained in
+float32 will agree less; its agreement is measured and recorded for every export.
 
 >>> paths = apply_variant({"decode_original": Path("raw/decode_original/model.onnx")},
 ...                       model=model, options=ExportOptions(quantize="int8"), log=print)  # doctest: +SKIP
@@ -35,21 +44,37 @@ AGREEMENT_PROMPTS = ("The history of the city begins in", "In mathematics, a pri
 AGREEMENT_STEPS = 32  # per prompt
 
 
+ALGORITHMS = ("rtn", "hqq")  # round to nearest (ORT's default quantizer); half-quadratic (data-free)
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantRecipe:
-    """Weight-only quantization of every MatMul with a constant weight into `MatMulNBits`."""
+    """Weight-only quantization of every MatMul with a constant weight into `MatMulNBits`.
+
+    `algorithm` quantizes the layers; "hqq" is asymmetric (float zero points) by construction. The
+    heads (vocabulary-sized MatMuls) get `head_bits` by symmetric round to nearest when it is set.
+    """
 
     bits: int
     block_size: int
     accuracy_level: int = 4
     symmetric: bool = True
-    head_bits: int | None = None  # the LM heads' bits; None: `bits`
+    head_bits: int | None = None  # None: the heads are quantized like the layers
+    algorithm: str = "rtn"
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS or (self.algorithm == "hqq" and self.symmetric):
+            raise ValueError(f"algorithm {self.algorithm!r} (symmetric={self.symmetric}): choose rtn, or hqq "
+                             "with symmetric=False")
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": "MatMulNBits", **dataclasses.asdict(self)}
 
 
-QUANTIZATIONS = {"int8": QuantRecipe(bits=8, block_size=16), "int4": QuantRecipe(bits=4, block_size=32)}
+QUANTIZATIONS = {
+    "int8": QuantRecipe(bits=8, block_size=32),
+    "int4": QuantRecipe(bits=4, block_size=32, symmetric=False, head_bits=8, algorithm="hqq"),
+}
 
 
 def versions(*, opset: int) -> dict[str, str]:
@@ -149,22 +174,27 @@ def quantize(path: Path, recipe: QuantRecipe, *, target: Path, vocab_size: int) 
     inits = {t.name: t for t in model.graph.initializer}
     heads = {n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
              and inits[n.input[1]].dims[-1] == vocab_size}
-    head_bits = recipe.head_bits or recipe.bits
-    if head_bits != recipe.bits:  # the heads first, on their own; the second pass skips MatMulNBits nodes
-        model = _matmul_nbits(model, recipe, bits=head_bits, only=heads)
-    model = _matmul_nbits(model, recipe, bits=recipe.bits)
+    if recipe.head_bits is not None:  # the heads first, on their own; later passes skip MatMulNBits nodes
+        head = QuantRecipe(bits=recipe.head_bits, block_size=recipe.block_size, accuracy_level=recipe.accuracy_level)
+        model = _matmul_nbits(model, head, only=heads)
+    model = _matmul_nbits(model, recipe)
     return _save(model, target)
 
 
-def _matmul_nbits(model: Any, recipe: QuantRecipe, *, bits: int, only: set[str] | None = None) -> Any:
-    """Every MatMul with a constant weight (or only those named `only`) as `bits`-bit MatMulNBits."""
+def _matmul_nbits(model: Any, recipe: QuantRecipe, *, only: set[str] | None = None) -> Any:
+    """Every MatMul with a constant weight (or only those named `only`) as MatMulNBits, as `recipe` says."""
+    from onnx import helper
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
 
-    config = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=recipe.symmetric,
-                                          accuracy_level=recipe.accuracy_level, bits=bits)
+    if recipe.algorithm == "hqq":
+        config = HQQWeightOnlyQuantConfig(block_size=recipe.block_size, bits=recipe.bits)
+    else:
+        config = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=recipe.symmetric,
+                                              accuracy_level=recipe.accuracy_level, bits=recipe.bits)
     exclude = [] if only is None else [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in only]
     quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=exclude)
     chatty = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
@@ -174,7 +204,11 @@ def _matmul_nbits(model: Any, recipe: QuantRecipe, *, bits: int, only: set[str] 
         quantizer.process()
     finally:
         chatty.setLevel(level)
-    return quantizer.model.model
+    model = quantizer.model.model
+    for node in model.graph.node:  # HQQ's nodes carry no accuracy level (0: float activations, the slow path)
+        if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+            node.attribute.append(helper.make_attribute("accuracy_level", recipe.accuracy_level))
+    return model
 
 
 def teacher_forced_agreement(model: Any, bundle_dir: Path, graphs: Sequence[GraphSpec], kv: KVCacheSpec, *,

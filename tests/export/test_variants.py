@@ -9,6 +9,7 @@ import pytest
 from autocontrast.bundle import DECODE_EXITS, LOGITS_OUTPUT, read_manifest
 from autocontrast.config import VocabularyProjectionMode
 from autocontrast.export import ExportOptions, export_bundle
+from autocontrast.export.variants import QUANTIZATIONS
 from tests.export.ort_loop import GraphRunner
 
 DIRECT = VocabularyProjectionMode.SHARED_PROJECTION_DIRECT
@@ -54,16 +55,15 @@ def test_float16_and_int8_together_are_refused():
         ExportOptions(dtype="float16", quantize="int8")
 
 
-@pytest.mark.parametrize("quantize,bits,block", [("int8", 8, 16), ("int4", 4, 32)])
-def test_quantized_bundle_records_its_recipe_and_agreement_and_quantizes_the_head(quantize, bits, block,
-                                                                                 tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("quantize", sorted(QUANTIZATIONS))
+def test_quantized_bundle_records_its_recipe_and_agreement_and_quantizes_the_head(quantize, tiny_checkpoint,
+                                                                                 tmp_path):
+    recipe = QUANTIZATIONS[quantize]
     export_bundle(tiny_checkpoint("llama", DIRECT), tmp_path / "b",
                   options=ExportOptions(quantize=quantize, fuse_contrast=(3, 1), score_graph=False), log=_quiet)
     manifest = read_manifest(tmp_path / "b")
     assert manifest.validation["passed"]
-    recipe = manifest.variant["quantization"]
-    assert (recipe["method"], recipe["bits"], recipe["block_size"], recipe["accuracy_level"]) == \
-        ("MatMulNBits", bits, block, 4)
+    assert manifest.variant["quantization"] == recipe.to_dict()
     agreement = manifest.variant["agreement"]
     assert agreement["steps"] == 96 and 0.0 <= agreement["rate"] <= 1.0
     assert agreement["rate"] == agreement["agreed"] / agreement["steps"]
@@ -72,4 +72,9 @@ def test_quantized_bundle_records_its_recipe_and_agreement_and_quantizes_the_hea
     heads = [n for n in graph.node if set(n.input) & vocab_sized and n.op_type != "Gather"]
     # the tied head is its own quantized matrix: a step reads no float32 vocabulary matrix
     assert heads and all(n.op_type == "MatMulNBits" for n in heads)
-    assert all(a.i == bits for n in heads for a in n.attribute if a.name == "bits")
+    assert all(a.i == (recipe.head_bits or recipe.bits) for n in heads for a in n.attribute if a.name == "bits")
+    layers = [n for n in graph.node if n.op_type == "MatMulNBits" and n not in heads]
+    assert all(a.i == recipe.bits for n in layers for a in n.attribute if a.name == "bits")
+    assert all(a.i == recipe.block_size for n in graph.node for a in n.attribute if a.name == "block_size")
+    # merged q/k/v and gate/up (the Llama family's default fusions): 4 quantized matrices a layer
+    assert len(layers) == 4 * manifest.num_layers
