@@ -55,7 +55,8 @@ def fuse_shared_input_matmuls(model: onnx.ModelProto) -> int:
         groups.setdefault((node.input[0], weight.dims[0], weight.data_type), []).append(node)
     merged = 0
     for members in (m for m in groups.values() if len(m) > 1):
-        _merge(graph, members, [inits[n.input[1]] for n in members], tag=f"fused_matmul{merged}")
+        # named after the first member, so passes that read module paths (attention_bits) still see them
+        _merge(graph, members, [inits[n.input[1]] for n in members], tag=f"{members[0].name}/merged{len(members)}")
         merged += 1
     return merged
 

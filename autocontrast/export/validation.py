@@ -48,9 +48,8 @@ TOLERANCES = {
     "float32": Tolerance(logits=1e-3, present=1e-3, contrast=None),
     "float16": Tolerance(logits=0.25, present=0.05, contrast=None),
     "int8": Tolerance(logits=4.0, present=2.0, contrast=None),
-    # 4-bit weights move logits further (SmolLM2, round to nearest in blocks of 32: 14.8 logits, 6.8 KV
-    # measured; HQQ, which finds the Q4_1 grid SmolLM2 came from, far less): the gate catches a broken
-    # graph; the recorded teacher-forced agreement measures quality
+    # 4-bit weights move logits further (SmolLM2, blocks of 32, all at 4 bits: 14.8 logits, 6.8 KV
+    # measured): the gate catches a broken graph; the recorded teacher-forced agreement measures quality
     "int4": Tolerance(logits=24.0, present=12.0, contrast=None),
 }
 
