@@ -39,13 +39,16 @@ def test_float16_logits_stay_close_to_float32(tiny_checkpoint, tiny_bundle, tmp_
     np.testing.assert_allclose(half, full, atol=0.05)
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "phi3"])
 def test_optimized_bundle_validates_and_is_marked(arch, tiny_checkpoint, tmp_path):
     export_bundle(tiny_checkpoint(arch, DIRECT), tmp_path / "b",
                   options=ExportOptions(optimize=True, fuse_contrast=(3, 1)), log=_quiet)
     manifest = read_manifest(tmp_path / "b")
     assert manifest.variant["optimize"] is True and manifest.validation["passed"]
     assert manifest.validation["tolerance"]["logits"] == 1e-3
+    counts = manifest.variant["fusions"][DECODE_EXITS]
+    assert counts and all(n > 0 for n in counts.values())  # each fusion the family names found its pattern
+    assert max(manifest.validation["graphs"][DECODE_EXITS].values()) <= 1e-4  # vs PyTorch
 
 
 def test_float16_and_int8_together_are_refused():
