@@ -419,6 +419,9 @@ def summary(result: ExportResult) -> str:
         fused = f", contrast {g.contrast.upper} vs {g.contrast.lower}" if g.contrast else ""
         early = f", layers 1..{g.layers} only" if g.layers else ""
         lines.append(f"  {g.file}: {g.kind}, exits {', '.join(map(str, g.exits))}{fused}{early}; max |diff| {worst}")
+    fused = {k: v for g in m.variant.get("fusions", {}).values() for k, v in g.items()}
+    if fused:
+        lines.append("  graph fusions: " + ", ".join(fused))
     if "agreement" in m.variant:
         a = m.variant["agreement"]
         lines.append(f"  teacher-forced agreement with fp32: {a['agreed']}/{a['steps']} = {a['rate']:.1%}")
