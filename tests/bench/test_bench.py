@@ -33,10 +33,18 @@ def test_json_records_machine_and_every_scenario(results):
     assert [s["name"] for s in data["scenarios"]] == ["p8-n4-b1", "p8-n4-b2"]
 
 
+def _base_name(name: str) -> str:
+    """genai-greedy-fp32 -> genai-greedy: the native peers are one system per model file, named by label."""
+    for peer in ("genai-greedy", "llamacpp-greedy"):
+        if name.startswith(peer):
+            return peer
+    return name
+
+
 def test_every_system_has_figures_or_a_skip_reason(results):
     data, _ = results
     for scenario in data["scenarios"]:
-        assert set(scenario["systems"]) == set(DEFAULT_SYSTEMS)
+        assert {_base_name(name) for name in scenario["systems"]} == set(DEFAULT_SYSTEMS)
         for name, entry in scenario["systems"].items():
             if "skipped" in entry:
                 assert entry["skipped"], name
@@ -61,6 +69,19 @@ def test_ratios_are_relative_to_the_baseline(results):
         base = scenario["systems"]["optimum-greedy"]
         if "figures" in base:
             assert base["figures"]["tpot_ratio"] == pytest.approx(1.0)
+
+
+def test_greedy_peers_agree_with_our_greedy_token_for_token(results):
+    data, _ = results
+    assert data["reference"] == "ours-original"
+    for scenario in data["scenarios"]:
+        systems = scenario["systems"]
+        measured = [name for name in ("torch-greedy", "optimum-greedy") if "figures" in systems[name]]
+        if not measured:
+            pytest.skip("neither greedy peer ran (torch/optimum not installed)")
+        for name in measured:
+            figures = systems[name]["figures"]
+            assert (figures["agree_tokens"], figures["agree_of"]) == (4, 4), name
 
 
 def test_chart_is_written(results):
