@@ -55,6 +55,12 @@ class LlamaCppSystem:
         # n_ctx=0: the model's own context length, so every scenario fits
         self.llama = Llama(self.gguf, n_ctx=0, n_threads=self.threads, n_threads_batch=self.threads, verbose=False)
 
+    def close(self) -> None:
+        """Free the model while the interpreter is whole (freed at exit, llama-cpp-python raises)."""
+        if self.llama is not None:
+            self.llama.close()
+            self.llama = None
+
     def generate(self, prompts: list[list[int]], new_tokens: int) -> RunTiming:
         if len(prompts) != 1:
             raise ConfigurationError(f"llama-cpp-python's Llama decodes one sequence at a time; batch {len(prompts)} "

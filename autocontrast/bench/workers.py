@@ -39,6 +39,7 @@ def _serve(conn: Any, spec: Any, build: Callable[[Any], Any]) -> None:
     while True:
         message = conn.recv()
         if message[0] == "stop":
+            getattr(system, "close", lambda: None)()  # free native resources before interpreter shutdown
             return
         _, prompts, new_tokens = message
         try:

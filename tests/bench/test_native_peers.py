@@ -180,6 +180,7 @@ def test_llamacpp_greedy_on_the_shipped_gguf_matches_pytorch(real_prompt_and_ref
     assert first.tokens[0][:8] == tuple(reference[:8])
     assert again.tokens == first.tokens  # the second run recomputes the prompt and gets the same tokens
     assert len(first.step_ends) == NEW_TOKENS and all(d > 0 for d in first.per_token)
+    system.close()
 
 
 def _genai_folder(path: Path) -> Path:
