@@ -152,14 +152,25 @@ def genai_fp32_folder() -> Path:
     return Path(os.environ.get("AUTOCONTRAST_GENAI_FP32") or cache_dir() / "genai" / f"{MODEL_DIR_NAME}-fp32")
 
 
-@pytest.mark.slow
-def test_genai_fp32_greedy_matches_pytorch_on_smollm2(real_prompt_and_reference):
+@pytest.fixture
+def genai_fp32():
+    """The fp32 genai folder, or a skip saying what is missing (asked before the PyTorch reference is computed)."""
     pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (an optional peer)")
     folder = genai_fp32_folder()
     if not (folder / GENAI_CONFIG).is_file():
         pytest.skip(f"no onnxruntime-genai fp32 folder at {folder} (docs/peers.md builds one)")
+    return folder
+
+
+@pytest.fixture
+def llama_cpp_installed():
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (an optional peer)")
+
+
+@pytest.mark.slow
+def test_genai_fp32_greedy_matches_pytorch_on_smollm2(genai_fp32, real_prompt_and_reference):
     prompt, reference = real_prompt_and_reference
-    system = GenaiSystem(str(folder), threads=2)
+    system = GenaiSystem(str(genai_fp32), threads=2)
     system.load()
     timing = system.generate([prompt], NEW_TOKENS)
     assert timing.tokens == (tuple(reference),)
@@ -167,8 +178,7 @@ def test_genai_fp32_greedy_matches_pytorch_on_smollm2(real_prompt_and_reference)
 
 
 @pytest.mark.slow
-def test_llamacpp_greedy_on_the_shipped_gguf_matches_pytorch(real_prompt_and_reference):
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (an optional peer)")
+def test_llamacpp_greedy_on_the_shipped_gguf_matches_pytorch(llama_cpp_installed, real_prompt_and_reference):
     from autocontrast.models.smollm2 import gguf_path
 
     prompt, reference = real_prompt_and_reference
