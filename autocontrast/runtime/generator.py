@@ -74,13 +74,19 @@ class GenerationResult:
 
 
 class Generator:
-    """A loaded bundle. `provider`: 'cpu' (default), 'cuda' or 'tensorrt', never silently swapped."""
+    """A loaded bundle. `provider`: 'cpu' (default), 'cuda' or 'tensorrt', never silently swapped.
+
+    `share_weights=True` (CPU): every graph this Generator opens (and any other Generator on the
+    same bundle in this process) reads one memory map of the weights file, so serving the original
+    head, an exit and ACD holds the weights once, not once per graph; the step is slower (no
+    pre-packed MatMul weights). See `autocontrast.runtime.weights` and the README's figures.
+    """
 
     MAX_THREADS = 1024
 
     def __init__(self, bundle: str | Path, *, provider: str = "cpu", device_id: int = 0,
                  threads: int | None = None, preload: Sequence[MultiExitConfiguration] | None = None,
-                 verify: bool = False) -> None:
+                 verify: bool = False, share_weights: bool = False) -> None:
         if threads is not None and (not isinstance(threads, numbers.Integral) or isinstance(threads, bool)
                                     or not 1 <= threads <= self.MAX_THREADS):
             raise RuntimeOptionError(f"threads ({threads!r}) must be an integer within 1..{self.MAX_THREADS} "
@@ -89,6 +95,7 @@ class Generator:
         self.manifest = read_manifest(self.bundle_dir, verify=verify)  # verify: hash every file first
         self.tokenizer = load_tokenizer(self.bundle_dir)
         self.provider, self.device_id, self.threads = provider, device_id, threads
+        self.share_weights = bool(share_weights)
         self._sessions: dict[str, ExitSession] = {}
         self._encoder: EncoderSession | None = None  # an encoder-decoder bundle's, opened on first use
         self._lock = threading.Lock()
@@ -112,7 +119,7 @@ class Generator:
             if graph.name not in self._sessions:
                 self._sessions[graph.name] = open_session(self.bundle_dir, self.manifest, graph,
                                                           provider=self.provider, device_id=self.device_id,
-                                                          threads=self.threads)
+                                                          threads=self.threads, share_weights=self.share_weights)
             return self._sessions[graph.name]
 
     def decode_state(self, graph: GraphSpec) -> DecodeState | EncoderDecoderState:
@@ -128,7 +135,8 @@ class Generator:
         with self._lock:
             if self._encoder is None:
                 self._encoder = open_encoder(self.bundle_dir, self.manifest, provider=self.provider,
-                                             device_id=self.device_id, threads=self.threads)
+                                             device_id=self.device_id, threads=self.threads,
+                                             share_weights=self.share_weights)
             return self._encoder
 
     def mode(self, multi_exit: MultiExitConfiguration | None = None, *, fused: bool = True) -> DecodeMode:
