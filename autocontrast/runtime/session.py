@@ -77,10 +77,10 @@ def load_session(graph_dir: Path, file: str, *, provider: str = "cpu", device_id
     if threads:
         options.intra_op_num_threads = threads
     providers = resolve_providers(provider, device_id=device_id, trt_options=trt_options, bundle_dir=Path(graph_dir))
-    shared = {}
+    shared = None
     if share_weights and normalize_provider(provider) == CPU:
         shared = shared_initializers(path)
-        for name, value in shared.items():
+        for name, value in shared.values.items():
             options.add_initializer(name, value)  # used in place (add_external_initializers would copy)
         # a pre-packed weight is a copy of the session's own: packing would undo the sharing
         options.add_session_config_entry("session.disable_prepacking", "1")

@@ -15,8 +15,8 @@ The index (name, file, offset, length, dtype, shape of each external initializer
 the graph's protobuf directly, so the runtime needs no `onnx` package.
 
 >>> from autocontrast.runtime.weights import shared_initializers
->>> values = shared_initializers(Path("bundle/decode_original.onnx"))  # doctest: +SKIP
->>> sorted(values)[:2]  # doctest: +SKIP
+>>> shared = shared_initializers(Path("bundle/decode_original.onnx"))  # doctest: +SKIP
+>>> sorted(shared.values)[:2]  # doctest: +SKIP
 ['model.embed_tokens.weight', 'onnx::MatMul_1234']
 """
 
@@ -182,18 +182,30 @@ def mapped_file(path: Path) -> MappedFile:
         return found
 
 
-def shared_initializers(graph_path: Path) -> dict[str, ort.OrtValue]:
-    """{initializer name: OrtValue viewing the one mapping of its file} for every external initializer
-    of a graph. The OrtValues keep their mapping alive; keep them as long as the session lives."""
+@dataclasses.dataclass(frozen=True)
+class SharedInitializers:
+    """A graph's external initializers as OrtValues over the process's mappings of their files.
+
+    Holding this keeps those mappings (and so every other session's view of them) alive.
+    """
+
+    values: dict[str, ort.OrtValue]  # initializer name -> OrtValue viewing its bytes in `files`
+    files: tuple[MappedFile, ...]
+
+
+def shared_initializers(graph_path: Path) -> SharedInitializers:
+    """Every external initializer of a graph, viewing the one mapping of its file; keep the result
+    as long as the session that uses them lives."""
     graph_path = Path(graph_path)
     root = graph_path.resolve().parent
-    values = {}
+    values, files = {}, {}
     for tensor in read_index(graph_path):
         path = (root / tensor.location).resolve()
         if root not in path.parents:
             raise BundleError(f"graph {graph_path.name} reads initializer {tensor.name!r} from {tensor.location!r}, "
                               "outside its bundle; re-export the bundle")
-        value = mapped_file(path).value(tensor)
+        mapped = files.setdefault(path, mapped_file(path))
+        value = mapped.value(tensor)
         if value is not None:
             values[tensor.name] = value
-    return values
+    return SharedInitializers(values, tuple(files.values()))
