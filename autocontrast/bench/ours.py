@@ -11,8 +11,9 @@ class RuntimeSystem:
     """`contrast=None`: the bundle's fused contrast; `exit_=None`: the contrast's lower exit."""
 
     def __init__(self, bundle: str, *, mode: str, provider: str, contrast: tuple[Any, Any] | None,
-                 exit_: Any = None) -> None:
+                 exit_: Any = None, share_weights: bool = False) -> None:
         self.bundle, self.mode_name, self.provider = bundle, mode, provider
+        self.share_weights = share_weights
         self.contrast, self.exit_ = contrast, exit_
         self.generator: Any = None
         self.multi_exit: Any = None
@@ -33,7 +34,7 @@ class RuntimeSystem:
         from autocontrast.runtime import Generator
 
         # Only this mode's graph is loaded: the memory figure is that of a service running this mode.
-        self.generator = Generator(self.bundle, provider=self.provider, preload=())
+        self.generator = Generator(self.bundle, provider=self.provider, preload=(), share_weights=self.share_weights)
         mode = "contrast" if self.mode_name.startswith("acd") else self.mode_name  # acd-fused, acd-numpy
         needs_contrast = mode == "contrast" or (mode == "exit" and self.exit_ is None)
         if needs_contrast and self.contrast is None:

@@ -84,8 +84,11 @@ def system_specs(args: argparse.Namespace) -> list[SystemSpec]:
                 if f"ours-{mode}" not in wanted:
                     continue
                 suffix = "" if (variant, provider) == ("fp32", "cpu") else f"-{variant}-{provider}"
-                specs.append(SystemSpec(f"ours-{mode}{suffix}", "ours", {
-                    "bundle": str(bundle), "mode": mode, "provider": provider, "contrast": contrast, "exit": exit_}))
+                shares = (False, True) if getattr(args, "share_weights", False) and provider == "cpu" else (False,)
+                for share in shares:
+                    specs.append(SystemSpec(f"ours-{mode}{suffix}{'-shared' if share else ''}", "ours", {
+                        "bundle": str(bundle), "mode": mode, "provider": provider, "contrast": contrast,
+                        "exit": exit_, "share_weights": share}))
     model = str(args.model) if args.model else ""
     if "torch-acd" in wanted:
         specs.append(SystemSpec("torch-acd", "torch-acd", {"model": model,
@@ -107,7 +110,8 @@ def build(spec: SystemSpec) -> Any:
         from autocontrast.bench.ours import RuntimeSystem
 
         return RuntimeSystem(p["bundle"], mode=p["mode"], provider=p["provider"],
-                             contrast=tuple(p["contrast"]) if p["contrast"] else None, exit_=p["exit"])
+                             contrast=tuple(p["contrast"]) if p["contrast"] else None, exit_=p["exit"],
+                             share_weights=p.get("share_weights", False))
     from autocontrast.bench import peers
 
     if spec.kind == "torch":

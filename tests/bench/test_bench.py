@@ -119,3 +119,25 @@ def test_our_systems_take_the_bundles_fused_contrast_when_none_is_given(mode, ti
     system.load()
     wanted = (fused.upper, fused.lower) if mode == "acd-fused" else (fused.lower,)
     assert system.multi_exit.required_exits == wanted
+
+
+def test_memory_table_measures_each_weights_policy_after_each_mode(llama_bundle, tmp_path, capsys):
+    code = main(["--bundle", str(llama_bundle), "--memory", "--contrast", "3,1", "--exit", "2", "--repeats", "1",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    data = json.loads((tmp_path / "memory.json").read_text())
+    weights = (llama_bundle / "weights.bin").stat().st_size
+    assert data["weight_bytes"] == weights
+    assert set(data["policies"]) == {"own", "shared"}
+    for rows in data["policies"].values():
+        assert [r["mode"] for r in rows] == ["opened", "original", "exit 2", "ACD 3 vs 1"]
+        assert [r["graph"] for r in rows] == ["-", "decode_original", "decode_exits", "decode_exits"]
+        assert all(r["VmRSS"] > 0 and r["RssAnon"] + r["RssFile"] <= r["VmRSS"] + 1 for r in rows)
+    assert "| shared | ACD 3 vs 1 | decode_exits |" in capsys.readouterr().out
+
+
+def test_share_weights_adds_a_shared_twin_of_each_cpu_system(llama_bundle, capsys):
+    main(["--bundle", str(llama_bundle), "--list-systems", "--systems", "ours-original,ours-acd-fused",
+          "--share-weights"])
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["ours-original", "ours-original-shared", "ours-acd-fused", "ours-acd-fused-shared"]
