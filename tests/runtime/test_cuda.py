@@ -97,3 +97,16 @@ def test_kv_cache_is_back_on_the_device_one_step_after_a_row_leaves(cuda_generat
     state.keep([1])  # a row leaves: the cache is cut on the host (one copy) ...
     state.advance(out.exit_logits[1:, 0].argmax(-1))
     assert _cache_devices(state) == {"cuda"}  # ... and the next step's present is on the device again
+
+
+def test_share_weights_leaves_cuda_sessions_on_their_device_copies(llama_bundle, cuda_generator):
+    from autocontrast.runtime import Generator
+
+    shared = Generator(llama_bundle, provider="cuda", share_weights=True)
+    session = shared.session(shared.mode(MODES["original"]).graph)
+    assert session.session.get_providers()[0] == "CUDAExecutionProvider"
+    assert session.session.shared_initializers is None  # device memory: nothing to map
+    for mode in MODES.values():
+        want = cuda_generator.generate(PROMPTS, multi_exit=mode, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        assert shared.generate(PROMPTS, multi_exit=mode, max_new_tokens=NEW_TOKENS,
+                               ignore_eos=True).token_ids == want.token_ids
