@@ -82,8 +82,8 @@ def load_session(graph_dir: Path, file: str, *, provider: str = "cpu", device_id
         shared = shared_initializers(path)
         for name, value in shared.values.items():
             options.add_initializer(name, value)  # used in place (add_external_initializers would copy)
-        # a pre-packed weight is a copy of the session's own: packing would undo the sharing
-        options.add_session_config_entry("session.disable_prepacking", "1")
+        if not shared.prepack:  # a pre-packed weight is a copy of the session's own: packing would undo the sharing
+            options.add_session_config_entry("session.disable_prepacking", "1")
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as err:  # ORT raises its own exception types; name the file and the cause

@@ -9,7 +9,9 @@ every session through `SessionOptions.add_initializer` and turns pre-packing off
 session (and every Generator on the same file in this process) reads the one mapping. Measured
 (see README, "Memory"): `add_external_initializers` copies the buffers, `add_initializer` does
 not; pre-packed copies are per session (the Python API has no shared pre-packed container), so
-sharing costs the step time that pre-packing saves.
+sharing costs the step time that pre-packing saves. Quantized weights (MatMulNBits) are the
+exception: their unpacked kernel is far slower, so a graph with them keeps pre-packing and its
+quantized weights stay per session; only its other weights (the fp32 embedding) are shared.
 
 The index (name, file, offset, length, dtype, shape of each external initializer) is read from
 the graph's protobuf directly, so the runtime needs no `onnx` package.
@@ -38,6 +40,9 @@ from autocontrast.errors import BundleError
 NUMPY_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
                 9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
 EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+# ORT's unpacked MatMulNBits kernel is ~16x slower than its pre-packed one (int8 SmolLM2, README): graphs
+# with it keep pre-packing, and their quantized weights stay each session's own
+QUANTIZED_MATMUL = b"MatMulNBits"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,15 +57,33 @@ class ExternalTensor:
     shape: tuple[int, ...]
 
 
-def read_index(graph_path: Path) -> list[ExternalTensor]:
-    """The external initializers of an ONNX graph file (top-level graph), in file order."""
+@dataclasses.dataclass(frozen=True)
+class GraphIndex:
+    tensors: tuple[ExternalTensor, ...]  # external initializers, in file order
+    quantized: frozenset[str]  # initializers MatMulNBits nodes read (packed per session, see `shared_initializers`)
+
+
+def read_index(graph_path: Path) -> GraphIndex:
+    """The external initializers of an ONNX graph file (top-level graph) and which of them are quantized weights."""
     try:
         data = Path(graph_path).read_bytes()
         graph = next((v for f, v in _fields(data) if f == 7), None)  # ModelProto.graph
-        tensors = [] if graph is None else [_tensor(v) for f, v in _fields(graph) if f == 5]  # GraphProto.initializer
+        fields = [] if graph is None else _fields(graph)
+        tensors = [_tensor(v) for f, v in fields if f == 5]  # GraphProto.initializer
+        quantized = set()
+        for node in (_by_field(_fields(v)) for f, v in fields if f == 1):  # GraphProto.node
+            if node.get(4) == [QUANTIZED_MATMUL]:  # NodeProto.op_type; inputs are field 1
+                quantized.update(name.decode("utf-8") for name in node.get(1, ()))
     except (ValueError, LookupError, UnicodeDecodeError) as err:
         raise BundleError(f"{graph_path} is not a readable ONNX graph ({err}); re-export the bundle") from None
-    return [t for t in tensors if t is not None]
+    return GraphIndex(tuple(t for t in tensors if t is not None), frozenset(quantized))
+
+
+def _by_field(fields: list[tuple[int, int | bytes]]) -> dict[int, list[int | bytes]]:
+    found: dict[int, list[int | bytes]] = {}
+    for field, value in fields:
+        found.setdefault(field, []).append(value)
+    return found
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
@@ -191,6 +214,7 @@ class SharedInitializers:
 
     values: dict[str, ort.OrtValue]  # initializer name -> OrtValue viewing its bytes in `files`
     files: tuple[MappedFile, ...]
+    prepack: bool  # the graph has quantized MatMuls: keep ORT's pre-packing on (they are not in `values`)
 
 
 def shared_initializers(graph_path: Path) -> SharedInitializers:
@@ -199,7 +223,10 @@ def shared_initializers(graph_path: Path) -> SharedInitializers:
     graph_path = Path(graph_path)
     root = graph_path.resolve().parent
     values, files = {}, {}
-    for tensor in read_index(graph_path):
+    index = read_index(graph_path)
+    for tensor in index.tensors:
+        if tensor.name in index.quantized:
+            continue
         path = (root / tensor.location).resolve()
         if root not in path.parents:
             raise BundleError(f"graph {graph_path.name} reads initializer {tensor.name!r} from {tensor.location!r}, "
@@ -208,4 +235,4 @@ def shared_initializers(graph_path: Path) -> SharedInitializers:
         value = mapped.value(tensor)
         if value is not None:
             values[tensor.name] = value
-    return SharedInitializers(values, tuple(files.values()))
+    return SharedInitializers(values, tuple(files.values()), prepack=bool(index.quantized))

@@ -45,7 +45,7 @@ def test_shared_sessions_compute_what_sessions_loading_their_own_weights_compute
     for graph in manifest.graphs:
         reference = ort.InferenceSession(str(llama_bundle / graph.file), providers=["CPUExecutionProvider"])
         shared = load_session(llama_bundle, graph.file, share_weights=True)
-        external = read_index(llama_bundle / graph.file)
+        external = read_index(llama_bundle / graph.file).tensors
         assert external and set(shared.shared_initializers.values) == {t.name for t in external}
         feeds = _prefill_feeds(reference, manifest, graph)
         names = [o.name for o in reference.get_outputs()]
@@ -67,7 +67,7 @@ def test_every_session_reads_one_mapping_of_the_weights_file_in_place(llama_bund
     first, second = (Generator(bundle, share_weights=True, preload=()) for _ in range(2))
     sessions = [gen.session(graph) for gen in (first, second) for graph in gen.manifest.graphs]
     assert len({id(s.session) for s in sessions}) == 6  # three graphs, twice
-    embedding = max(read_index(bundle / sessions[0].graph.file), key=lambda t: t.length).name
+    embedding = max(read_index(bundle / sessions[0].graph.file).tensors, key=lambda t: t.length).name
     assert len({s.session.shared_initializers.values[embedding].data_ptr() for s in sessions}) == 1
 
     def logits() -> list[np.ndarray]:
@@ -80,7 +80,8 @@ def test_every_session_reads_one_mapping_of_the_weights_file_in_place(llama_bund
     before = logits()
     # halve every float weight in the file itself: sessions that copied their weights would not notice
     weights = np.memmap(bundle / WEIGHTS_FILE, dtype=np.uint8, mode="r+")
-    floats = {(t.offset, t.length) for s in sessions for t in read_index(bundle / s.graph.file) if t.data_type == 1}
+    floats = {(t.offset, t.length) for s in sessions for t in read_index(bundle / s.graph.file).tensors
+              if t.data_type == 1}
     for offset, length in floats:
         weights[offset:offset + length].view(np.float32)[:] *= 0.5
     weights.flush()
@@ -114,3 +115,29 @@ def test_a_graph_file_that_is_not_onnx_is_a_bundle_error(tmp_path):
     path.write_bytes(b"\x3a\xff\xff\xff\xff\x0f not a protobuf")
     with pytest.raises(BundleError, match="not a readable ONNX graph"):
         read_index(path)
+
+
+def test_quantized_matmul_weights_stay_pre_packed_and_compute_the_same(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n, block = 64, 48, 16
+    rng = np.random.default_rng(0)
+    packed = numpy_helper.from_array(rng.integers(0, 256, (n, k // block, block), dtype=np.uint8), "packed")
+    scales = numpy_helper.from_array(rng.random(n * k // block, dtype=np.float32), "scales")
+    table = numpy_helper.from_array(rng.standard_normal((256, k)).astype(np.float32), "table")
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["x"]),
+             helper.make_node("MatMulNBits", ["x", "packed", "scales"], ["y"], domain="com.microsoft", K=k, N=n,
+                              bits=8, block_size=block)]
+    graph = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, n])],
+                              initializer=[packed, scales, table])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    onnx.save_model(model, str(tmp_path / "q.onnx"), save_as_external_data=True, location=WEIGHTS_FILE,
+                    size_threshold=0)
+    shared = load_session(tmp_path, "q.onnx", share_weights=True)
+    assert read_index(tmp_path / "q.onnx").quantized == {"x", "packed", "scales"}
+    assert shared.shared_initializers.prepack and set(shared.shared_initializers.values) == {"table"}
+    ids = {"ids": np.array([3, 200], np.int64)}
+    reference = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(shared.run(None, ids)[0], reference.run(None, ids)[0], rtol=1e-5, atol=1e-5)
