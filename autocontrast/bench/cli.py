@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.memory:
         from autocontrast.bench import memory
 
-        return memory.run(args)
+        return memory.run(args, argv if argv is not None else sys.argv[1:])
     scenarios = [Scenario.parse(s) for s in args.scenarios.split(",") if s.strip()]
     specs = system_specs(args)
     if args.list_systems:

@@ -12,6 +12,7 @@ and PSS (a file page mapped twice in one process counts once). Torch-free.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import multiprocessing
 import statistics
@@ -23,6 +24,7 @@ from autocontrast.errors import DataError
 
 POLICIES = {"own": False, "shared": True}  # name -> Generator(share_weights=...)
 PROMPT = "The history of Paris begins"
+NEW_TOKENS = 16  # per generation; ms/token is the median step of the second of two generations per mode
 MIB = 2**20
 
 
@@ -114,8 +116,9 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, argv: list[str]) -> int:
     """The `--memory` table of `acd-bench` (its --bundle, --contrast, --exit, --out, --timeout, --repeats)."""
+    from autocontrast.bench import machine
     from autocontrast.bench.systems import _exits
 
     bundle = Path(args.bundle)
@@ -125,12 +128,14 @@ def run(args: argparse.Namespace) -> int:
     if contrast is not None and len(contrast) != 2:
         raise DataError(f"--contrast needs UPPER,LOWER, got {args.contrast!r}")
     modes = modes_of(bundle, contrast, _exits(args.exit_)[0] if args.exit_ else None)
-    results: dict[str, Any] = {"bundle": str(bundle), "weight_bytes": weight_bytes(bundle), "policies": {}}
-    new_tokens = 16
+    results: dict[str, Any] = {
+        "command": "acd-bench " + " ".join(argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "machine": machine.describe(), "bundle": str(bundle), "weight_bytes": weight_bytes(bundle),
+        "new_tokens": NEW_TOKENS, "repeats": args.repeats, "policies": {}}
     for repeat in range(args.repeats):
         for policy, share in POLICIES.items():
             print(f"measuring {policy} weights, run {repeat + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
-            rows = _in_fresh_process(str(bundle), share, modes, new_tokens, timeout=args.timeout)
+            rows = _in_fresh_process(str(bundle), share, modes, NEW_TOKENS, timeout=args.timeout)
             results.setdefault("runs", []).append({"policy": policy, "rows": rows})
     for policy in POLICIES:  # medians over the fresh processes of each policy
         runs = [r["rows"] for r in results["runs"] if r["policy"] == policy]
