@@ -354,7 +354,7 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
     model = loaded.model
     family, config = model.family, model.config
     kv = KVCacheSpec(num_layers=model.num_layers, num_kv_heads=family.num_kv_heads(config),
-                     head_dim=family.head_dim(config))
+                     head_dim=family.head_dim(config), layout=family.kv_layout(config))
     trace, validate, encoder_decoder = trace_graph, validate_graphs, None
     if family.is_encoder_decoder:  # T5: an encoder graph first; decoder graphs take its cross-attention KV
         from autocontrast.export.t5 import encoder_decoder_spec, trace_t5_graph, with_encoder

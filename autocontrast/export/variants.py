@@ -150,7 +150,7 @@ def teacher_forced_agreement(model: Any, bundle_dir: Path, graphs: Sequence[Grap
     Uses the graph's fused contrast when it has one (ACD tokens), else its first exit.
     """
     from autocontrast.export.validation import expected_outputs, torch_step
-    from autocontrast.runtime.decode_state import DecodeState
+    from autocontrast.runtime.decode_state import open_decode_state
     from autocontrast.runtime.session import ExitSession
 
     spec = next((g for g in graphs if g.kind == DECODE and g.contrast is not None), None) \
@@ -164,7 +164,7 @@ def teacher_forced_agreement(model: Any, bundle_dir: Path, graphs: Sequence[Grap
         else:
             ids = np.random.default_rng(len(prompt)).integers(0, model.config.vocab_size, (1, 8))
         mask, pos = np.ones_like(ids), np.arange(ids.shape[1], dtype=np.int64)[None]
-        state, cache = DecodeState(session), None
+        state, cache = open_decode_state(session), None
         for step in range(AGREEMENT_STEPS):
             by_exit, cache = torch_step(model, spec.exits, ids, mask, pos, cache)
             want = expected_outputs(spec, by_exit)[pick]

@@ -28,6 +28,7 @@ from autocontrast.bundle import (
     exits_metadata,
 )
 from autocontrast.errors import BundleError, InferenceError
+from autocontrast.runtime.kv_buffer import KVBuffer
 from autocontrast.runtime.kv_cache import KVCache
 from autocontrast.runtime.providers import check_session_providers, output_device, resolve_providers
 
@@ -82,7 +83,7 @@ class ExitSession:
         self.session = load_session(graph_dir, graph.file, provider=provider, device_id=device_id,
                                     threads=threads, trt_options=trt_options)
         self.device = output_device(provider)
-        self._device_id = device_id
+        self.device_id = device_id
         self.input_names = frozenset(i.name for i in self.session.get_inputs())
         self._check_signature()
 
@@ -113,7 +114,7 @@ class ExitSession:
                               "re-export the bundle (or restore its manifest.json)")
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             cache: KVCache | None, *, extra: dict[str, np.ndarray] | None = None) -> StepOutput:
+             cache: KVCache | KVBuffer | None, *, extra: dict[str, np.ndarray] | None = None) -> StepOutput:
         """One forward. input_ids/position_ids (batch, seq), attention_mask (batch, past+seq), int64.
 
         Decode graphs read `cache` as the past and leave the present in it (on the session's device).
@@ -133,9 +134,7 @@ class ExitSession:
         for name in names:
             binding.bind_output(name, "cpu")  # only what the loop reads comes back to the host
         if cache is not None:
-            cache.bind_inputs(binding)
-            for name in cache.output_names:
-                binding.bind_output(name, self.device, device_id=self._device_id)
+            cache.bind(binding, device=self.device, device_id=self.device_id)
         try:
             self.session.run_with_iobinding(binding)
         except Exception as err:  # ORT's own exception types: name the graph and the inputs' shapes

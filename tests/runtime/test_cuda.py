@@ -76,10 +76,8 @@ def _cache_devices(state) -> set[str]:
 
 
 def test_kv_cache_stays_on_the_device_between_steps(cuda_generator):
-    from autocontrast.runtime.decode_state import DecodeState
-
     generator = cuda_generator
-    state = DecodeState(generator.session(generator.mode(MODES["contrast"]).graph), pad_token_id=generator.pad_token_id)
+    state = generator.decode_state(generator.mode(MODES["contrast"]).graph)
     out = state.extend([generator.encode(p) for p in PROMPTS])
     for _ in range(3):
         out = state.advance(out.exit_logits[:, 0].argmax(-1))  # (batch,)
@@ -89,11 +87,9 @@ def test_kv_cache_stays_on_the_device_between_steps(cuda_generator):
 
 
 def test_kv_cache_is_back_on_the_device_one_step_after_a_row_leaves(cuda_generator):
-    from autocontrast.runtime.decode_state import DecodeState
-
     generator = cuda_generator
-    state = DecodeState(generator.session(generator.mode(MODES["original"]).graph), pad_token_id=generator.pad_token_id)
+    state = generator.decode_state(generator.mode(MODES["original"]).graph)
     out = state.extend([generator.encode(p) for p in PROMPTS])
     state.keep([1])  # a row leaves: the cache is cut on the host (one copy) ...
     state.advance(out.exit_logits[1:, 0].argmax(-1))
-    assert _cache_devices(state) == {"cuda"}  # ... and the next step's present is on the device again
+    assert _cache_devices(state) == {"cuda"}  # ... and the next step's cache is on the device again
