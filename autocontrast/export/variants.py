@@ -72,15 +72,20 @@ def versions(*, opset: int) -> dict[str, str]:
     return found
 
 
-def apply_variant(paths: dict[str, Path], *, model: Any, options: Any, log: Callable[[str], None]) -> dict[str, Path]:
-    """Transform each graph file; returns the new files (the traced ones are left in place)."""
+def apply_variant(paths: dict[str, Path], *, model: Any, options: Any, log: Callable[[str], None],
+                  kv: KVCacheSpec | None = None) -> dict[str, Path]:
+    """Transform each graph file; returns the new files (the traced ones are left in place).
+
+    `kv`: the bundle's cache layout; a float16 cache (`kv.dtype`) makes the past/present float16 too.
+    """
+    float16_io = kv.past_names() + kv.present_names() if kv is not None and kv.dtype == "float16" else []
     out = {}
     for name, path in paths.items():
         current = path
         if options.optimize:
             current = optimize_graph(current, model=model, target=path.with_name("optimized.onnx"))
         if options.dtype == "float16":
-            current = to_float16(current, target=path.with_name("fp16.onnx"))
+            current = to_float16(current, target=path.with_name("fp16.onnx"), float16_io=float16_io)
         if options.quantize:
             current = quantize(current, QUANTIZATIONS[options.quantize], target=path.with_name(f"{options.quantize}.onnx"))
         log(f"      {name}: {current.name}")
@@ -108,13 +113,16 @@ def optimize_graph(path: Path, *, model: Any, target: Path) -> Path:
     return _save(optimized.model, target)
 
 
-def to_float16(path: Path, *, target: Path) -> Path:
-    """Weights and compute in fp16; inputs/outputs (and the KV cache) stay float32 for the runtime."""
+def to_float16(path: Path, *, target: Path, float16_io: Sequence[str] = ()) -> Path:
+    """Weights and compute in fp16; inputs/outputs stay float32 for the runtime, except those named in
+    `float16_io` (a KV buffer written in place must be in the dtype its attention computes in)."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(path), load_external_data=True)
-    converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    half = set(float16_io)
+    keep = [v.name for v in (*model.graph.input, *model.graph.output) if v.name not in half] if half else True
+    converted = convert_float_to_float16(model, keep_io_types=keep, disable_shape_infer=True)
     return _save(converted, target)
 
 
