@@ -33,7 +33,7 @@ from transformers import DynamicCache
 
 from autocontrast.bundle import DECODE, SCORE
 from autocontrast.config import Exit
-from autocontrast.export.attention import group_query_attention, last_valid
+from autocontrast.export.attention import group_query_attention, last_valid, rotary_tables
 from autocontrast.models.contrast import calculate_contrasted_logits
 
 
@@ -99,6 +99,7 @@ class ExitGraph(nn.Module):
         self.contrast = contrast
         self.layers = layers
         self.buffered = buffered and kind == DECODE
+        self.rotary = rotary_tables(model) if self.buffered else None  # the op rotates where it can
         self.num_layers = model.num_layers if layers is None else layers  # layers computed (and cached)
         self.needs_hidden = any(not model.uses_original_logits(e) for e in self.exits)
         # A new Module is in training mode, and the exporter restores the mode it found: stay in eval
@@ -133,7 +134,7 @@ class ExitGraph(nn.Module):
         keep = self._keeper(attention_mask)
         if self.buffered:
             with first_layers(self.model, self.layers), \
-                    group_query_attention(self.model, past, attention_mask) as attention:
+                    group_query_attention(self.model, past, attention_mask, position_ids, self.rotary) as attention:
                 out = body(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                            output_hidden_states=self.needs_hidden, return_dict=True)
             return tuple(self.project(keep(out.last_hidden_state), out.hidden_states, keep) + attention.present)

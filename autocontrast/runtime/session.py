@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from autocontrast.bundle import (
     ATTENTION_MASK,
+    BUFFER_LAYOUT,
     DECODE,
     EXITS_METADATA_KEY,
     INPUT_IDS,
@@ -30,7 +31,13 @@ from autocontrast.bundle import (
 from autocontrast.errors import BundleError, InferenceError
 from autocontrast.runtime.kv_buffer import KVBuffer
 from autocontrast.runtime.kv_cache import KVCache
-from autocontrast.runtime.providers import check_session_providers, output_device, resolve_providers
+from autocontrast.runtime.providers import (
+    CPU,
+    check_session_providers,
+    normalize_provider,
+    output_device,
+    resolve_providers,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +86,7 @@ class ExitSession:
                  device_id: int = 0, threads: int | None = None, trt_options: dict[str, Any] | None = None,
                  extra_inputs: tuple[str, ...] = ()) -> None:
         self.graph, self.kv, self.vocab_size, self.provider = graph, kv, vocab_size, provider
+        _check_attention_kernels(graph, kv, provider)
         self.extra_inputs = extra_inputs  # required beyond tokens and past (an encoder-decoder's prompt mask)
         self.session = load_session(graph_dir, graph.file, provider=provider, device_id=device_id,
                                     threads=threads, trt_options=trt_options)
@@ -145,6 +153,17 @@ class ExitSession:
             cache.update(outputs[len(names):], input_ids.shape[1])
         contrast = outputs[1].numpy() if self.graph.contrast is not None else None
         return StepOutput(exit_logits=outputs[0].numpy(), contrast=contrast)
+
+
+def _check_attention_kernels(graph: GraphSpec, kv: KVCacheSpec, provider: str) -> None:
+    """GroupQueryAttention (a `BUFFER_LAYOUT` graph) has CPU kernels in float32 and float16 but CUDA
+    kernels in float16 only: refuse a float32 buffer graph on the GPU rather than run it split
+    across devices."""
+    if graph.kind == DECODE and kv.layout == BUFFER_LAYOUT and kv.dtype == "float32" and \
+            normalize_provider(provider) != CPU:
+        raise BundleError(f"graph {graph.name!r} attends through GroupQueryAttention in float32, which "
+                          f"{normalize_provider(provider)} cannot run (its kernels are float16); export the model "
+                          "with --dtype float16 for the GPU, or with --kv-layout concat to keep float32")
 
 
 def open_session(bundle_dir: Path, manifest: Manifest, graph: GraphSpec, *, provider: str = "cpu",

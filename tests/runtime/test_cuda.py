@@ -40,10 +40,11 @@ PROJECTION = VocabularyProjectionMode.SHARED_PROJECTION_DIRECT
 
 
 @pytest.fixture(scope="module")
-def cuda_generator(llama_bundle):
+def cuda_generator(tiny_bundle):
+    """float32 on CUDA: the concatenated cache (GroupQueryAttention's CUDA kernels are float16)."""
     from autocontrast.runtime import Generator
 
-    return Generator(llama_bundle, provider="cuda")
+    return Generator(tiny_bundle("llama", PROJECTION.name, fuse_contrast=CONTRAST, kv_layout="concat"), provider="cuda")
 
 
 def test_cuda_session_runs_on_the_cuda_provider(cuda_generator):

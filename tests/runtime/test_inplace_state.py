@@ -109,3 +109,13 @@ def test_rewinding_beyond_the_row_is_refused(state):
     state.extend([[5, 6, 7]])
     with pytest.raises(ValueError, match="cannot rewind a row of 3 cached tokens to 4"):
         state.rewind_row(0, 4)
+
+
+def test_a_float32_buffer_graph_is_refused_on_the_gpu_with_what_to_do(llama_bundle):
+    from autocontrast.errors import BundleError
+    from autocontrast.runtime.session import ExitSession
+
+    manifest = read_manifest(llama_bundle)
+    with pytest.raises(BundleError, match="--dtype float16 for the GPU, or with --kv-layout concat"):
+        ExitSession(llama_bundle, manifest.graph("decode_exits"), kv=manifest.kv_cache,
+                    vocab_size=manifest.vocab_size, provider="cuda")
