@@ -11,7 +11,9 @@ from autocontrast.errors import ConfigurationError
 # Our runtime, in each decoding mode (per provider and variant, see system_specs).
 OURS_MODES = ("original", "exit", "acd-fused", "acd-numpy")
 PEERS = ("torch-acd", "torch-greedy", "optimum-greedy")
-DEFAULT_SYSTEMS = tuple(f"ours-{m}" for m in OURS_MODES) + PEERS
+# what no step can beat: one ONNX Runtime MatMul over the fp32 bundle's weight bytes (bench/floor.py)
+FLOOR = "ort-matmul-floor"
+DEFAULT_SYSTEMS = tuple(f"ours-{m}" for m in OURS_MODES) + PEERS + (FLOOR,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +91,8 @@ def system_specs(args: argparse.Namespace) -> list[SystemSpec]:
                     specs.append(SystemSpec(f"ours-{mode}{suffix}{'-shared' if share else ''}", "ours", {
                         "bundle": str(bundle), "mode": mode, "provider": provider, "contrast": contrast,
                         "exit": exit_, "share_weights": share}))
+    if FLOOR in wanted:
+        specs.append(SystemSpec(FLOOR, "floor", {"bundle": str(args.bundle)}))
     model = str(args.model) if args.model else ""
     if "torch-acd" in wanted:
         specs.append(SystemSpec("torch-acd", "torch-acd", {"model": model,
@@ -112,6 +116,10 @@ def build(spec: SystemSpec) -> Any:
         return RuntimeSystem(p["bundle"], mode=p["mode"], provider=p["provider"],
                              contrast=tuple(p["contrast"]) if p["contrast"] else None, exit_=p["exit"],
                              share_weights=p.get("share_weights", False))
+    if spec.kind == "floor":
+        from autocontrast.bench.floor import MatMulFloorSystem
+
+        return MatMulFloorSystem(p["bundle"])
     from autocontrast.bench import peers
 
     if spec.kind == "torch":

@@ -37,9 +37,10 @@ from autocontrast.errors import (
     RuntimeOptionError,
     UnknownExitError,
 )
-from autocontrast.runtime.decode_state import DecodeState
+from autocontrast.runtime.decode_state import DecodeState, open_decode_state
 from autocontrast.runtime.encoder import EncoderSession, open_encoder
 from autocontrast.runtime.encoder_decoder_state import EncoderDecoderState
+from autocontrast.runtime.inplace_state import InPlaceDecodeState
 from autocontrast.runtime.modes import DecodeMode, graph_with_exits, resolve_mode
 from autocontrast.runtime.params import GenerationParams
 from autocontrast.runtime.session import ExitSession, open_session
@@ -122,11 +123,11 @@ class Generator:
                                                           threads=self.threads, share_weights=self.share_weights)
             return self._sessions[graph.name]
 
-    def decode_state(self, graph: GraphSpec) -> DecodeState | EncoderDecoderState:
+    def decode_state(self, graph: GraphSpec) -> DecodeState | InPlaceDecodeState | EncoderDecoderState:
         """A new, empty batch state over one decode graph (an encoder-decoder bundle's runs its encoder too)."""
         spec = self.manifest.encoder_decoder
         if spec is None:
-            return DecodeState(self.session(graph), pad_token_id=self.pad_token_id)
+            return open_decode_state(self.session(graph), pad_token_id=self.pad_token_id)
         return EncoderDecoderState(self.encoder_session(), self.session(graph),
                                    start_token_id=spec.decoder_start_token_id, pad_token_id=self.pad_token_id)
 

@@ -23,6 +23,7 @@ import onnxruntime as ort
 
 from autocontrast.bundle import (
     ATTENTION_MASK,
+    BUFFER_LAYOUT,
     DECODE,
     EXITS_METADATA_KEY,
     INPUT_IDS,
@@ -34,6 +35,7 @@ from autocontrast.bundle import (
     exits_metadata,
 )
 from autocontrast.errors import BundleError, InferenceError
+from autocontrast.runtime.kv_buffer import KVBuffer
 from autocontrast.runtime.kv_cache import KVCache
 from autocontrast.runtime.providers import (
     CPU,
@@ -103,11 +105,12 @@ class ExitSession:
                  device_id: int = 0, threads: int | None = None, trt_options: dict[str, Any] | None = None,
                  extra_inputs: tuple[str, ...] = (), share_weights: bool = False) -> None:
         self.graph, self.kv, self.vocab_size, self.provider = graph, kv, vocab_size, provider
+        _check_attention_kernels(graph, kv, provider)
         self.extra_inputs = extra_inputs  # required beyond tokens and past (an encoder-decoder's prompt mask)
         self.session = load_session(graph_dir, graph.file, provider=provider, device_id=device_id,
                                     threads=threads, trt_options=trt_options, share_weights=share_weights)
         self.device = output_device(provider)
-        self._device_id = device_id
+        self.device_id = device_id
         self.input_names = frozenset(i.name for i in self.session.get_inputs())
         self._check_signature()
 
@@ -138,7 +141,7 @@ class ExitSession:
                               "re-export the bundle (or restore its manifest.json)")
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             cache: KVCache | None, *, extra: dict[str, np.ndarray] | None = None) -> StepOutput:
+             cache: KVCache | KVBuffer | None, *, extra: dict[str, np.ndarray] | None = None) -> StepOutput:
         """One forward. input_ids/position_ids (batch, seq), attention_mask (batch, past+seq), int64.
 
         Decode graphs read `cache` as the past and leave the present in it (on the session's device).
@@ -158,9 +161,7 @@ class ExitSession:
         for name in names:
             binding.bind_output(name, "cpu")  # only what the loop reads comes back to the host
         if cache is not None:
-            cache.bind_inputs(binding)
-            for name in cache.output_names:
-                binding.bind_output(name, self.device, device_id=self._device_id)
+            cache.bind(binding, device=self.device, device_id=self.device_id)
         try:
             self.session.run_with_iobinding(binding)
         except Exception as err:  # ORT's own exception types: name the graph and the inputs' shapes
@@ -171,6 +172,17 @@ class ExitSession:
             cache.update(outputs[len(names):], input_ids.shape[1])
         contrast = outputs[1].numpy() if self.graph.contrast is not None else None
         return StepOutput(exit_logits=outputs[0].numpy(), contrast=contrast)
+
+
+def _check_attention_kernels(graph: GraphSpec, kv: KVCacheSpec, provider: str) -> None:
+    """GroupQueryAttention (a `BUFFER_LAYOUT` graph) has CPU kernels in float32 and float16 but CUDA
+    kernels in float16 only: refuse a float32 buffer graph on the GPU rather than run it split
+    across devices."""
+    if graph.kind == DECODE and kv.layout == BUFFER_LAYOUT and kv.dtype == "float32" and \
+            normalize_provider(provider) != CPU:
+        raise BundleError(f"graph {graph.name!r} attends through GroupQueryAttention in float32, which "
+                          f"{normalize_provider(provider)} cannot run (its kernels are float16); export the model "
+                          "with --dtype float16 for the GPU, or with --kv-layout concat to keep float32")
 
 
 def open_session(bundle_dir: Path, manifest: Manifest, graph: GraphSpec, *, provider: str = "cpu",
