@@ -23,7 +23,7 @@ class MatMulFloorSystem:
     def __init__(self, bundle: str, *, threads: int | None = None) -> None:
         self.bundle, self.threads = Path(bundle), threads
         self.session: Any = None
-        self.rows = 0
+        self.rows = self.weight_bytes = 0
 
     def skip_reason(self) -> str | None:
         try:
@@ -59,7 +59,7 @@ class MatMulFloorSystem:
         options = ort.SessionOptions()
         if self.threads:
             options.intra_op_num_threads = self.threads
-        self.rows = k
+        self.rows, self.weight_bytes = k, weight.nbytes
         self.session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
                                             providers=["CPUExecutionProvider"])
 

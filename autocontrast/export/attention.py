@@ -66,9 +66,12 @@ class _GroupQueryAttentionOp(torch.autograd.Function):
         rotary = cos is not None and not (hasattr(cos, "node") and cos.node().mustBeNone())
         if rotary:
             inputs += [cos, sin, positions]
-        return g.op(f"{OPSET_DOMAIN}::GroupQueryAttention", *inputs, num_heads_i=num_heads,
-                    kv_num_heads_i=kv_num_heads, scale_f=scale, local_window_size_i=window, softcap_f=softcap,
-                    do_rotary_i=int(rotary), rotary_interleaved_i=0, outputs=3)
+        outputs = g.op(f"{OPSET_DOMAIN}::GroupQueryAttention", *inputs, num_heads_i=num_heads,
+                       kv_num_heads_i=kv_num_heads, scale_f=scale, local_window_size_i=window, softcap_f=softcap,
+                       do_rotary_i=int(rotary), rotary_interleaved_i=0, outputs=3)
+        for output, like in zip(outputs, (query, past_key, past_value), strict=True):
+            output.setType(like.type())  # (batch, seq, hidden) and the buffers' own shapes
+        return outputs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from autocontrast.bench.cli import main
-from autocontrast.bench.systems import DEFAULT_SYSTEMS
+from autocontrast.bench.systems import DEFAULT_SYSTEMS, FLOOR
 from autocontrast.config import VocabularyProjectionMode
 from autocontrast.errors import ConfigurationError
 
@@ -53,6 +53,20 @@ def test_our_systems_run_where_only_the_runtime_is_needed(results):
     for scenario in data["scenarios"]:
         for mode in ("original", "exit", "acd-fused", "acd-numpy"):
             assert "figures" in scenario["systems"][f"ours-{mode}"], scenario["systems"][f"ours-{mode}"]
+        assert "figures" in scenario["systems"][FLOOR], scenario["systems"][FLOOR]
+
+
+def test_the_matmul_floor_reads_the_bundles_weight_bytes(tiny_bundle):
+    from autocontrast.bench.floor import MatMulFloorSystem
+    from autocontrast.bundle import read_manifest
+
+    bundle = tiny_bundle("llama", "SHARED_PROJECTION_DIRECT", fuse_contrast=(3, 1))
+    system = MatMulFloorSystem(str(bundle))
+    assert system.skip_reason() is None
+    system.load()
+    weights = sum((bundle / f).stat().st_size for f in read_manifest(bundle).graph("decode_original").external_data)
+    assert 0 <= weights - system.weight_bytes < 4 * read_manifest(bundle).hidden_size  # all but a partial column
+    assert len(system.generate([[1, 2]], 3).step_ends) == 3
 
 
 def test_ratios_are_relative_to_the_baseline(results):
