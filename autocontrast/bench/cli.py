@@ -3,6 +3,7 @@
     acd-bench --bundle BUNDLE [--model HF_DIR] [--int8-bundle DIR] [--int4-bundle DIR] --scenarios 16x64x1,512x64x1
     acd-bench --bundle FP32 --fp16-bundle FP16 --providers cpu,cuda --systems ours-original,ours-acd-fused
     acd-bench --bundle FP32 --genai-model fp32=GENAI_FP32 --genai-model int4=GENAI_INT4 --gguf f16=MODEL.F16.gguf
+    acd-bench --bundle FP32 --memory      # resident memory of one Generator serving three modes
 
 A scenario is PROMPTxNEWxBATCH. Prompts are real text (WikiText-2 by default) cut to exactly PROMPT
 tokens; every system generates exactly NEW tokens (end-of-sequence ignored) so figures compare.
@@ -106,11 +107,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="text file prompts are cut from")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for results.json and chart.png")
     p.add_argument("--timeout", type=float, default=1800, help="seconds one load or run may take")
+    p.add_argument("--share-weights", action="store_true",
+                   help="also run each of our CPU systems with Generator(share_weights=True), as '<system>-shared'")
+    p.add_argument("--memory", action="store_true",
+                   help="instead of timing, print the resident memory of one Generator after generating in the "
+                        "original head, one exit and ACD, with its own and with shared weights (fresh process each)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.memory:
+        from autocontrast.bench import memory
+
+        return memory.run(args, argv if argv is not None else sys.argv[1:])
     scenarios = [Scenario.parse(s) for s in args.scenarios.split(",") if s.strip()]
     specs = system_specs(args)
     if args.list_systems:

@@ -13,7 +13,9 @@ from autocontrast.errors import ConfigurationError
 OURS_MODES = ("original", "exit", "acd-fused", "acd-numpy")
 # genai-greedy and llamacpp-greedy: one system per --genai-model folder and per GGUF file, named by its label
 PEERS = ("torch-acd", "torch-greedy", "optimum-greedy", "genai-greedy", "llamacpp-greedy")
-DEFAULT_SYSTEMS = tuple(f"ours-{m}" for m in OURS_MODES) + PEERS
+# what no step can beat: one ONNX Runtime MatMul over the fp32 bundle's weight bytes (bench/floor.py)
+FLOOR = "ort-matmul-floor"
+DEFAULT_SYSTEMS = tuple(f"ours-{m}" for m in OURS_MODES) + PEERS + (FLOOR,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +74,21 @@ def check_providers_available(text: str) -> None:
 
     for provider in requested_providers(text):
         resolve_providers(provider)
+
+
+def model_identity(folder: Path) -> str:
+    """The folder's name and a hash of its config and weight files' names, sizes and times: an export
+    cached under it is never that of another model saved under the same folder name."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*")) if folder.is_dir() else ():
+        if path.name == "config.json":
+            digest.update(path.read_bytes())
+        elif path.suffix in (".safetensors", ".bin"):
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return f"{folder.name}-{digest.hexdigest()[:12]}"
 
 
 def labelled_paths(values: list[str] | None, *, option: str) -> list[tuple[str, Path]]:
@@ -148,9 +165,13 @@ def system_specs(args: argparse.Namespace) -> list[SystemSpec]:
                 if f"ours-{mode}" not in wanted:
                     continue
                 suffix = "" if (variant, provider) == ("fp32", "cpu") else f"-{variant}-{provider}"
-                specs.append(SystemSpec(f"ours-{mode}{suffix}", "ours", {
-                    "bundle": str(bundle), "mode": mode, "provider": provider, "contrast": contrast, "exit": exit_,
-                    "threads": threads}))
+                shares = (False, True) if getattr(args, "share_weights", False) and provider == "cpu" else (False,)
+                for share in shares:
+                    specs.append(SystemSpec(f"ours-{mode}{suffix}{'-shared' if share else ''}", "ours", {
+                        "bundle": str(bundle), "mode": mode, "provider": provider, "contrast": contrast,
+                        "exit": exit_, "share_weights": share, "threads": threads}))
+    if FLOOR in wanted:
+        specs.append(SystemSpec(FLOOR, "floor", {"bundle": str(args.bundle), "threads": threads}))
     model = str(args.model) if args.model else ""
     if "torch-acd" in wanted:
         specs.append(SystemSpec("torch-acd", "torch-acd", {
@@ -160,7 +181,7 @@ def system_specs(args: argparse.Namespace) -> list[SystemSpec]:
     if "optimum-greedy" in wanted:
         from autocontrast.models.smollm2 import cache_dir
 
-        cache = cache_dir() / "optimum" / (args.model.name if args.model else "none")
+        cache = cache_dir() / "optimum" / (model_identity(args.model) if args.model else "none")
         specs.append(SystemSpec("optimum-greedy", "optimum", {"model": model, "cache_dir": str(cache),
                                                                "threads": threads}))
     return specs + _native_peer_specs(args, wanted, threads)
@@ -174,7 +195,11 @@ def build(spec: SystemSpec) -> Any:
 
         return RuntimeSystem(p["bundle"], mode=p["mode"], provider=p["provider"],
                              contrast=tuple(p["contrast"]) if p["contrast"] else None, exit_=p["exit"],
-                             threads=p["threads"])
+                             share_weights=p.get("share_weights", False), threads=p["threads"])
+    if spec.kind == "floor":
+        from autocontrast.bench.floor import MatMulFloorSystem
+
+        return MatMulFloorSystem(p["bundle"], threads=p["threads"])
     if spec.kind == "genai":
         from autocontrast.bench.genai_peer import GenaiSystem
 

@@ -72,15 +72,20 @@ def versions(*, opset: int) -> dict[str, str]:
     return found
 
 
-def apply_variant(paths: dict[str, Path], *, model: Any, options: Any, log: Callable[[str], None]) -> dict[str, Path]:
-    """Transform each graph file; returns the new files (the traced ones are left in place)."""
+def apply_variant(paths: dict[str, Path], *, model: Any, options: Any, log: Callable[[str], None],
+                  kv: KVCacheSpec | None = None) -> dict[str, Path]:
+    """Transform each graph file; returns the new files (the traced ones are left in place).
+
+    `kv`: the bundle's cache layout; a float16 cache (`kv.dtype`) makes the past/present float16 too.
+    """
+    float16_io = kv.past_names() + kv.present_names() if kv is not None and kv.dtype == "float16" else []
     out = {}
     for name, path in paths.items():
         current = path
         if options.optimize:
             current = optimize_graph(current, model=model, target=path.with_name("optimized.onnx"))
         if options.dtype == "float16":
-            current = to_float16(current, target=path.with_name("fp16.onnx"))
+            current = to_float16(current, target=path.with_name("fp16.onnx"), float16_io=float16_io)
         if options.quantize:
             current = quantize(current, QUANTIZATIONS[options.quantize], target=path.with_name(f"{options.quantize}.onnx"))
         log(f"      {name}: {current.name}")
@@ -108,13 +113,16 @@ def optimize_graph(path: Path, *, model: Any, target: Path) -> Path:
     return _save(optimized.model, target)
 
 
-def to_float16(path: Path, *, target: Path) -> Path:
-    """Weights and compute in fp16; inputs/outputs (and the KV cache) stay float32 for the runtime."""
+def to_float16(path: Path, *, target: Path, float16_io: Sequence[str] = ()) -> Path:
+    """Weights and compute in fp16; inputs/outputs stay float32 for the runtime, except those named in
+    `float16_io` (a KV buffer written in place must be in the dtype its attention computes in)."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(path), load_external_data=True)
-    converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    half = set(float16_io)
+    keep = [v.name for v in (*model.graph.input, *model.graph.output) if v.name not in half] if half else True
+    converted = convert_float_to_float16(model, keep_io_types=keep, disable_shape_infer=True)
     return _save(converted, target)
 
 
@@ -150,7 +158,7 @@ def teacher_forced_agreement(model: Any, bundle_dir: Path, graphs: Sequence[Grap
     Uses the graph's fused contrast when it has one (ACD tokens), else its first exit.
     """
     from autocontrast.export.validation import expected_outputs, torch_step
-    from autocontrast.runtime.decode_state import DecodeState
+    from autocontrast.runtime.decode_state import open_decode_state
     from autocontrast.runtime.session import ExitSession
 
     spec = next((g for g in graphs if g.kind == DECODE and g.contrast is not None), None) \
@@ -164,7 +172,7 @@ def teacher_forced_agreement(model: Any, bundle_dir: Path, graphs: Sequence[Grap
         else:
             ids = np.random.default_rng(len(prompt)).integers(0, model.config.vocab_size, (1, 8))
         mask, pos = np.ones_like(ids), np.arange(ids.shape[1], dtype=np.int64)[None]
-        state, cache = DecodeState(session), None
+        state, cache = open_decode_state(session), None
         for step in range(AGREEMENT_STEPS):
             by_exit, cache = torch_step(model, spec.exits, ids, mask, pos, cache)
             want = expected_outputs(spec, by_exit)[pick]
