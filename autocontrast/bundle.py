@@ -68,8 +68,9 @@ from autocontrast.config import (
 from autocontrast.errors import BundleError
 
 FORMAT = "autocontrast-bundle"
-FORMAT_VERSION = 3  # 2: `files` (SHA-256 of every file); 3: `GraphSpec.layers` (early-exit graphs)
-READABLE_VERSIONS = (1, 2, 3)  # each adds optional fields only: an older manifest reads as it was
+# 2: `files` (SHA-256 of every file); 3: `GraphSpec.layers` (early-exit graphs); 4: `KVCacheSpec.layout`
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)  # each adds optional fields only: an older manifest reads as it was
 MANIFEST_FILE = "manifest.json"
 
 # graph kinds and the graphs acd-export writes
@@ -89,6 +90,13 @@ PAST_KEY, PAST_VALUE = "past_key_values.{layer}.key", "past_key_values.{layer}.v
 PRESENT_KEY, PRESENT_VALUE = "present.{layer}.key", "present.{layer}.value"
 ENCODER = "encoder"
 KINDS = (DECODE, SCORE, ENCODER)
+# KV cache layouts of decode graphs. CONCAT: the graph concatenates past and new entries and returns
+# the longer present; the batch's rows are right-aligned to a common width (left padding).
+# BUFFER: past and present are one preallocated buffer (batch, kv_heads, capacity, head_dim) the graph
+# writes in place (GroupQueryAttention); each row is left-aligned with its own length.
+CONCAT_LAYOUT = "concat"
+BUFFER_LAYOUT = "buffer"
+KV_LAYOUTS = (CONCAT_LAYOUT, BUFFER_LAYOUT)
 # ONNX metadata key under which each graph records the exits it returns (JSON list, graph order),
 # so a reader can refuse a manifest that does not describe the graph it sits beside.
 EXITS_METADATA_KEY = "autocontrast.exits"
@@ -105,6 +113,7 @@ class KVCacheSpec:
     num_kv_heads: int
     head_dim: int
     dtype: str = "float32"  # numpy dtype name of the cache tensors
+    layout: str = CONCAT_LAYOUT  # one of KV_LAYOUTS
     past_key: str = PAST_KEY
     past_value: str = PAST_VALUE
     present_key: str = PRESENT_KEY
@@ -284,6 +293,9 @@ class Manifest:
             manifest = cls(**fields)
         except (KeyError, TypeError, ValueError) as err:
             raise BundleError(f"manifest is malformed: {type(err).__name__}: {err}") from None
+        if manifest.kv_cache.layout not in KV_LAYOUTS:
+            raise BundleError(f"manifest is malformed: kv_cache layout {manifest.kv_cache.layout!r} is not one of "
+                              f"{', '.join(KV_LAYOUTS)}")
         if manifest.encoder_decoder is not None:
             manifest.graph(manifest.encoder_decoder.encoder_graph)  # raises BundleError when absent
         for g in manifest.graphs:

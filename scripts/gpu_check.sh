@@ -182,10 +182,12 @@ step_model() {
 }
 
 step_export() {  # step_export float32|float16
-    local dtype=$1 out=$WORK/smollm2-${1/float/fp}
+    local dtype=$1 out=$WORK/smollm2-${1/float/fp} layout=()
     if [[ -f "$out/manifest.json" ]]; then echo "$out exists (exported earlier)"; return 0; fi
+    # GroupQueryAttention (the default KV buffer) has CUDA kernels in float16 only: fp32 keeps the concat cache
+    [[ $dtype == float32 ]] && layout=(--kv-layout concat)
     "$PY" -m autocontrast.export.cli "$(cat "$WORK/model-path")" "$out" --exits 30,15 --fuse-contrast 30,15 \
-        --no-score-graph --dtype "$dtype"
+        --no-score-graph --dtype "$dtype" "${layout[@]}"
 }
 
 step_pytest() {

@@ -87,9 +87,11 @@ def export_cases() -> list[tuple[str, VocabularyProjectionMode]]:
 
 
 _COMMON = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-# grouped-query attention (4 query heads, 2 KV heads), tied head
+# grouped-query attention (4 query heads, 2 KV heads), tied head; heads of 16, the smallest that
+# GroupQueryAttention rotates itself (Qwen3 and Gemma keep heads of 8: the model's own rotation runs)
 _LLAMA_LIKE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
-                   num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True, **_COMMON)
+                   num_key_value_heads=2, head_dim=16, max_position_embeddings=MAX_POSITIONS,
+                   tie_word_embeddings=True, **_COMMON)
 TINY_CONFIGS = {
     "gpt2": lambda: GPT2Config(n_embd=32, n_layer=NUM_LAYERS, n_head=4, n_positions=MAX_POSITIONS, **_COMMON),
     "gpt_neo": lambda: GPTNeoConfig(hidden_size=32, num_layers=NUM_LAYERS, num_heads=4, max_position_embeddings=MAX_POSITIONS,

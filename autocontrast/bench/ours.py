@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from autocontrast.bench.stats import RunTiming
+from autocontrast.bench.stats import RunTiming, token_rows
 
 
 class RuntimeSystem:
-    """`contrast=None`: the bundle's fused contrast; `exit_=None`: the contrast's lower exit."""
+    """`contrast=None`: the bundle's fused contrast; `exit_=None`: the contrast's lower exit;
+    `threads=None`: onnxruntime's default."""
 
     def __init__(self, bundle: str, *, mode: str, provider: str, contrast: tuple[Any, Any] | None,
-                 exit_: Any = None) -> None:
-        self.bundle, self.mode_name, self.provider = bundle, mode, provider
+                 exit_: Any = None, share_weights: bool = False, threads: int | None = None) -> None:
+        self.bundle, self.mode_name, self.provider, self.threads = bundle, mode, provider, threads
+        self.share_weights = share_weights
         self.contrast, self.exit_ = contrast, exit_
         self.generator: Any = None
         self.multi_exit: Any = None
@@ -33,7 +35,8 @@ class RuntimeSystem:
         from autocontrast.runtime import Generator
 
         # Only this mode's graph is loaded: the memory figure is that of a service running this mode.
-        self.generator = Generator(self.bundle, provider=self.provider, preload=())
+        self.generator = Generator(self.bundle, provider=self.provider, threads=self.threads, preload=(),
+                                   share_weights=self.share_weights)
         mode = "contrast" if self.mode_name.startswith("acd") else self.mode_name  # acd-fused, acd-numpy
         needs_contrast = mode == "contrast" or (mode == "exit" and self.exit_ is None)
         if needs_contrast and self.contrast is None:
@@ -56,4 +59,4 @@ class RuntimeSystem:
         ends = [t.ttft_s]
         for step in t.step_s:
             ends.append(ends[-1] + step)
-        return RunTiming(step_ends=tuple(ends), batch=len(prompts))
+        return RunTiming(step_ends=tuple(ends), batch=len(prompts), tokens=token_rows(result.token_ids))

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from autocontrast.bench.stats import RunTiming
+from autocontrast.bench.stats import RunTiming, token_rows
 from autocontrast.config import DEFAULT_ALPHA
 
 
@@ -56,18 +56,19 @@ def run_hf_generate(model: Any, prompts: list[list[int]], new_tokens: int, pad_i
     criteria = StoppingCriteriaList([timer.criterion()])
     with torch.inference_mode():
         timer.start = time.perf_counter()
-        model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), do_sample=False,
-                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id,
-                       stopping_criteria=criteria)
-    return RunTiming(step_ends=tuple(timer.ends), batch=len(prompts))
+        out = model.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                             do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             pad_token_id=pad_id, stopping_criteria=criteria)
+    sequences = out.sequences if hasattr(out, "sequences") else out  # (batch, width + new_tokens)
+    return RunTiming(step_ends=tuple(timer.ends), batch=len(prompts), tokens=token_rows(sequences[:, ids.shape[1]:]))
 
 
 class TorchSystem:
     """HF `generate()` on the PyTorch model: plain (`acd=False`) or the multi-exit ACD path."""
 
     def __init__(self, model_dir: str, *, contrast: tuple[Any, int] | None = None,
-                 alpha: float = DEFAULT_ALPHA) -> None:
-        self.model_dir, self.contrast, self.alpha = model_dir, contrast, alpha
+                 alpha: float = DEFAULT_ALPHA, threads: int | None = None) -> None:
+        self.model_dir, self.contrast, self.alpha, self.threads = model_dir, contrast, alpha, threads
         self.model: Any = None
         self.pad_id = 0
 
@@ -85,6 +86,8 @@ class TorchSystem:
         import torch
 
         torch.set_grad_enabled(False)
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         if self.contrast is None:
             from transformers import AutoModelForCausalLM
 
@@ -106,8 +109,9 @@ class TorchSystem:
 class OptimumSystem:
     """optimum's ORTModelForCausalLM, plain greedy (IO binding on GPU), exported once and cached."""
 
-    def __init__(self, model_dir: str, *, cache_dir: str, provider: str = "CPUExecutionProvider") -> None:
-        self.model_dir, self.cache_dir, self.provider = model_dir, cache_dir, provider
+    def __init__(self, model_dir: str, *, cache_dir: str, provider: str = "CPUExecutionProvider",
+                 threads: int | None = None) -> None:
+        self.model_dir, self.cache_dir, self.provider, self.threads = model_dir, cache_dir, provider, threads
         self.model: Any = None
         self.pad_id = 0
 
@@ -121,14 +125,19 @@ class OptimumSystem:
         return None
 
     def load(self) -> None:
+        import onnxruntime as ort
         from optimum.onnxruntime import ORTModelForCausalLM
 
+        options = ort.SessionOptions()
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
         target = Path(self.cache_dir)
         use_io_binding = self.provider == "CUDAExecutionProvider"
         if not (target / "model.onnx").is_file():
             model = ORTModelForCausalLM.from_pretrained(self.model_dir, export=True)
             model.save_pretrained(target)
-        self.model = ORTModelForCausalLM.from_pretrained(target, provider=self.provider, use_io_binding=use_io_binding)
+        self.model = ORTModelForCausalLM.from_pretrained(target, provider=self.provider, use_io_binding=use_io_binding,
+                                                         session_options=options)
         self.pad_id = int(self.model.config.pad_token_id or self.model.config.eos_token_id or 0)
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> RunTiming:

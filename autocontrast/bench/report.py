@@ -29,11 +29,48 @@ def add_ratios(results: dict[str, Any], baseline: str) -> None:
                 figures["ttft_ratio"] = figures["ttft_ms"] / base["ttft_ms"] if base.get("ttft_ms") else None
 
 
+def leading_agreement(rows: list[list[int]], reference: list[list[int]]) -> int | None:
+    """How many leading tokens every row shares with the reference's same row (None: nothing to compare)."""
+    if not rows or not reference or len(rows) != len(reference):
+        return None
+    shared = []
+    for row, ref in zip(rows, reference, strict=True):
+        n = 0
+        while n < min(len(row), len(ref)) and row[n] == ref[n]:
+            n += 1
+        shared.append(n)
+    return min(shared)
+
+
+def add_agreement(results: dict[str, Any], reference: str) -> None:
+    """Per scenario, each measured system's leading tokens in common with `reference` (first measured run, in place).
+
+    Systems running the same greedy search at the same precision should agree on all tokens; quantized
+    models and ACD part ways somewhere, and where is worth seeing next to their speed.
+    """
+    results["reference"] = reference
+    for scenario in results["scenarios"]:
+        ref = scenario["systems"].get(reference, {})
+        ref_tokens = ref["runs"][0]["tokens"] if ref.get("runs") else []
+        for entry in scenario["systems"].values():
+            if not entry.get("figures"):
+                continue
+            tokens = entry["runs"][0]["tokens"] if entry.get("runs") else []
+            entry["figures"]["agree_tokens"] = leading_agreement(tokens, ref_tokens)
+            entry["figures"]["agree_of"] = len(tokens[0]) if tokens else None
+
+
+def _agreement(figures: dict[str, Any]) -> str:
+    if figures.get("agree_tokens") is None:
+        return "-"
+    return f"{figures['agree_tokens']}/{figures['agree_of']}"
+
+
 def table(results: dict[str, Any]) -> str:
-    """A plain-text table per scenario (times in ms, ratio to the named baseline)."""
+    """A plain-text table per scenario (times in ms, ratio to the named baseline, tokens shared with the reference)."""
     lines = []
     baseline = results.get("baseline")
-    header = ("system", "TTFT", "ms/token", "p90", "spread", "e2e", "tok/s", "RSS MiB", f"x {baseline}")
+    header = ("system", "TTFT", "ms/token", "p90", "spread", "e2e", "tok/s", "RSS MiB", f"x {baseline}", "agree")
     for scenario in results["scenarios"]:
         lines.append(f"\nscenario {scenario['name']}: prompt {scenario['prompt_tokens']} tokens, "
                      f"{scenario['new_tokens']} new tokens, batch {scenario['batch']}")
@@ -45,7 +82,7 @@ def table(results: dict[str, Any]) -> str:
                 continue
             rows.append((name, _fmt(f["ttft_ms"]), _fmt(f["tpot_ms"]), _fmt(f["tpot_p90_ms"]), _fmt(f["tpot_spread_ms"]),
                          _fmt(f["e2e_ms"], 0), _fmt(f["tokens_per_s"]), _fmt(f["rss_peak_mib"], 0),
-                         _fmt(f.get("tpot_ratio"), 2)))
+                         _fmt(f.get("tpot_ratio"), 2), _agreement(f)))
         widths = [max(len(r[i]) for r in rows if len(r[1]) < 40 or i == 0) for i in range(len(header))]
         for row in rows:
             if row[1].startswith("skipped"):

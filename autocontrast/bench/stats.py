@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -13,10 +14,13 @@ class RunTiming:
     """One generation call: when each output step finished, relative to the call's start (seconds).
 
     step_ends[0] is the time to first token; step_ends[i] - step_ends[i-1] the time of output token i.
+    `tokens`: the generated ids of each row (empty where a system does not report them), so the
+    driver can check that systems running the same search agree.
     """
 
     step_ends: tuple[float, ...]
     batch: int
+    tokens: tuple[tuple[int, ...], ...] = ()
     rss_peak_mib: float | None = None
     device_peak_mib: float | None = None
 
@@ -31,6 +35,11 @@ class RunTiming:
     @property
     def total(self) -> float:
         return self.step_ends[-1]
+
+
+def token_rows(rows: Any) -> tuple[tuple[int, ...], ...]:
+    """Generated ids per row (any nested sequence or 2-D array of ints) as hashable, picklable tuples."""
+    return tuple(tuple(int(t) for t in row) for row in rows)
 
 
 def percentile(values: Sequence[float], q: float) -> float:

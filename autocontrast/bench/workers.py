@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from autocontrast.bench.stats import RunTiming
+from autocontrast.errors import AutocontrastError
 
 
 def _rss_peak_mib() -> float:
@@ -38,12 +39,15 @@ def _serve(conn: Any, spec: Any, build: Callable[[Any], Any]) -> None:
     while True:
         message = conn.recv()
         if message[0] == "stop":
+            getattr(system, "close", lambda: None)()  # free native resources before interpreter shutdown
             return
         _, prompts, new_tokens = message
         try:
             timing = system.generate(prompts, new_tokens)
             device = getattr(system, "device_peak_mib", lambda: None)()
             conn.send(("ok", dataclasses.replace(timing, rss_peak_mib=_rss_peak_mib(), device_peak_mib=device)))
+        except AutocontrastError as err:  # a run the system cannot do (a batch it does not take): say so, no trace
+            conn.send(("error", str(err)))
         except Exception as err:
             traceback.print_exc()
             conn.send(("error", f"{type(err).__name__}: {err}"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from autocontrast.bundle import KV_LAYOUTS
 from autocontrast.cli_support import run_cli
 from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, parse_exits
 from autocontrast.errors import ExportError
@@ -76,6 +77,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--early-exits", type=_early_exits, default=None, metavar="K[,K...]|none",
                    help="exits that get an early-exit graph computing only their layers (default: the chosen "
                         "exits below the top layer, none when the exits are a checkpoint's own list)")
+    p.add_argument("--kv-layout", choices=KV_LAYOUTS, default=None,
+                   help="decode graphs' KV cache: buffer (GroupQueryAttention writing a preallocated buffer in "
+                        "place, rows of any length; the default of the Llama family, CPU in float32, CUDA in "
+                        "float16) or concat (traced attention concatenating past and new; every family, every "
+                        "provider and dtype)")
     p.add_argument("--no-score-graph", action="store_true", help="leave out the every-position score graph")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="float16 halves the weights, for GPUs (inputs, outputs and KV cache stay float32)")
@@ -107,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                             alpha=args.alpha, minimum_candidates=args.minimum_candidates,
                             score_graph=not args.no_score_graph, dtype=args.dtype, optimize=args.optimize,
                             quantize=args.quantize, tensorrt=args.tensorrt, trt_max_batch=args.trt_max_batch,
-                            trt_max_length=args.trt_max_length, early_exits=args.early_exits)
+                            trt_max_length=args.trt_max_length, early_exits=args.early_exits,
+                            kv_layout=args.kv_layout)
 
     def log(message: str) -> None:
         if not args.quiet or message.startswith("exported") or message.startswith("  "):

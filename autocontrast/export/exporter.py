@@ -28,11 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from autocontrast.bundle import (
+    BUFFER_LAYOUT,
+    CONCAT_LAYOUT,
     CONTRAST_OUTPUT,
     DECODE,
     DECODE_EXITS,
     DECODE_ORIGINAL,
     EXITS_METADATA_KEY,
+    KV_LAYOUTS,
     LOGITS_OUTPUT,
     SCORE,
     SCORE_GRAPH,
@@ -88,8 +91,12 @@ class ExportOptions:
     # exits that get an early-exit graph (only their layers computed); None: the chosen exits below
     # the top layer, unless they are a checkpoint's own list (which may name every layer)
     early_exits: tuple[int, ...] | None = None
+    # the decode graphs' KV cache layout (autocontrast.bundle.KV_LAYOUTS); None: the family's default
+    kv_layout: str | None = None
 
     def __post_init__(self) -> None:
+        if self.kv_layout is not None and self.kv_layout not in KV_LAYOUTS:
+            raise ExportError(f"--kv-layout {self.kv_layout!r} is not supported; choose one of: {', '.join(KV_LAYOUTS)}")
         if self.dtype not in DTYPES:
             raise ExportError(f"--dtype {self.dtype!r} is not supported; choose one of: {', '.join(DTYPES)}")
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
@@ -354,7 +361,7 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
     model = loaded.model
     family, config = model.family, model.config
     kv = KVCacheSpec(num_layers=model.num_layers, num_kv_heads=family.num_kv_heads(config),
-                     head_dim=family.head_dim(config))
+                     head_dim=family.head_dim(config), layout=_kv_layout(family, config, options))
     trace, validate, encoder_decoder = trace_graph, validate_graphs, None
     if family.is_encoder_decoder:  # T5: an encoder graph first; decoder graphs take its cross-attention KV
         from autocontrast.export.t5 import encoder_decoder_spec, trace_t5_graph, with_encoder
@@ -377,13 +384,15 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
         specs.append(GraphSpec(g["name"], f"{g['name']}.onnx", g["kind"], tuple(g["exits"]),
                                logits_output=LOGITS_OUTPUT, contrast=spec_contrast,
                                external_data=(WEIGHTS_FILE,), layers=layers))
+    if options.dtype == "float16" and kv.layout == BUFFER_LAYOUT:  # attention writes the buffer in its own dtype
+        kv = dataclasses.replace(kv, dtype="float16")
     fusions = fusions_for(family, options.optimize)
     variant: dict[str, Any] = {"dtype": options.dtype, "optimize": bool(fusions), "quantize": options.quantize}
     if options.quantize:
         variant["quantization"] = QUANTIZATIONS[options.quantize].to_dict()
     if options.variant_name != "float32" or fusions:
         log(f"[3/6] applying variant {options.variant_name}{' + graph fusions' if fusions else ''}")
-        paths, variant["fusions"] = apply_variant(paths, model=model, options=options, log=log)
+        paths, variant["fusions"] = apply_variant(paths, model=model, options=options, log=log, kv=kv)
     log("[4/6] writing graphs with one shared weights file")
     # a tied head reads the embedding matrix, not a transposed copy of it
     write_shared_weights(paths, work, transform=untie_transposed_copies,
@@ -406,6 +415,16 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
         special_tokens=special_tokens(config, loaded.generation_config), tokenizer_files=tokenizer_files,
         chat_template=template, variant=variant, versions=versions(opset=OPSET), validation=report,
         encoder_decoder=encoder_decoder)
+
+
+def _kv_layout(family: Any, config: Any, options: ExportOptions) -> str:
+    """The decode graphs' KV layout: the option, or the family's default; a buffer only where it can be."""
+    default = family.kv_layout(config)
+    if options.kv_layout == BUFFER_LAYOUT and default != BUFFER_LAYOUT:
+        raise ExportError(f"--kv-layout {BUFFER_LAYOUT}: this {family.name} model's attention cannot run as "
+                          f"GroupQueryAttention (GPT-2, GPT-Neo, T5 and sliding-window models keep the "
+                          f"{CONCAT_LAYOUT} layout); leave --kv-layout out")
+    return options.kv_layout or default
 
 
 def summary(result: ExportResult) -> str:

@@ -8,6 +8,11 @@
 Exits that share one projection matrix (the model's own head in the shared modes) are stacked
 and projected in one matrix product: `(batch, n_exits, hidden) @ (hidden, vocab)`.
 
+With `buffered=True` (the Llama family's decode graphs) attention is ORT's GroupQueryAttention over
+a KV buffer shared by past and present (see `autocontrast.export.attention`): the past inputs are
+buffers of any capacity, each row's cache left-aligned with its own length taken from the mask,
+and a chunk of new tokens right-padded; the presents are the same buffers, written in place.
+
 An early-exit graph (`layers=k`) runs only the first k decoder layers: the layers above k and the
 final norm are taken off the model while it runs (`first_layers`), so the trace never sees them,
 and its KV cache has k layers.
@@ -19,7 +24,7 @@ and its KV cache has k layers.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -28,6 +33,7 @@ from transformers import DynamicCache
 
 from autocontrast.bundle import DECODE, SCORE
 from autocontrast.config import Exit
+from autocontrast.export.attention import group_query_attention, last_valid, rotary_tables
 from autocontrast.models.contrast import calculate_contrasted_logits
 
 
@@ -73,11 +79,13 @@ class ExitGraph(nn.Module):
         (exit_logits (batch, n_exits, vocab) of the last position, [contrast (batch, vocab)], *present)
     kind SCORE: (input_ids, attention_mask, position_ids) -> exit_logits (batch, seq, n_exits, vocab)
     `layers=k`: only the first k layers run (an early exit; every exit must be a layer <= k), and
-    the past and present caches have k layers.
+    the past and present caches have k layers. `buffered`: GroupQueryAttention over in-place KV
+    buffers (decode graphs only).
     """
 
     def __init__(self, model: Any, exits: tuple[Exit, ...], *, kind: str,
-                 contrast: tuple[Exit, Exit, float, int] | None = None, layers: int | None = None) -> None:
+                 contrast: tuple[Exit, Exit, float, int] | None = None, layers: int | None = None,
+                 buffered: bool = False) -> None:
         super().__init__()
         if kind not in (DECODE, SCORE):
             raise ValueError(f"unknown graph kind {kind!r}")
@@ -90,6 +98,8 @@ class ExitGraph(nn.Module):
         self.exits = tuple(e for _, members in self.groups for e in members)
         self.contrast = contrast
         self.layers = layers
+        self.buffered = buffered and kind == DECODE
+        self.rotary = rotary_tables(model) if self.buffered else None  # the op rotates where it can
         self.num_layers = model.num_layers if layers is None else layers  # layers computed (and cached)
         self.needs_hidden = any(not model.uses_original_logits(e) for e in self.exits)
         # A new Module is in training mode, and the exporter restores the mode it found: stay in eval
@@ -102,37 +112,52 @@ class ExitGraph(nn.Module):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)  # (batch, kv_heads, past, head_dim)
         return cache
 
-    def _prepared_hidden(self, exit_: Exit, final: torch.Tensor, hidden_states: Any) -> torch.Tensor:
+    def _prepared_hidden(self, exit_: Exit, final: torch.Tensor, hidden_states: Any,
+                         keep: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """What exit `exit_`'s head multiplies: (batch, [seq,] hidden)."""
         if self.model.uses_original_logits(exit_):
             return final
-        return self.model.exit_hidden(exit_, self._keep(hidden_states[exit_]))
+        return self.model.exit_hidden(exit_, keep(hidden_states[exit_]))
 
-    def _keep(self, hidden: torch.Tensor) -> torch.Tensor:
-        # decode graphs project only the last position: (batch, seq, hidden) -> (batch, hidden)
-        return hidden[:, -1, :] if self.kind == DECODE else hidden
+    def _keeper(self, attention_mask: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The positions a graph projects: a decode graph only each row's last new token
+        ((batch, seq, hidden) -> (batch, hidden)); a score graph every position."""
+        if self.kind != DECODE:
+            return lambda hidden: hidden
+        if self.buffered:  # right-padded chunk: row b's last new token is at min(seq, T_b) - 1
+            return lambda hidden: last_valid(hidden, attention_mask)
+        return lambda hidden: hidden[:, -1, :]  # left-padded: every row ends at the last column
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        cache = self._cache(past) if self.kind == DECODE else None
         body = self.model.base_model
+        keep = self._keeper(attention_mask)
+        if self.buffered:
+            with first_layers(self.model, self.layers), \
+                    group_query_attention(self.model, past, attention_mask, position_ids, self.rotary) as attention:
+                out = body(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                           output_hidden_states=self.needs_hidden, return_dict=True)
+            return tuple(self.project(keep(out.last_hidden_state), out.hidden_states, keep) + attention.present)
+        cache = self._cache(past) if self.kind == DECODE else None
         with first_layers(self.model, self.layers):
             out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        past_key_values=cache, use_cache=self.kind == DECODE,
                        output_hidden_states=self.needs_hidden, return_dict=True)
-        results = self.project(self._keep(out.last_hidden_state), out.hidden_states)
+        results = self.project(keep(out.last_hidden_state), out.hidden_states, keep)
         if self.kind == DECODE:
             results.extend(_flat_present(out.past_key_values, self.num_layers))
         return tuple(results)
 
-    def project(self, final: torch.Tensor, hidden_states: Any) -> list[torch.Tensor]:
+    def project(self, final: torch.Tensor, hidden_states: Any,
+                keep: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
         """[exit logits, (contrast)] from the top's output and every layer's recorded hidden state.
 
-        final: (batch, [seq,] hidden), what the original head multiplies; hidden_states[i]: (batch, seq, hidden)
+        final: (batch, [seq,] hidden), what the original head multiplies; hidden_states[i]: (batch, seq, hidden),
+        of which `keep` takes the positions the graph projects
         """
         stacked = []
         for head, members in self.groups:
-            hidden = torch.stack([self._prepared_hidden(e, final, hidden_states) for e in members],
+            hidden = torch.stack([self._prepared_hidden(e, final, hidden_states, keep) for e in members],
                                  dim=-2)  # (batch, [seq,] n_group, hidden)
             stacked.append(head(hidden.to(head.weight.dtype)))  # (batch, [seq,] n_group, vocab)
         logits = stacked[0] if len(stacked) == 1 else torch.cat(stacked, dim=-2)

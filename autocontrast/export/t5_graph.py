@@ -134,7 +134,8 @@ class T5DecoderGraph(ExitGraph):
             hidden = feed_forward(hidden)
             recorded.append(hidden)
         recorded[-1] = decoder.final_layer_norm(hidden)  # HF records the top layer after the final norm
-        final = self._keep(recorded[-1])  # (batch, [seq,] d_model)
+        keep = self._keeper(attention_mask)
+        final = keep(recorded[-1])  # (batch, [seq,] d_model)
         if self.rescale is not None:  # T5 rescales before its tied head
             final = final * self.rescale
-        return tuple(self.project(final, recorded) + present)
+        return tuple(self.project(final, recorded, keep) + present)

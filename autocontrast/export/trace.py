@@ -1,8 +1,9 @@
 """Trace one graph of a bundle to ONNX with `torch.onnx.export` (TorchScript tracer).
 
-Dynamic axes: batch, sequence, past and total length. The example inputs have a non-empty past
-(tracing an empty one would specialise the concatenations); the graph still takes an empty past
-for a prefill, which validation checks.
+Dynamic axes: batch, sequence, past and total length (a buffered cache: its capacity). The example
+inputs have a non-empty past (tracing an empty one would specialise the concatenations); the graph
+still takes an empty past for a prefill, which validation checks. A `BUFFER_LAYOUT` cache makes the
+graph attend through GroupQueryAttention (`autocontrast.export.attention`).
 
 >>> trace_graph(model, (30, 15), kind="decode", contrast=None, kv=kv, directory=Path("raw"))  # doctest: +SKIP
 """
@@ -17,6 +18,7 @@ import torch
 
 from autocontrast.bundle import (
     ATTENTION_MASK,
+    BUFFER_LAYOUT,
     CONTRAST_OUTPUT,
     DECODE,
     INPUT_IDS,
@@ -26,6 +28,7 @@ from autocontrast.bundle import (
     KVCacheSpec,
 )
 from autocontrast.config import Exit
+from autocontrast.export.attention import CUSTOM_OPSETS
 from autocontrast.export.graph import ExitGraph
 from autocontrast.export.patcher import export_patches
 
@@ -36,14 +39,16 @@ def trace_graph(model: Any, exits: tuple[Exit, ...], *, kind: str, contrast: tup
 
     `kv` is the graph's own cache layout (an early-exit graph of `layers` layers caches that many).
     """
-    graph = ExitGraph(model, exits, kind=kind, contrast=contrast, layers=layers)
+    buffered = kind == DECODE and kv.layout == BUFFER_LAYOUT
+    graph = ExitGraph(model, exits, kind=kind, contrast=contrast, layers=layers, buffered=buffered)
     batch, seq, past = 2, 3, 4
+    capacity = past + seq + 1 if buffered else past  # a buffer holds the past and room for the new tokens
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch, seq))
     mask = torch.ones(batch, past + seq, dtype=torch.int64)
     positions = torch.arange(past, past + seq).expand(batch, seq).contiguous()
     dtype = next(model.parameters()).dtype
-    past_kv = [torch.zeros(batch, kv.num_kv_heads, past, kv.head_dim, dtype=dtype)  # (batch, kv_heads, past, head_dim)
+    past_kv = [torch.zeros(batch, kv.num_kv_heads, capacity, kv.head_dim, dtype=dtype)  # (batch, kv_heads, past, head_dim)
                for _ in range(2 * kv.num_layers)] if kind == DECODE else []
     outputs = [LOGITS_OUTPUT] + ([CONTRAST_OUTPUT] if contrast else [])
     dynamic = {INPUT_IDS: {0: "batch", 1: "sequence"}, ATTENTION_MASK: {0: "batch", 1: "total_length"},
@@ -55,8 +60,9 @@ def trace_graph(model: Any, exits: tuple[Exit, ...], *, kind: str, contrast: tup
         dynamic[ATTENTION_MASK] = {0: "batch", 1: "sequence"}
         dynamic[LOGITS_OUTPUT] = dynamic[CONTRAST_OUTPUT] = {0: "batch", 1: "sequence"}
     else:
-        dynamic.update({n: {0: "batch", 2: "past_length"} for n in kv.past_names()})
-        dynamic.update({n: {0: "batch", 2: "total_length"} for n in kv.present_names()})
+        past_axis, present_axis = ("capacity", "capacity") if buffered else ("past_length", "total_length")
+        dynamic.update({n: {0: "batch", 2: past_axis} for n in kv.past_names()})
+        dynamic.update({n: {0: "batch", 2: present_axis} for n in kv.present_names()})
         outputs += kv.present_names()
     dynamic = {k: v for k, v in dynamic.items() if k in set(TOKEN_INPUTS) | set(kv.past_names()) | set(outputs)}
     directory.mkdir(parents=True, exist_ok=True)
@@ -66,5 +72,6 @@ def trace_graph(model: Any, exits: tuple[Exit, ...], *, kind: str, contrast: tup
         torch.onnx.export(graph, (ids, mask, positions, *past_kv), str(path), dynamo=False,
                           input_names=list(TOKEN_INPUTS) + (kv.past_names() if kind == DECODE else []),
                           output_names=outputs, dynamic_axes=dynamic, opset_version=opset,
-                          do_constant_folding=True, external_data=True)
+                          do_constant_folding=True, external_data=True,
+                          custom_opsets=CUSTOM_OPSETS if buffered else None)
     return path

@@ -22,7 +22,7 @@ import torch
 from autocontrast.bundle import DECODE, GraphSpec, KVCacheSpec
 from autocontrast.errors import ExportValidationError
 from autocontrast.models.contrast import calculate_contrasted_logits
-from autocontrast.runtime.decode_state import DecodeState
+from autocontrast.runtime.decode_state import open_decode_state
 from autocontrast.runtime.session import ExitSession
 
 VALIDATION_TEXT = ("The quick brown fox jumps over the lazy dog, and then it runs into the forest",
@@ -148,8 +148,8 @@ def validate_graphs(model: Any, bundle_dir: Path, graphs: Sequence[GraphSpec], k
 def _validate_decode(model: Any, decode: Sequence[GraphSpec], sessions: dict[str, Any], kv: KVCacheSpec,
                      all_exits: tuple[Any, ...], ids: np.ndarray, mask: np.ndarray, steps: int,
                      report: dict[str, Any]) -> None:
-    """Drive each decode graph through the runtime's `DecodeState` (the one decode loop), teacher-forced."""
-    states = {g.name: DecodeState(sessions[g.name]) for g in decode}
+    """Drive each decode graph through the runtime's decode state (the one decode loop), teacher-forced."""
+    states = {g.name: open_decode_state(sessions[g.name]) for g in decode}
     rows = [list(r[m.astype(bool)]) for r, m in zip(ids, mask, strict=True)]
     pos = positions_for(mask)
     cache = None
@@ -166,9 +166,9 @@ def _validate_decode(model: Any, decode: Sequence[GraphSpec], sessions: dict[str
                 figures[name] = max(figures.get(name, 0.0), max_abs_diff(want, got[name]))
             real = mask.astype(bool)  # (batch, total): pads' cache entries are never attended to
             figures["present.*"] = max([figures.get("present.*", 0.0)]
-                                       + [max_abs_diff(w.transpose(0, 2, 1, 3)[real], h.transpose(0, 2, 1, 3)[real])
+                                       + [max_abs_diff(w.transpose(0, 2, 1, 3)[real], h)  # each row's entries
                                           for w, h in zip(want_present[:2 * state.session.kv.num_layers],
-                                                       state.cache.arrays(), strict=True)])
+                                                       state.entries(), strict=True)])
         # teacher forcing: both sides get PyTorch's greedy token from the first exit
         nxt = by_exit[all_exits[0]].argmax(-1).numpy().astype(np.int64)[:, None]  # (batch, 1)
         ids, pos = nxt, pos[:, -1:] + 1

@@ -99,14 +99,16 @@ def fusions_for(family: Any, optimize: bool | None) -> tuple[str, ...]:
     return family.fusions
 
 
-def apply_variant(paths: dict[str, Path], *, model: Any, options: Any,
-                  log: Callable[[str], None]) -> tuple[dict[str, Path], dict[str, dict[str, int]]]:
+def apply_variant(paths: dict[str, Path], *, model: Any, options: Any, log: Callable[[str], None],
+                  kv: KVCacheSpec | None = None) -> tuple[dict[str, Path], dict[str, dict[str, int]]]:
     """Transform each graph file (the traced ones are left in place).
 
     Returns the new files and, per graph, how many nodes each fusion made ({} when none ran).
+    `kv`: the bundle's cache layout; a float16 cache (`kv.dtype`) makes the past/present float16 too.
     """
     from autocontrast.export.fusions import apply_fusions
 
+    float16_io = kv.past_names() + kv.present_names() if kv is not None and kv.dtype == "float16" else []
     fusions = fusions_for(model.family, options.optimize)
     out: dict[str, Path] = {}
     fused: dict[str, dict[str, int]] = {}
@@ -117,7 +119,7 @@ def apply_variant(paths: dict[str, Path], *, model: Any, options: Any,
             fused[name] = apply_fusions(current, fusions, model=model, target=target)
             current = target
         if options.dtype == "float16":
-            current = to_float16(current, target=path.with_name("fp16.onnx"))
+            current = to_float16(current, target=path.with_name("fp16.onnx"), float16_io=float16_io)
         if options.quantize:
             current = quantize(current, QUANTIZATIONS[options.quantize], target=path.with_name(f"{options.quantize}.onnx"),
                                vocab_size=model.config.vocab_size)
@@ -138,13 +140,16 @@ def _save(model: Any, target: Path) -> Path:
     return target
 
 
-def to_float16(path: Path, *, target: Path) -> Path:
-    """Weights and compute in fp16; inputs/outputs (and the KV cache) stay float32 for the runtime."""
+def to_float16(path: Path, *, target: Path, float16_io: Sequence[str] = ()) -> Path:
+    """Weights and compute in fp16; inputs/outputs stay float32 for the runtime, except those named in
+    `float16_io` (a KV buffer written in place must be in the dtype its attention computes in)."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(path), load_external_data=True)
-    converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    half = set(float16_io)
+    keep = [v.name for v in (*model.graph.input, *model.graph.output) if v.name not in half] if half else True
+    converted = convert_float_to_float16(model, keep_io_types=keep, disable_shape_infer=True)
     return _save(converted, target)
 
 
@@ -201,7 +206,7 @@ def teacher_forced_agreement(model: Any, bundle_dir: Path, graphs: Sequence[Grap
     Uses the graph's fused contrast when it has one (ACD tokens), else its first exit.
     """
     from autocontrast.export.validation import expected_outputs, torch_step
-    from autocontrast.runtime.decode_state import DecodeState
+    from autocontrast.runtime.decode_state import open_decode_state
     from autocontrast.runtime.session import ExitSession
 
     spec = next((g for g in graphs if g.kind == DECODE and g.contrast is not None), None) \
@@ -215,7 +220,7 @@ def teacher_forced_agreement(model: Any, bundle_dir: Path, graphs: Sequence[Grap
         else:
             ids = np.random.default_rng(len(prompt)).integers(0, model.config.vocab_size, (1, 8))
         mask, pos = np.ones_like(ids), np.arange(ids.shape[1], dtype=np.int64)[None]
-        state, cache = DecodeState(session), None
+        state, cache = open_decode_state(session), None
         for step in range(AGREEMENT_STEPS):
             by_exit, cache = torch_step(model, spec.exits, ids, mask, pos, cache)
             want = expected_outputs(spec, by_exit)[pick]

@@ -22,12 +22,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+from autocontrast.bundle import BUFFER_LAYOUT, CONCAT_LAYOUT
 from autocontrast.errors import UnsupportedArchitectureError
 
 if TYPE_CHECKING:
     import torch
 
 FAMILIES: dict[str, type[Family]] = {}
+
+
+def sliding_window(config: Any) -> int | None:
+    """The attention window of a model's layers (None: every layer attends to the whole context)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:  # Qwen2/3 carry an unused window
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
 
 
 class HFModel(NamedTuple):
@@ -70,6 +82,21 @@ class Family:
     # whether an export runs `fusions` without being asked (`--optimize`): only where they were
     # validated against PyTorch and measured to help
     fuses_by_default: ClassVar[bool] = False
+    # decode graphs attend through ORT's GroupQueryAttention over an in-place KV buffer (the
+    # family's attention goes through transformers' attention interface with (batch, heads, seq,
+    # head_dim) rotated queries and keys); False: the traced attention with a concatenated cache
+    group_query_attention: ClassVar[bool] = False
+
+    @classmethod
+    def kv_layout(cls, config: Any) -> str:
+        """The KV cache layout of this model's decode graphs (`autocontrast.bundle.KV_LAYOUTS`).
+
+        A sliding attention window keeps the concatenated cache: GroupQueryAttention's window
+        differs from transformers' by one token, and its CPU kernel's windowed cache is a ring.
+        """
+        if not cls.group_query_attention or sliding_window(config) is not None:
+            return CONCAT_LAYOUT
+        return BUFFER_LAYOUT
 
     @classmethod
     def final_norm(cls, model: Any) -> torch.nn.Module:
@@ -141,6 +168,7 @@ class LlamaFamily(Family):
     name = "llama"
     models = (HFModel("llama", "LlamaForCausalLM", "Llama"), HFModel("mistral", "MistralForCausalLM", "Mistral"),
               HFModel("qwen2", "Qwen2ForCausalLM", "Qwen2"), HFModel("qwen3", "Qwen3ForCausalLM", "Qwen3"))
+    group_query_attention = True
     # ORT's optimizer has no Llama class (its Llama path is the model builder), so the fusions are
     # named one by one (`autocontrast.export.fusions`). Merged q/k/v and gate/up MatMuls: exact, and
     # faster (SmolLM2 int8 3-4 %). ORT's skip-RMSNorm fusion validated too but helped nothing

@@ -9,6 +9,9 @@ Layout: the rows share the cache's columns; row `i` owns the columns where `mask
 that joins is prefilled alone (with the other joiners) and its cache is right-aligned against the
 batch's; a rewound row's dropped columns are masked out, and columns no row uses are trimmed.
 
+`open_decode_state(session)` picks the state for the graph's KV layout: this one for a
+`CONCAT_LAYOUT` graph, `InPlaceDecodeState` for a `BUFFER_LAYOUT` one (GroupQueryAttention).
+
 >>> state = DecodeState(session, pad_token_id=0)  # doctest: +SKIP
 >>> out = state.extend([[1, 2, 3], [4, 5]])       # prefill two rows: exit logits (2, n_exits, vocab)
 >>> out = state.advance(np.array([7, 8]))         # one token per row
@@ -20,8 +23,17 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from autocontrast.bundle import BUFFER_LAYOUT
+from autocontrast.runtime.inplace_state import InPlaceDecodeState
 from autocontrast.runtime.kv_cache import KVCache
 from autocontrast.runtime.session import ExitSession, StepOutput
+
+
+def open_decode_state(session: ExitSession, *, pad_token_id: int = 0) -> DecodeState | InPlaceDecodeState:
+    """The decode state for `session`'s graph: in place over a KV buffer, or a concatenated cache."""
+    if session.kv.layout == BUFFER_LAYOUT:
+        return InPlaceDecodeState(session, pad_token_id=pad_token_id)
+    return DecodeState(session, pad_token_id=pad_token_id)
 
 
 class DecodeState:
@@ -102,6 +114,11 @@ class DecodeState:
             self.cache.rewind_to(last)
             self.mask = np.ascontiguousarray(self.mask[:, :last])
         return True
+
+    def entries(self) -> list[np.ndarray]:
+        """Every row's cached entries, rows one after another: [(sum of lengths, kv_heads, head_dim)] in graph order."""
+        real = self.mask.astype(bool)  # (batch, past)
+        return [a.transpose(0, 2, 1, 3)[real] for a in self.cache.arrays()]
 
 
 def _left_pad(mask: np.ndarray, columns: int) -> np.ndarray:

@@ -77,10 +77,10 @@ class EncoderSession:
 
     def __init__(self, graph_dir: Path, graph: GraphSpec, *, spec: EncoderDecoderSpec, pad_token_id: int = 0,
                  provider: str = "cpu", device_id: int = 0, threads: int | None = None,
-                 trt_options: dict[str, Any] | None = None) -> None:
+                 trt_options: dict[str, Any] | None = None, share_weights: bool = False) -> None:
         self.spec, self.pad_token_id = spec, pad_token_id
         self.session = load_session(graph_dir, graph.file, provider=provider, device_id=device_id,
-                                    threads=threads, trt_options=trt_options)
+                                    threads=threads, trt_options=trt_options, share_weights=share_weights)
         missing = sorted(set(spec.cross_names()) - {o.name for o in self.session.get_outputs()})
         if missing:
             raise BundleError(f"bundle manifest does not match graph {graph.file}: it lacks the outputs "
@@ -101,7 +101,7 @@ class EncoderSession:
 
 
 def open_encoder(bundle_dir: Path, manifest: Manifest, *, provider: str = "cpu", device_id: int = 0,
-                 threads: int | None = None) -> EncoderSession:
+                 threads: int | None = None, share_weights: bool = False) -> EncoderSession:
     """The encoder session of an encoder-decoder bundle, with the bundle's recorded TensorRT options."""
     spec = manifest.encoder_decoder
     if spec is None:
@@ -110,4 +110,5 @@ def open_encoder(bundle_dir: Path, manifest: Manifest, *, provider: str = "cpu",
     trt = (manifest.variant.get("tensorrt") or {}).get("provider_options", {}).get(graph.name)
     return EncoderSession(bundle_dir, graph, spec=spec, pad_token_id=int(manifest.special_tokens.get("pad_token_id")
                                                                           or 0),
-                          provider=provider, device_id=device_id, threads=threads, trt_options=trt)
+                          provider=provider, device_id=device_id, threads=threads, trt_options=trt,
+                          share_weights=share_weights)

@@ -37,9 +37,10 @@ from autocontrast.errors import (
     RuntimeOptionError,
     UnknownExitError,
 )
-from autocontrast.runtime.decode_state import DecodeState
+from autocontrast.runtime.decode_state import DecodeState, open_decode_state
 from autocontrast.runtime.encoder import EncoderSession, open_encoder
 from autocontrast.runtime.encoder_decoder_state import EncoderDecoderState
+from autocontrast.runtime.inplace_state import InPlaceDecodeState
 from autocontrast.runtime.modes import DecodeMode, graph_with_exits, resolve_mode
 from autocontrast.runtime.params import GenerationParams
 from autocontrast.runtime.session import ExitSession, open_session
@@ -74,13 +75,19 @@ class GenerationResult:
 
 
 class Generator:
-    """A loaded bundle. `provider`: 'cpu' (default), 'cuda' or 'tensorrt', never silently swapped."""
+    """A loaded bundle. `provider`: 'cpu' (default), 'cuda' or 'tensorrt', never silently swapped.
+
+    `share_weights=True` (CPU): every graph this Generator opens (and any other Generator on the
+    same bundle in this process) reads one memory map of the weights file, so serving the original
+    head, an exit and ACD holds the weights once, not once per graph; the step is slower (no
+    pre-packed MatMul weights). See `autocontrast.runtime.weights` and the README's figures.
+    """
 
     MAX_THREADS = 1024
 
     def __init__(self, bundle: str | Path, *, provider: str = "cpu", device_id: int = 0,
                  threads: int | None = None, preload: Sequence[MultiExitConfiguration] | None = None,
-                 verify: bool = False) -> None:
+                 verify: bool = False, share_weights: bool = False) -> None:
         if threads is not None and (not isinstance(threads, numbers.Integral) or isinstance(threads, bool)
                                     or not 1 <= threads <= self.MAX_THREADS):
             raise RuntimeOptionError(f"threads ({threads!r}) must be an integer within 1..{self.MAX_THREADS} "
@@ -89,6 +96,7 @@ class Generator:
         self.manifest = read_manifest(self.bundle_dir, verify=verify)  # verify: hash every file first
         self.tokenizer = load_tokenizer(self.bundle_dir)
         self.provider, self.device_id, self.threads = provider, device_id, threads
+        self.share_weights = bool(share_weights)
         self._sessions: dict[str, ExitSession] = {}
         self._encoder: EncoderSession | None = None  # an encoder-decoder bundle's, opened on first use
         self._lock = threading.Lock()
@@ -112,14 +120,14 @@ class Generator:
             if graph.name not in self._sessions:
                 self._sessions[graph.name] = open_session(self.bundle_dir, self.manifest, graph,
                                                           provider=self.provider, device_id=self.device_id,
-                                                          threads=self.threads)
+                                                          threads=self.threads, share_weights=self.share_weights)
             return self._sessions[graph.name]
 
-    def decode_state(self, graph: GraphSpec) -> DecodeState | EncoderDecoderState:
+    def decode_state(self, graph: GraphSpec) -> DecodeState | InPlaceDecodeState | EncoderDecoderState:
         """A new, empty batch state over one decode graph (an encoder-decoder bundle's runs its encoder too)."""
         spec = self.manifest.encoder_decoder
         if spec is None:
-            return DecodeState(self.session(graph), pad_token_id=self.pad_token_id)
+            return open_decode_state(self.session(graph), pad_token_id=self.pad_token_id)
         return EncoderDecoderState(self.encoder_session(), self.session(graph),
                                    start_token_id=spec.decoder_start_token_id, pad_token_id=self.pad_token_id)
 
@@ -128,7 +136,8 @@ class Generator:
         with self._lock:
             if self._encoder is None:
                 self._encoder = open_encoder(self.bundle_dir, self.manifest, provider=self.provider,
-                                             device_id=self.device_id, threads=self.threads)
+                                             device_id=self.device_id, threads=self.threads,
+                                             share_weights=self.share_weights)
             return self._encoder
 
     def mode(self, multi_exit: MultiExitConfiguration | None = None, *, fused: bool = True) -> DecodeMode:

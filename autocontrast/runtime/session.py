@@ -3,6 +3,12 @@
 A session knows nothing about sampling; the stepping engine knows nothing about ONNX Runtime.
 Sessions are safe to share between threads (ORT's `run` is); everything per batch lives in the
 `KVCache` and the IO binding created for that step.
+
+Weights: by default each session loads its own initializers and ORT pre-packs its MatMul weights
+(the fastest step; one copy of the weights per session). `share_weights=True` (CPU) gives every
+session views of one read-only memory map of the bundle's weights file instead, with pre-packing
+off: one copy for all the graphs a Generator opens, at a slower step (`autocontrast.runtime.weights`;
+figures in the README). CUDA and TensorRT sessions always hold their own device copies.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import onnxruntime as ort
 
 from autocontrast.bundle import (
     ATTENTION_MASK,
+    BUFFER_LAYOUT,
     DECODE,
     EXITS_METADATA_KEY,
     INPUT_IDS,
@@ -28,8 +35,16 @@ from autocontrast.bundle import (
     exits_metadata,
 )
 from autocontrast.errors import BundleError, InferenceError
+from autocontrast.runtime.kv_buffer import KVBuffer
 from autocontrast.runtime.kv_cache import KVCache
-from autocontrast.runtime.providers import check_session_providers, output_device, resolve_providers
+from autocontrast.runtime.providers import (
+    CPU,
+    check_session_providers,
+    normalize_provider,
+    output_device,
+    resolve_providers,
+)
+from autocontrast.runtime.weights import shared_initializers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,20 +66,32 @@ class StepOutput:
 
 
 def load_session(graph_dir: Path, file: str, *, provider: str = "cpu", device_id: int = 0, threads: int | None = None,
-                 trt_options: dict[str, Any] | None = None) -> ort.InferenceSession:
+                 trt_options: dict[str, Any] | None = None, share_weights: bool = False) -> ort.InferenceSession:
     """An ONNX Runtime session of one graph file of a bundle, on exactly the provider asked for (never a
-    quiet fallback); TensorRT cache paths in `trt_options` are relative to `graph_dir`."""
+    quiet fallback); TensorRT cache paths in `trt_options` are relative to `graph_dir`.
+
+    `share_weights` (CPU only; other providers ignore it): the session reads its external
+    initializers from the process's one memory map of the weights file, without pre-packing.
+    """
     path = Path(graph_dir) / file
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
     providers = resolve_providers(provider, device_id=device_id, trt_options=trt_options, bundle_dir=Path(graph_dir))
+    shared = None
+    if share_weights and normalize_provider(provider) == CPU:
+        shared = shared_initializers(path)
+        for name, value in shared.values.items():
+            options.add_initializer(name, value)  # used in place (add_external_initializers would copy)
+        if not shared.prepack:  # a pre-packed weight is a copy of the session's own: packing would undo the sharing
+            options.add_session_config_entry("session.disable_prepacking", "1")
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as err:  # ORT raises its own exception types; name the file and the cause
         raise BundleError(f"onnxruntime cannot load {path}: {err}") from None
     check_session_providers(session, provider)
+    session.shared_initializers = shared  # ORT only borrows these buffers: they live as long as the session
     return session
 
 
@@ -76,13 +103,14 @@ class ExitSession:
 
     def __init__(self, graph_dir: Path, graph: GraphSpec, *, kv: KVCacheSpec, vocab_size: int, provider: str = "cpu",
                  device_id: int = 0, threads: int | None = None, trt_options: dict[str, Any] | None = None,
-                 extra_inputs: tuple[str, ...] = ()) -> None:
+                 extra_inputs: tuple[str, ...] = (), share_weights: bool = False) -> None:
         self.graph, self.kv, self.vocab_size, self.provider = graph, kv, vocab_size, provider
+        _check_attention_kernels(graph, kv, provider)
         self.extra_inputs = extra_inputs  # required beyond tokens and past (an encoder-decoder's prompt mask)
         self.session = load_session(graph_dir, graph.file, provider=provider, device_id=device_id,
-                                    threads=threads, trt_options=trt_options)
+                                    threads=threads, trt_options=trt_options, share_weights=share_weights)
         self.device = output_device(provider)
-        self._device_id = device_id
+        self.device_id = device_id
         self.input_names = frozenset(i.name for i in self.session.get_inputs())
         self._check_signature()
 
@@ -113,7 +141,7 @@ class ExitSession:
                               "re-export the bundle (or restore its manifest.json)")
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             cache: KVCache | None, *, extra: dict[str, np.ndarray] | None = None) -> StepOutput:
+             cache: KVCache | KVBuffer | None, *, extra: dict[str, np.ndarray] | None = None) -> StepOutput:
         """One forward. input_ids/position_ids (batch, seq), attention_mask (batch, past+seq), int64.
 
         Decode graphs read `cache` as the past and leave the present in it (on the session's device).
@@ -133,9 +161,7 @@ class ExitSession:
         for name in names:
             binding.bind_output(name, "cpu")  # only what the loop reads comes back to the host
         if cache is not None:
-            cache.bind_inputs(binding)
-            for name in cache.output_names:
-                binding.bind_output(name, self.device, device_id=self._device_id)
+            cache.bind(binding, device=self.device, device_id=self.device_id)
         try:
             self.session.run_with_iobinding(binding)
         except Exception as err:  # ORT's own exception types: name the graph and the inputs' shapes
@@ -148,10 +174,22 @@ class ExitSession:
         return StepOutput(exit_logits=outputs[0].numpy(), contrast=contrast)
 
 
+def _check_attention_kernels(graph: GraphSpec, kv: KVCacheSpec, provider: str) -> None:
+    """GroupQueryAttention (a `BUFFER_LAYOUT` graph) has CPU kernels in float32 and float16 but CUDA
+    kernels in float16 only: refuse a float32 buffer graph on the GPU rather than run it split
+    across devices."""
+    if graph.kind == DECODE and kv.layout == BUFFER_LAYOUT and kv.dtype == "float32" and \
+            normalize_provider(provider) != CPU:
+        raise BundleError(f"graph {graph.name!r} attends through GroupQueryAttention in float32, which "
+                          f"{normalize_provider(provider)} cannot run (its kernels are float16); export the model "
+                          "with --dtype float16 for the GPU, or with --kv-layout concat to keep float32")
+
+
 def open_session(bundle_dir: Path, manifest: Manifest, graph: GraphSpec, *, provider: str = "cpu",
-                 device_id: int = 0, threads: int | None = None) -> ExitSession:
+                 device_id: int = 0, threads: int | None = None, share_weights: bool = False) -> ExitSession:
     """The session of one graph of a bundle, with the bundle's recorded TensorRT options."""
     trt = (manifest.variant.get("tensorrt") or {}).get("provider_options", {}).get(graph.name)
     extra = (manifest.encoder_decoder.encoder_attention_mask,) if manifest.encoder_decoder else ()
     return ExitSession(bundle_dir, graph, kv=manifest.kv_for(graph), vocab_size=manifest.vocab_size, provider=provider,
-                       device_id=device_id, threads=threads, trt_options=trt, extra_inputs=extra)
+                       device_id=device_id, threads=threads, trt_options=trt, extra_inputs=extra,
+                       share_weights=share_weights)

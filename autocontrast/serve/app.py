@@ -74,6 +74,7 @@ class AppSpec:
     config: ServerConfig
     provider: str = "cpu"
     threads: int | None = None
+    share_weights: bool = False  # one memory map of the weights for every graph (CPU; slower steps)
 
 
 def build_app(spec: AppSpec) -> Starlette:
@@ -81,7 +82,8 @@ def build_app(spec: AppSpec) -> Starlette:
 
     >>> app = build_app(AppSpec("/models/smollm2-acd", ServerConfig(model_name="smollm2")))  # doctest: +SKIP
     """
-    generator = Generator(spec.bundle, provider=spec.provider, threads=spec.threads, preload=())
+    generator = Generator(spec.bundle, provider=spec.provider, threads=spec.threads, preload=(),
+                          share_weights=spec.share_weights)
     generator.session(generator.mode(spec.config.default_mode).graph)
     return create_app(generator, spec.config)
 

@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="the model id clients send (default: the bundle directory's name)")
     add_mode_arguments(p)
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    p.add_argument("--share-weights", action="store_true",
+                   help="CPU: every graph (original, exits, contrast) reads one memory map of the weights "
+                        "instead of its own copy; about 1/3 of the memory for three modes, slower steps "
+                        "(see README, Memory)")
     p.add_argument("--provider", default="cpu", help="cpu (default), cuda or tensorrt")
     p.add_argument("--drain-timeout", type=float, default=60.0,
                    help="seconds SIGTERM waits for running requests to finish (default 60)")
@@ -83,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                      temp_dir=args.ray_temp_dir, drain_timeout=args.drain_timeout, banner=banner)
         print("acd-serve: stopped", file=sys.stderr)
         return 0
-    app = build_app(AppSpec(str(Path(args.bundle).resolve()), config, provider=args.provider, threads=args.threads))
+    app = build_app(AppSpec(str(Path(args.bundle).resolve()), config, provider=args.provider, threads=args.threads,
+                            share_weights=args.share_weights))
     print(f"{banner}, on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=args.drain_timeout, access_log=False))
@@ -148,7 +153,8 @@ def _ray_spec(args: argparse.Namespace, config: ServerConfig) -> tuple[AppSpec, 
                          replica_cpus=args.replica_cpus)
     # one replica's onnxruntime uses the CPUs it reserved, not every core of its node
     threads = args.threads if args.threads is not None else max(1, int(args.replica_cpus))
-    return AppSpec(str(Path(args.bundle).resolve()), config, provider=args.provider, threads=threads), scaling
+    return AppSpec(str(Path(args.bundle).resolve()), config, provider=args.provider, threads=threads,
+                   share_weights=args.share_weights), scaling
 
 
 def cli() -> None:

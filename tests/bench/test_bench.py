@@ -8,7 +8,7 @@ import json
 import pytest
 
 from autocontrast.bench.cli import main
-from autocontrast.bench.systems import DEFAULT_SYSTEMS
+from autocontrast.bench.systems import DEFAULT_SYSTEMS, FLOOR
 from autocontrast.config import VocabularyProjectionMode
 from autocontrast.errors import ConfigurationError
 
@@ -33,10 +33,18 @@ def test_json_records_machine_and_every_scenario(results):
     assert [s["name"] for s in data["scenarios"]] == ["p8-n4-b1", "p8-n4-b2"]
 
 
+def _base_name(name: str) -> str:
+    """genai-greedy-fp32 -> genai-greedy: the native peers are one system per model file, named by label."""
+    for peer in ("genai-greedy", "llamacpp-greedy"):
+        if name.startswith(peer):
+            return peer
+    return name
+
+
 def test_every_system_has_figures_or_a_skip_reason(results):
     data, _ = results
     for scenario in data["scenarios"]:
-        assert set(scenario["systems"]) == set(DEFAULT_SYSTEMS)
+        assert {_base_name(name) for name in scenario["systems"]} == set(DEFAULT_SYSTEMS)
         for name, entry in scenario["systems"].items():
             if "skipped" in entry:
                 assert entry["skipped"], name
@@ -53,6 +61,20 @@ def test_our_systems_run_where_only_the_runtime_is_needed(results):
     for scenario in data["scenarios"]:
         for mode in ("original", "exit", "acd-fused", "acd-numpy"):
             assert "figures" in scenario["systems"][f"ours-{mode}"], scenario["systems"][f"ours-{mode}"]
+        assert "figures" in scenario["systems"][FLOOR], scenario["systems"][FLOOR]
+
+
+def test_the_matmul_floor_reads_the_bundles_weight_bytes(tiny_bundle):
+    from autocontrast.bench.floor import MatMulFloorSystem
+    from autocontrast.bundle import read_manifest
+
+    bundle = tiny_bundle("llama", "SHARED_PROJECTION_DIRECT", fuse_contrast=(3, 1))
+    system = MatMulFloorSystem(str(bundle))
+    assert system.skip_reason() is None
+    system.load()
+    weights = sum((bundle / f).stat().st_size for f in read_manifest(bundle).graph("decode_original").external_data)
+    assert 0 <= weights - system.weight_bytes < 4 * read_manifest(bundle).hidden_size  # all but a partial column
+    assert len(system.generate([[1, 2]], 3).step_ends) == 3
 
 
 def test_ratios_are_relative_to_the_baseline(results):
@@ -61,6 +83,19 @@ def test_ratios_are_relative_to_the_baseline(results):
         base = scenario["systems"]["optimum-greedy"]
         if "figures" in base:
             assert base["figures"]["tpot_ratio"] == pytest.approx(1.0)
+
+
+def test_greedy_peers_agree_with_our_greedy_token_for_token(results):
+    data, _ = results
+    assert data["reference"] == "ours-original"
+    for scenario in data["scenarios"]:
+        systems = scenario["systems"]
+        measured = [name for name in ("torch-greedy", "optimum-greedy") if "figures" in systems[name]]
+        if not measured:
+            pytest.skip("neither greedy peer ran (torch/optimum not installed)")
+        for name in measured:
+            figures = systems[name]["figures"]
+            assert (figures["agree_tokens"], figures["agree_of"]) == (4, 4), name
 
 
 def test_chart_is_written(results):
@@ -119,3 +154,37 @@ def test_our_systems_take_the_bundles_fused_contrast_when_none_is_given(mode, ti
     system.load()
     wanted = (fused.upper, fused.lower) if mode == "acd-fused" else (fused.lower,)
     assert system.multi_exit.required_exits == wanted
+
+
+def test_memory_table_measures_each_weights_policy_after_each_mode(llama_bundle, tmp_path, capsys):
+    code = main(["--bundle", str(llama_bundle), "--memory", "--contrast", "3,1", "--exit", "2", "--repeats", "1",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    data = json.loads((tmp_path / "memory.json").read_text())
+    weights = (llama_bundle / "weights.bin").stat().st_size
+    assert data["weight_bytes"] == weights
+    assert set(data["policies"]) == {"own", "shared"}
+    for rows in data["policies"].values():
+        assert [r["mode"] for r in rows] == ["opened", "original", "exit 2", "ACD 3 vs 1"]
+        assert [r["graph"] for r in rows] == ["-", "decode_original", "decode_exits", "decode_exits"]
+        assert all(r["VmRSS"] > 0 and r["RssAnon"] + r["RssFile"] <= r["VmRSS"] + 1 for r in rows)
+    assert "| shared | ACD 3 vs 1 | decode_exits |" in capsys.readouterr().out
+
+
+def test_share_weights_adds_a_shared_twin_of_each_cpu_system(llama_bundle, capsys):
+    main(["--bundle", str(llama_bundle), "--list-systems", "--systems", "ours-original,ours-acd-fused",
+          "--share-weights"])
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["ours-original", "ours-original-shared", "ours-acd-fused", "ours-acd-fused-shared"]
+
+
+def test_optimum_exports_are_cached_per_model_not_per_folder_name(tmp_path):
+    from autocontrast.bench.systems import model_identity
+
+    first, second = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    for folder, layers in ((first, 2), (second, 4)):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"num_hidden_layers": layers}))
+    assert model_identity(first) != model_identity(second)  # same name, another model: another export
+    (second / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
+    assert model_identity(first) == model_identity(second)

@@ -1,4 +1,4 @@
-"""Drive one decode graph of a bundle through the runtime's one decode loop (`DecodeState`), with
+"""Drive one decode graph of a bundle through the runtime's one decode loop (`open_decode_state`), with
 outputs by name, for tests that compare a graph's outputs with PyTorch step by step."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from autocontrast.bundle import read_manifest
-from autocontrast.runtime.decode_state import DecodeState
+from autocontrast.runtime.decode_state import open_decode_state
 from autocontrast.runtime.session import StepOutput, open_session
 
 
@@ -19,7 +19,7 @@ class GraphRunner:
         manifest = read_manifest(bundle)
         self.spec = manifest.graph(graph)
         self.exits = list(self.spec.exits)
-        self.state = DecodeState(open_session(Path(bundle), manifest, self.spec))
+        self.state = open_decode_state(open_session(Path(bundle), manifest, self.spec))
 
     def prefill(self, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         """ids, mask: (batch, seq) left-padded."""

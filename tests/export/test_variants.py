@@ -19,7 +19,7 @@ def _quiet(_message: str) -> None:
     pass
 
 
-def test_float16_bundle_stores_half_precision_weights_and_keeps_float32_io(tiny_checkpoint, tiny_bundle, tmp_path):
+def test_float16_bundle_stores_half_precision_weights_and_float32_logits(tiny_checkpoint, tiny_bundle, tmp_path):
     fp32 = tiny_bundle("llama", DIRECT)
     export_bundle(tiny_checkpoint("llama", DIRECT), tmp_path / "b", options=ExportOptions(dtype="float16"), log=_quiet)
     manifest = read_manifest(tmp_path / "b")
@@ -28,7 +28,16 @@ def test_float16_bundle_stores_half_precision_weights_and_keeps_float32_io(tiny_
     ratio = (tmp_path / "b" / "weights.bin").stat().st_size / (fp32 / "weights.bin").stat().st_size
     assert 0.45 < ratio < 0.6
     graph = onnx.load(str(tmp_path / "b" / "decode_exits.onnx"), load_external_data=False)
-    assert {i.type.tensor_type.elem_type for i in graph.graph.output} == {onnx.TensorProto.FLOAT}
+    kv = set(manifest.kv_cache.past_names() + manifest.kv_cache.present_names())
+    assert {o.type.tensor_type.elem_type for o in graph.graph.output if o.name not in kv} == {onnx.TensorProto.FLOAT}
+    # the KV buffer is float16 like the attention that writes it in place: GroupQueryAttention reads
+    # the graph's past inputs themselves (a Cast in between would be a copy of the whole cache per step)
+    assert manifest.kv_cache.layout == "buffer" and manifest.kv_cache.dtype == "float16"
+    assert {v.type.tensor_type.elem_type for v in (*graph.graph.input, *graph.graph.output)
+            if v.name in kv} == {onnx.TensorProto.FLOAT16}
+    attention = [n for n in graph.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == manifest.num_layers
+    assert all(set(n.input[3:5]) <= kv for n in attention)
 
 
 def test_float16_logits_stay_close_to_float32(tiny_checkpoint, tiny_bundle, tmp_path):

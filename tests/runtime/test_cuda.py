@@ -40,10 +40,11 @@ PROJECTION = VocabularyProjectionMode.SHARED_PROJECTION_DIRECT
 
 
 @pytest.fixture(scope="module")
-def cuda_generator(llama_bundle):
+def cuda_generator(tiny_bundle):
+    """float32 on CUDA: the concatenated cache (GroupQueryAttention's CUDA kernels are float16)."""
     from autocontrast.runtime import Generator
 
-    return Generator(llama_bundle, provider="cuda")
+    return Generator(tiny_bundle("llama", PROJECTION.name, fuse_contrast=CONTRAST, kv_layout="concat"), provider="cuda")
 
 
 def test_cuda_session_runs_on_the_cuda_provider(cuda_generator):
@@ -76,10 +77,8 @@ def _cache_devices(state) -> set[str]:
 
 
 def test_kv_cache_stays_on_the_device_between_steps(cuda_generator):
-    from autocontrast.runtime.decode_state import DecodeState
-
     generator = cuda_generator
-    state = DecodeState(generator.session(generator.mode(MODES["contrast"]).graph), pad_token_id=generator.pad_token_id)
+    state = generator.decode_state(generator.mode(MODES["contrast"]).graph)
     out = state.extend([generator.encode(p) for p in PROMPTS])
     for _ in range(3):
         out = state.advance(out.exit_logits[:, 0].argmax(-1))  # (batch,)
@@ -89,11 +88,22 @@ def test_kv_cache_stays_on_the_device_between_steps(cuda_generator):
 
 
 def test_kv_cache_is_back_on_the_device_one_step_after_a_row_leaves(cuda_generator):
-    from autocontrast.runtime.decode_state import DecodeState
-
     generator = cuda_generator
-    state = DecodeState(generator.session(generator.mode(MODES["original"]).graph), pad_token_id=generator.pad_token_id)
+    state = generator.decode_state(generator.mode(MODES["original"]).graph)
     out = state.extend([generator.encode(p) for p in PROMPTS])
     state.keep([1])  # a row leaves: the cache is cut on the host (one copy) ...
     state.advance(out.exit_logits[1:, 0].argmax(-1))
-    assert _cache_devices(state) == {"cuda"}  # ... and the next step's present is on the device again
+    assert _cache_devices(state) == {"cuda"}  # ... and the next step's cache is on the device again
+
+
+def test_share_weights_leaves_cuda_sessions_on_their_device_copies(llama_bundle, cuda_generator):
+    from autocontrast.runtime import Generator
+
+    shared = Generator(llama_bundle, provider="cuda", share_weights=True)
+    session = shared.session(shared.mode(MODES["original"]).graph)
+    assert session.session.get_providers()[0] == "CUDAExecutionProvider"
+    assert session.session.shared_initializers is None  # device memory: nothing to map
+    for mode in MODES.values():
+        want = cuda_generator.generate(PROMPTS, multi_exit=mode, max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        assert shared.generate(PROMPTS, multi_exit=mode, max_new_tokens=NEW_TOKENS,
+                               ignore_eos=True).token_ids == want.token_ids

@@ -230,3 +230,17 @@ def test_the_server_binds_to_loopback_by_default():
     from autocontrast.serve.cli import _parser
 
     assert _parser().parse_args(["bundle"]).host == "127.0.0.1"
+
+
+def test_a_server_sharing_one_copy_of_the_weights_answers_every_mode_as_the_generator_does(llama_bundle, generator):
+    process = ServerProcess(llama_bundle, "--share-weights")
+    try:
+        shared = openai.OpenAI(base_url=f"{process.base}/v1", api_key="unused", max_retries=0, timeout=120)
+        for fields in (dict(use_original_head=True), dict(use_original_head=False, output_layer_index=2),
+                       dict(use_original_head=False, contrast_layer_indices=list(CONTRAST))):
+            out = shared.completions.create(model=llama_bundle.name, prompt=PROMPTS[5], max_tokens=12, temperature=0,
+                                            extra_body={"multi_exit": fields})
+            config = MultiExitConfiguration(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+            assert out.choices[0].text == _alone(generator, PROMPTS[5], config), fields
+    finally:
+        process.stop()

@@ -1,0 +1,72 @@
+"""The floor a decode step cannot beat on this machine: one ONNX Runtime MatMul that reads as many
+weight bytes as one step of the bundle reads (every weight once: an fp32 step multiplies each
+matrix by one row of activations), timed like a system so it sits in the same table and run.
+
+A step of ours (or any peer's) costs this plus attention, norms and sampling; `--baseline
+ort-matmul-floor` prints every system as a multiple of it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from autocontrast.bench.stats import RunTiming
+
+
+class MatMulFloorSystem:
+    """(batch, K) @ (K, N) float32 with K * N * 4 = the bundle's weight bytes; one run per "token"."""
+
+    def __init__(self, bundle: str, *, threads: int | None = None) -> None:
+        self.bundle, self.threads = Path(bundle), threads
+        self.session: Any = None
+        self.rows = self.weight_bytes = 0
+
+    def skip_reason(self) -> str | None:
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            return "the MatMul floor builds its one-node graph with onnx, which is not installed"
+        if not self.weight_files():
+            return f"{self.bundle} names no external weights file to size the floor by"
+        return None
+
+    def weight_files(self) -> list[Path]:
+        """The weight files the bundle's plain decode graph reads (the fp32 export shares one)."""
+        from autocontrast.bundle import DECODE_ORIGINAL, read_manifest
+
+        return [self.bundle / f for f in read_manifest(self.bundle).graph(DECODE_ORIGINAL).external_data]
+
+    def load(self) -> None:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        from autocontrast.bundle import read_manifest
+
+        weight_bytes = sum(f.stat().st_size for f in self.weight_files())
+        k = read_manifest(self.bundle).hidden_size
+        n = max(1, weight_bytes // (4 * k))
+        weight = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)  # (K, N)
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"])], "floor",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+            initializer=[numpy_helper.from_array(weight, "w")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        self.rows, self.weight_bytes = k, weight.nbytes
+        self.session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
+                                            providers=["CPUExecutionProvider"])
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> RunTiming:
+        x = np.ones((len(prompts), self.rows), dtype=np.float32)  # (batch, K)
+        ends, start = [], time.perf_counter()
+        for _ in range(new_tokens):
+            self.session.run(None, {"x": x})
+            ends.append(time.perf_counter() - start)
+        return RunTiming(step_ends=tuple(ends), batch=len(prompts))

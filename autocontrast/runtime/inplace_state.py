@@ -1,0 +1,102 @@
+"""`InPlaceDecodeState`: `DecodeState`'s interface over a `BUFFER_LAYOUT` decode graph.
+
+The graph attends through GroupQueryAttention and writes the new keys/values into the KV buffer
+in place (`autocontrast.runtime.kv_buffer`). Row `i` holds `lengths[i]` entries in the first
+columns of its buffer row, so rows of different lengths share a batch without padding columns:
+
+- `advance` feeds one token per row; the attention mask is 1 in each row's first length + 1
+  columns and its width is the longest row's, which is how the graph learns every row's length;
+- `extend` prefills joining rows right-padded together into their own buffer, then appends them;
+- `rewind_row` only shortens a row's length: the next step overwrites the forgotten columns;
+- `keep` selects rows (a copy, between steps).
+
+>>> state = InPlaceDecodeState(session, pad_token_id=0)  # doctest: +SKIP
+>>> out = state.extend([[1, 2, 3], [4, 5]])              # exit logits (2, n_exits, vocab)
+>>> out = state.advance(np.array([7, 8]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from autocontrast.runtime.kv_buffer import KVBuffer, capacity_for
+from autocontrast.runtime.session import ExitSession, StepOutput
+
+
+class InPlaceDecodeState:
+    """The batch state of one buffered decode graph. Not thread-safe: one driver at a time."""
+
+    def __init__(self, session: ExitSession, *, pad_token_id: int = 0) -> None:
+        self.session = session
+        self.pad_token_id = pad_token_id
+        self.cache = self._buffer(0, capacity_for(0))
+        self._lengths = np.zeros((0,), dtype=np.int64)  # (batch,): entries in each row's cache
+
+    def _buffer(self, batch: int, capacity: int) -> KVBuffer:
+        return KVBuffer(self.session.kv, batch, capacity, device=self.session.device,
+                        device_id=self.session.device_id)
+
+    @property
+    def batch(self) -> int:
+        return len(self._lengths)
+
+    def lengths(self) -> np.ndarray:
+        """(batch,) tokens in each row's cache."""
+        return self._lengths.copy()
+
+    def extend(self, rows: Sequence[Sequence[int]], *, prompt_lengths: Sequence[int] | None = None) -> StepOutput:
+        """Prefill `rows` (right-padded together) and add them after the batch's rows.
+
+        Returns the new rows' outputs only: (len(rows), n_exits, vocab).
+        """
+        lengths = np.array([len(r) for r in rows], dtype=np.int64)
+        width = int(lengths.max())
+        ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)  # (new, width), right-padded
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = row
+        columns = np.arange(width)
+        mask = (columns[None, :] < lengths[:, None]).astype(np.int64)  # (new, width)
+        positions = np.broadcast_to(columns, ids.shape).copy()  # pads' positions are never cached
+        buffer = self._buffer(len(rows), capacity_for(width + 1))
+        out = self.session.step(ids, mask, positions, buffer)
+        if self.batch == 0:
+            self.cache = buffer
+        else:
+            self.cache.append_rows(buffer)
+        self._lengths = np.concatenate([self._lengths, lengths])
+        return out
+
+    def advance(self, tokens: np.ndarray) -> StepOutput:
+        """Feed one token per row: tokens (batch,) int. Returns (batch, n_exits, vocab) outputs."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(self.batch, 1)  # (batch, 1)
+        after = self._lengths + 1
+        width = int(after.max())
+        self.cache.reserve(width)
+        mask = (np.arange(width)[None, :] < after[:, None]).astype(np.int64)  # (batch, width)
+        out = self.session.step(tokens, mask, self._lengths[:, None].copy(), self.cache)
+        self._lengths = after
+        return out
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only `rows` (indices into the batch, in that order)."""
+        index = np.asarray(rows, dtype=np.int64)
+        self.cache.select(index)
+        self._lengths = self._lengths[index]
+
+    def rewind_row(self, row: int, length: int) -> bool:
+        """Keep the first `length` cache entries of `row` (its next token goes at position `length`).
+
+        Returns True: the buffer is untouched, the next step overwrites the forgotten columns.
+        """
+        have = int(self._lengths[row])
+        if not 0 <= length <= have:
+            raise ValueError(f"cannot rewind a row of {have} cached tokens to {length}")
+        self._lengths[row] = length
+        return True
+
+    def entries(self) -> list[np.ndarray]:
+        """Every row's cached entries, rows one after another: [(sum of lengths, kv_heads, head_dim)] in graph order."""
+        return [np.concatenate([a[i, :, :n].transpose(1, 0, 2) for i, n in enumerate(self._lengths)])
+                for a in self.cache.arrays()]
