@@ -438,9 +438,12 @@ def summary(result: ExportResult) -> str:
         fused = f", contrast {g.contrast.upper} vs {g.contrast.lower}" if g.contrast else ""
         early = f", layers 1..{g.layers} only" if g.layers else ""
         lines.append(f"  {g.file}: {g.kind}, exits {', '.join(map(str, g.exits))}{fused}{early}; max |diff| {worst}")
-    fused = {k: v for g in m.variant.get("fusions", {}).values() for k, v in g.items()}
+    fused: dict[str, int] = {}
+    for counts in m.variant.get("fusions", {}).values():
+        for name, made in counts.items():
+            fused[name] = fused.get(name, 0) + made
     if fused:
-        lines.append("  graph fusions: " + ", ".join(fused))
+        lines.append("  graph fusions (nodes made, all graphs): " + ", ".join(f"{k} {v}" for k, v in fused.items()))
     if "agreement" in m.variant:
         a = m.variant["agreement"]
         lines.append(f"  teacher-forced agreement with fp32: {a['agreed']}/{a['steps']} = {a['rate']:.1%}")
