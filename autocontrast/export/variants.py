@@ -15,7 +15,7 @@ copy), so a step never reads the fp32 embedding matrix; the embedding itself sta
 reads one row per token. Blocks of 32 along K, as onnxruntime-genai ships (blocks of 16 read twice
 the scale bytes for the same agreement on SmolLM2), round to nearest, symmetric. int8: every MatMul
 at 8 bits. int4 (edge devices): the layers' MLPs at 4 bits; the heads and the attention projections
-at 8 bits, which lifted teacher-forced agreement on SmolLM2 from 55 % to 72 % for ~6 % more CPU time
+at 8 bits, which lifted teacher-forced agreement on SmolLM2 from 55 % to 70-72 % for ~6 % more CPU time
 per step (what was tried, measured: README "Quantization").
 
 >>> paths = apply_variant({"decode_original": Path("raw/decode_original/model.onnx")},
