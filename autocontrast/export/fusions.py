@@ -36,10 +36,12 @@ from onnx import helper, numpy_helper
 from autocontrast.errors import ExportError
 
 
-def fuse_shared_input_matmuls(model: onnx.ModelProto) -> int:
+def fuse_shared_input_matmuls(model: onnx.ModelProto, *, vocab_size: int | None = None) -> int:
     """Merge MatMuls that share their input and have constant 2-D weights of one K; returns the merges.
 
-    A weight read by any other node is left alone (merging would copy it).
+    A weight read by any other node is left alone (merging would copy it), and so is a projection
+    to the vocabulary (`vocab_size` columns): exits' heads are stacked differently by each graph of
+    a bundle, so a merged head would be stored beside the unmerged one in the shared weights file.
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -50,7 +52,7 @@ def fuse_shared_input_matmuls(model: onnx.ModelProto) -> int:
     groups: dict[tuple[str, int, int], list[onnx.NodeProto]] = {}  # (input, K, dtype) -> MatMuls
     for node in graph.node:
         weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if weight is None or len(weight.dims) != 2 or readers[node.input[1]] != 1:
+        if weight is None or len(weight.dims) != 2 or readers[node.input[1]] != 1 or weight.dims[1] == vocab_size:
             continue
         groups.setdefault((node.input[0], weight.dims[0], weight.data_type), []).append(node)
     merged = 0
@@ -114,7 +116,7 @@ def _gpt2_optimizer(proto: onnx.ModelProto, model: Any) -> int:
 
 
 FUSIONS: dict[str, Callable[[onnx.ModelProto, Any], int]] = {
-    "shared_input_matmuls": lambda proto, model: fuse_shared_input_matmuls(proto),
+    "shared_input_matmuls": lambda proto, model: fuse_shared_input_matmuls(proto, vocab_size=model.config.vocab_size),
     "simplified_layer_norm": _ort_fusion("FusionSimplifiedLayerNormalization", "SimplifiedLayerNormalization"),
     "skip_simplified_layer_norm": _ort_fusion("FusionSkipSimplifiedLayerNormalization",
                                               "SkipSimplifiedLayerNormalization"),

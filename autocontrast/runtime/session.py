@@ -105,7 +105,8 @@ class ExitSession:
                  device_id: int = 0, threads: int | None = None, trt_options: dict[str, Any] | None = None,
                  extra_inputs: tuple[str, ...] = (), share_weights: bool = False) -> None:
         self.graph, self.kv, self.vocab_size, self.provider = graph, kv, vocab_size, provider
-        _check_attention_kernels(graph, kv, provider)
+        resolve_providers(provider, device_id=device_id)  # a provider this machine lacks is said first
+        check_attention_kernels(graph, kv, provider)
         self.extra_inputs = extra_inputs  # required beyond tokens and past (an encoder-decoder's prompt mask)
         self.session = load_session(graph_dir, graph.file, provider=provider, device_id=device_id,
                                     threads=threads, trt_options=trt_options, share_weights=share_weights)
@@ -174,7 +175,7 @@ class ExitSession:
         return StepOutput(exit_logits=outputs[0].numpy(), contrast=contrast)
 
 
-def _check_attention_kernels(graph: GraphSpec, kv: KVCacheSpec, provider: str) -> None:
+def check_attention_kernels(graph: GraphSpec, kv: KVCacheSpec, provider: str) -> None:
     """GroupQueryAttention (a `BUFFER_LAYOUT` graph) has CPU kernels in float32 and float16 but CUDA
     kernels in float16 only: refuse a float32 buffer graph on the GPU rather than run it split
     across devices."""

@@ -3,6 +3,8 @@ capacity growth, each step compared with the PyTorch model run on the row's whol
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -111,11 +113,14 @@ def test_rewinding_beyond_the_row_is_refused(state):
         state.rewind_row(0, 4)
 
 
-def test_a_float32_buffer_graph_is_refused_on_the_gpu_with_what_to_do(llama_bundle):
+@pytest.mark.parametrize("provider", ["cuda", "tensorrt"])
+def test_a_float32_buffer_graph_is_refused_on_the_gpu_with_what_to_do(llama_bundle, provider):
     from autocontrast.errors import BundleError
-    from autocontrast.runtime.session import ExitSession
+    from autocontrast.runtime.session import check_attention_kernels
 
     manifest = read_manifest(llama_bundle)
+    graph = manifest.graph("decode_exits")
     with pytest.raises(BundleError, match="--dtype float16 for the GPU, or with --kv-layout concat"):
-        ExitSession(llama_bundle, manifest.graph("decode_exits"), kv=manifest.kv_cache,
-                    vocab_size=manifest.vocab_size, provider="cuda")
+        check_attention_kernels(graph, manifest.kv_cache, provider)
+    check_attention_kernels(graph, manifest.kv_cache, "cpu")  # float32 GroupQueryAttention runs on CPUs
+    check_attention_kernels(graph, dataclasses.replace(manifest.kv_cache, dtype="float16"), provider)
