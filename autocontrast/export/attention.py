@@ -151,8 +151,7 @@ def _attention_function(module: Any, query: torch.Tensor, key: torch.Tensor, val
 def sequence_lengths(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`seqlens_k` (batch,) int32 and `total_sequence_length` () int32 from a left-aligned 2-D mask."""
     seqlens_k = (attention_mask.sum(dim=1) - 1).to(torch.int32)
-    total = torch.tensor(attention_mask.shape[1]).to(torch.int32) if not torch.jit.is_tracing() \
-        else torch._shape_as_tensor(attention_mask)[1].to(torch.int32)
+    total = torch._shape_as_tensor(attention_mask)[1].to(torch.int32)  # a graph value, not a traced constant
     return seqlens_k, total
 
 
@@ -188,7 +187,7 @@ def last_valid(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tens
 
     Row b's new tokens are its first min(seq, T_b), T_b = ones in its mask row.
     """
-    seq = torch._shape_as_tensor(hidden)[1] if torch.jit.is_tracing() else torch.tensor(hidden.shape[1])
+    seq = torch._shape_as_tensor(hidden)[1]  # a graph value, not a traced constant
     index = torch.minimum(attention_mask.sum(dim=1), seq) - 1  # (batch,)
     index = index.view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])
     return hidden.gather(1, index).squeeze(1)
