@@ -374,6 +374,12 @@ def write_manifest(bundle_dir: str | Path, manifest: Manifest) -> Manifest:
     return manifest
 
 
+def weight_bytes(bundle_dir: str | Path) -> int:
+    """Bytes of a bundle's external weight files, each counted once (the graphs share them)."""
+    files = {name for g in read_manifest(bundle_dir).graphs for name in g.external_data}
+    return sum((Path(bundle_dir) / name).stat().st_size for name in files)
+
+
 def read_manifest(bundle_dir: str | Path, *, verify: bool = False) -> Manifest:
     """Read and check a bundle's manifest: format, version, and that every named file exists.
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from autocontrast.bench.stats import RunTiming
+from autocontrast.bundle import weight_bytes
 
 
 class MatMulFloorSystem:
@@ -30,15 +31,9 @@ class MatMulFloorSystem:
             import onnx  # noqa: F401
         except ImportError:
             return "the MatMul floor builds its one-node graph with onnx, which is not installed"
-        if not self.weight_files():
+        if not weight_bytes(self.bundle):
             return f"{self.bundle} names no external weights file to size the floor by"
         return None
-
-    def weight_files(self) -> list[Path]:
-        """The weight files the bundle's plain decode graph reads (the fp32 export shares one)."""
-        from autocontrast.bundle import DECODE_ORIGINAL, read_manifest
-
-        return [self.bundle / f for f in read_manifest(self.bundle).graph(DECODE_ORIGINAL).external_data]
 
     def load(self) -> None:
         import onnxruntime as ort
@@ -46,9 +41,8 @@ class MatMulFloorSystem:
 
         from autocontrast.bundle import read_manifest
 
-        weight_bytes = sum(f.stat().st_size for f in self.weight_files())
         k = read_manifest(self.bundle).hidden_size
-        n = max(1, weight_bytes // (4 * k))
+        n = max(1, weight_bytes(self.bundle) // (4 * k))
         weight = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)  # (K, N)
         graph = helper.make_graph(
             [helper.make_node("MatMul", ["x", "w"], ["y"])], "floor",

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from autocontrast.bundle import weight_bytes
 from autocontrast.errors import DataError
 
 POLICIES = {"own": False, "shared": True}  # name -> Generator(share_weights=...)
@@ -44,14 +45,6 @@ def process_memory() -> dict[str, float]:
     except OSError as err:
         raise DataError(f"--memory reads /proc (Linux): {err}") from None
     return found
-
-
-def weight_bytes(bundle: Path) -> int:
-    """Bytes of the bundle's external weight files (each counted once)."""
-    from autocontrast.bundle import read_manifest
-
-    files = {name for g in read_manifest(bundle).graphs for name in g.external_data}
-    return sum((bundle / name).stat().st_size for name in files)
 
 
 def measure(bundle: str, share: bool, modes: list[tuple[str, Any]], new_tokens: int) -> list[dict[str, Any]]:
@@ -92,10 +85,10 @@ def _in_fresh_process(*args: Any, timeout: float) -> list[dict[str, Any]]:
 
 def modes_of(bundle: Path, contrast: tuple[Any, ...] | None, exit_: Any) -> list[tuple[str, Any]]:
     """(label, configuration) of the original head, one exit and ACD (default: the bundle's fused contrast)."""
-    from autocontrast.bench.systems import _bundle_contrast
+    from autocontrast.bench.systems import bundle_contrast
     from autocontrast.config import MultiExitConfiguration
 
-    upper, lower = contrast or _bundle_contrast(bundle)
+    upper, lower = contrast or bundle_contrast(bundle)
     exit_ = lower if exit_ is None else exit_
     return [("original", MultiExitConfiguration()),
             (f"exit {exit_}", MultiExitConfiguration(use_original_head=False, output_layer_index=exit_)),
@@ -119,15 +112,15 @@ def table(results: dict[str, Any]) -> str:
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     """The `--memory` table of `acd-bench` (its --bundle, --contrast, --exit, --out, --timeout, --repeats)."""
     from autocontrast.bench import machine
-    from autocontrast.bench.systems import _exits
+    from autocontrast.bench.systems import exits_option
 
     bundle = Path(args.bundle)
     if not (bundle / "manifest.json").is_file():
         raise DataError(f"{bundle} has no manifest.json; is it an export bundle?")
-    contrast = _exits(args.contrast) if args.contrast else None
+    contrast = exits_option(args.contrast) if args.contrast else None
     if contrast is not None and len(contrast) != 2:
         raise DataError(f"--contrast needs UPPER,LOWER, got {args.contrast!r}")
-    modes = modes_of(bundle, contrast, _exits(args.exit_)[0] if args.exit_ else None)
+    modes = modes_of(bundle, contrast, exits_option(args.exit_)[0] if args.exit_ else None)
     results: dict[str, Any] = {
         "command": "acd-bench " + " ".join(argv), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "machine": machine.describe(), "bundle": str(bundle), "weight_bytes": weight_bytes(bundle),

@@ -27,13 +27,13 @@ class SystemSpec:
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _exits(text: str) -> tuple[Any, ...]:
+def exits_option(text: str) -> tuple[Any, ...]:
     from autocontrast.config import parse_exits
 
     return tuple(parse_exits(text) or ())
 
 
-def _bundle_contrast(bundle: Any) -> tuple[Any, ...]:
+def bundle_contrast(bundle: Any) -> tuple[Any, ...]:
     """The contrast the bundle fuses: a generic tool takes its exits from the bundle, never a model's numbers."""
     from autocontrast.bundle import read_manifest
 
@@ -148,10 +148,10 @@ def system_specs(args: argparse.Namespace) -> list[SystemSpec]:
     if unknown:
         raise ConfigurationError(f"unknown system(s) {unknown}; known: {', '.join(DEFAULT_SYSTEMS)}")
     # None: the bundle's fused contrast and its lower exit, read where the bundle is opened
-    contrast = _exits(args.contrast) if args.contrast else None
+    contrast = exits_option(args.contrast) if args.contrast else None
     if contrast is not None and len(contrast) != 2:
         raise ConfigurationError(f"--contrast needs UPPER,LOWER, got {args.contrast!r}")
-    exit_ = _exits(args.exit_)[0] if args.exit_ else None
+    exit_ = exits_option(args.exit_)[0] if args.exit_ else None
     providers = requested_providers(args.providers)
     threads = bench_threads(args.threads)
     bundles = [("fp32", args.bundle), ("int8", args.int8_bundle), ("int4", args.int4_bundle),
@@ -175,7 +175,7 @@ def system_specs(args: argparse.Namespace) -> list[SystemSpec]:
     model = str(args.model) if args.model else ""
     if "torch-acd" in wanted:
         specs.append(SystemSpec("torch-acd", "torch-acd", {
-            "model": model, "contrast": contrast or _bundle_contrast(args.bundle), "threads": threads}))
+            "model": model, "contrast": contrast or bundle_contrast(args.bundle), "threads": threads}))
     if "torch-greedy" in wanted:
         specs.append(SystemSpec("torch-greedy", "torch", {"model": model, "threads": threads}))
     if "optimum-greedy" in wanted:
