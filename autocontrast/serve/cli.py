@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from autocontrast.cli_support import run_cli
 from autocontrast.errors import ConfigurationError
+from autocontrast.serve.address import listening_socket
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                      temp_dir=args.ray_temp_dir, drain_timeout=args.drain_timeout, banner=banner)
         print("acd-serve: stopped", file=sys.stderr)
         return 0
+    listener = listening_socket(args.host, args.port)  # a taken port fails now, before the model loads
     app = build_app(AppSpec(str(Path(args.bundle).resolve()), config, provider=args.provider, threads=args.threads,
                             share_weights=args.share_weights))
     print(f"{banner}, on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     # uvicorn handles SIGINT/SIGTERM (stop accepting, let running requests finish, stop the
     # scheduler), then re-raises the signal to the handler it found: make SIGTERM's a quiet exit 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    server.run()
+    server.run(sockets=[listener])
     print("acd-serve: stopped", file=sys.stderr)
     return 0
 

@@ -22,6 +22,7 @@ import threading
 from typing import Any
 
 from autocontrast.errors import ClusterError, ConfigurationError
+from autocontrast.serve.address import listening_socket
 from autocontrast.serve.app import AppSpec, build_app
 
 log = logging.getLogger("autocontrast.serve")
@@ -140,6 +141,8 @@ def serve_on_ray(spec: AppSpec, scaling: RayScaling, *, host: str, port: int, ad
     serving HTTP on host:port until SIGINT or SIGTERM; then remove them (and the local cluster)."""
     ray, serve = _import_ray()
     local = address is None
+    if local:  # the proxy binds host:port on this machine: a taken port fails now, not after Ray started
+        listening_socket(host, port).close()
     try:
         if local:  # a cluster of our own, gone with ray.shutdown(); never an existing one by accident
             ray.init(address="local", include_dashboard=False, _temp_dir=temp_dir)
@@ -150,7 +153,10 @@ def serve_on_ray(spec: AppSpec, scaling: RayScaling, *, host: str, port: int, ad
                            f": {err}") from None
     try:
         _check_fits(ray, scaling, local=local)
-        serve.start(http_options={"host": host, "port": port})
+        try:
+            serve.start(http_options={"host": host, "port": port})
+        except RuntimeError as err:  # the proxy could not bind host:port (taken since acd-serve checked it)
+            raise ClusterError(f"Ray Serve could not serve HTTP on {host}:{port}: {_cause(err)}") from None
         try:
             serve.run(application(spec, scaling, drain_timeout=drain_timeout), name=APP_NAME, route_prefix="/")
         except RuntimeError as err:  # Serve gave up starting the replicas (their logs say why)
@@ -173,6 +179,12 @@ def _import_ray() -> tuple[Any, Any]:
         raise ConfigurationError(f"--ray needs the cluster extra ({err.name} is missing): "
                                  "pip install 'autocontrast[cluster]'") from None
     return ray, serve
+
+
+def _cause(err: BaseException) -> str:
+    """The last line of a (possibly remote) error: Ray's own wrap a whole remote traceback."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(err).__name__
 
 
 def _check_fits(ray: Any, scaling: RayScaling, *, local: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -17,9 +18,22 @@ API_KEY = "test-key-123"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port that nothing else started by a test will be handed: below the kernel's
+    ephemeral range (which port 0 and Ray's own random ports draw from) and above Ray's worker ports
+    (10002..19999). A port from port 0 was once taken by a Ray process before Serve's proxy bound it."""
+    low = 32768
+    with contextlib.suppress(OSError, ValueError):
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii").read().split()[0])
+    candidates = list(range(20000, low))
+    random.shuffle(candidates)
+    for port in [*candidates[:200], 0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free loopback port")
 
 
 class ServerProcess:

@@ -4,8 +4,10 @@ flag mistakes (exit 2), and that nothing but the --ray path imports Ray."""
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from starlette.applications import Starlette
@@ -89,3 +91,22 @@ def test_the_plain_server_and_the_replica_module_do_not_import_ray():
             "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("ray", [False, True])
+def test_a_taken_port_exits_2_naming_it_before_any_model_or_cluster_starts(llama_bundle, ray, capsys):
+    if ray:
+        pytest.importorskip("ray.serve")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        assert run_cli(main, [str(llama_bundle), "--port", str(port), *(["--ray"] if ray else [])]) == USAGE_ERROR
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert time.monotonic() - started < 10  # neither the model nor a Ray cluster was started
+
+
+def test_an_unknown_host_exits_2(llama_bundle, capsys):
+    assert run_cli(main, [str(llama_bundle), "--host", "no-such-host.invalid"]) == USAGE_ERROR
+    assert "is not an address of this machine" in capsys.readouterr().err
