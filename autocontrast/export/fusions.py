@@ -12,6 +12,15 @@ attention alike.
   and a quantized MatMulNBits graph gets 151 nodes instead of 211 for SmolLM2, as onnxruntime-genai
   ships it. Weight-only block quantization runs along K, per output column, so fusing before
   quantizing quantizes every weight exactly as before.
+- `static_reshapes` (ours): the traced graph computes every Reshape's target shape at run time
+  (`Shape -> Gather -> Unsqueeze -> Concat`, ~20 small kernels per layer of a Llama decode graph,
+  which ONNX Runtime cannot fold: batch and sequence are dynamic). Symbolic shape inference names
+  every dimension; a Reshape of a Reshape reads the first one's input, a Reshape to the shape it
+  already has goes, and any other whose target is known becomes a constant (`0` keeps a dimension,
+  `-1` infers at most one); the shape arithmetic left unread is removed. Data are not touched.
+- `packed_qkv` (ours, after the two above): a `GroupQueryAttention` that reads the three parts of
+  one Split (the merged q/k/v MatMul) reads the MatMul's output whole, as the op's packed-QKV
+  form, and the Split goes.
 - `skip_simplified_layer_norm`, `simplified_layer_norm`, `rotary_embedding`: ONNX Runtime's own
   fusion classes (`onnxruntime.transformers`), run one by one on our graph.
 - `gpt2_optimizer`: ONNX Runtime's whole GPT-2 optimizer (LayerNorm, Gelu, skip-LayerNorm, GPT-2
@@ -82,6 +91,128 @@ def _merge(graph: onnx.GraphProto, members: list[onnx.NodeProto], weights: list[
     graph.initializer.extend([combined, sizes])
 
 
+def simplify_reshapes(model: onnx.ModelProto) -> int:
+    """Reshapes whose target shape symbolic shape inference resolves lose their run-time shape
+    arithmetic (see the module's `static_reshapes`); returns how many Reshapes changed or went."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    graph = model.graph
+    # auto_merge off: no dimension is assumed equal to another to make inference go through
+    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False, guess_output_rank=False)
+    shapes = {v.name: _dims(v) for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    producer = {out: node for node in graph.node for out in node.output}
+    graph_outputs = {o.name for o in graph.output}
+    renamed: dict[str, str] = {}  # a removed Reshape's output -> the tensor that replaces it
+    constants: dict[tuple[int, ...], str] = {}
+    changed = 0
+    for node in list(graph.node):
+        if node.op_type != "Reshape" or any(a.name == "allowzero" and a.i for a in node.attribute):
+            continue
+        node.input[0] = renamed.get(node.input[0], node.input[0])
+        inner = producer.get(node.input[0])
+        if inner is not None and inner.op_type == "Reshape":  # only the last target shape matters
+            node.input[0], changed = inner.input[0], changed + 1
+        source, target = shapes.get(node.input[0]), shapes.get(node.output[0])
+        if source is None or target is None or any(d is None for d in source + target):
+            continue
+        if source == target and node.output[0] not in graph_outputs:
+            renamed[node.output[0]] = node.input[0]
+            graph.node.remove(node)
+            changed += 1
+            continue
+        static = _static_shape(source, target)
+        if static is not None:
+            if static not in constants:
+                constants[static] = f"static_reshapes/shape_{len(constants)}"
+                graph.initializer.append(numpy_helper.from_array(np.array(static, np.int64), constants[static]))
+            node.input[1], changed = constants[static], changed + 1
+    _rename_inputs(graph, renamed)
+    _prune(graph)
+    return changed
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str | None] | None:
+    kind = value.type.tensor_type
+    if not kind.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in kind.shape.dim]
+
+
+def _static_shape(source: list[int | str], target: list[int | str]) -> tuple[int, ...] | None:
+    """Reshape's constant target for `target` from `source`: a named dimension kept in place is `0`,
+    a number is itself, and one other named dimension is `-1`; None if that cannot say it."""
+    static: list[int] = []
+    for i, dim in enumerate(target):
+        if isinstance(dim, int):
+            if dim == 0:
+                return None  # a 0 would mean "keep" here
+            static.append(dim)
+        elif i < len(source) and source[i] == dim:
+            static.append(0)
+        else:
+            static.append(-1)
+    return tuple(static) if static.count(-1) <= 1 else None
+
+
+def pack_qkv(model: onnx.ModelProto) -> int:
+    """`GroupQueryAttention` reading q, k, v as the three outputs of one last-axis Split reads the
+    Split's input as packed QKV instead; returns how many nodes now do."""
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    packed = 0
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention" or len(node.input) < 3:
+            continue
+        split = producer.get(node.input[0])
+        if (split is None or split.op_type != "Split" or list(split.output) != list(node.input[:3])
+                or any(readers[name] != 1 for name in split.output)
+                or not any(a.name == "axis" and a.i in (-1, 2) for a in split.attribute)):
+            continue
+        node.input[:3] = [split.input[0], "", ""]
+        graph.node.remove(split)
+        packed += 1
+    _prune(graph)
+    return packed
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Remove nodes whose outputs nothing reads (back to front), then initializers nothing reads."""
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(_reads(node))
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    unused = [t for t in graph.initializer if t.name not in needed]
+    for t in unused:
+        graph.initializer.remove(t)
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """What a node reads: its inputs, and the outer names its subgraphs (an If's branches) read."""
+    names = set(node.input)
+    for attribute in node.attribute:
+        for sub in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)):
+            for inner in sub.node:
+                names |= _reads(inner)
+    return names
+
+
+def _rename_inputs(graph: onnx.GraphProto, renamed: dict[str, str]) -> None:
+    """Every reader of a renamed tensor, subgraphs included, reads its replacement."""
+    for node in graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)):
+                _rename_inputs(sub, renamed)
+
+
 def _ort_fusion(class_name: str, op_type: str) -> Callable[[onnx.ModelProto, Any], int]:
     """One of ONNX Runtime's fusion classes as a pass: run it, count the `op_type` nodes it added."""
 
@@ -117,6 +248,8 @@ def _gpt2_optimizer(proto: onnx.ModelProto, model: Any) -> int:
 
 FUSIONS: dict[str, Callable[[onnx.ModelProto, Any], int]] = {
     "shared_input_matmuls": lambda proto, model: fuse_shared_input_matmuls(proto, vocab_size=model.config.vocab_size),
+    "static_reshapes": lambda proto, model: simplify_reshapes(proto),
+    "packed_qkv": lambda proto, model: pack_qkv(proto),
     "simplified_layer_norm": _ort_fusion("FusionSimplifiedLayerNormalization", "SimplifiedLayerNormalization"),
     "skip_simplified_layer_norm": _ort_fusion("FusionSkipSimplifiedLayerNormalization",
                                               "SkipSimplifiedLayerNormalization"),

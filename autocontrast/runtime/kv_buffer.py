@@ -47,11 +47,18 @@ class KVBuffer:
     def capacity(self) -> int:
         return int(self._values[0].shape()[2])
 
-    def bind(self, binding: ort.IOBinding, *, device: str, device_id: int = 0) -> None:
-        """Bind each buffer as the past input and as the present output: the step writes in place."""
-        for past, present, value in zip(self.input_names, self.output_names, self._values, strict=True):
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
+    def binding(self, session: ort.InferenceSession, *, device: str, device_id: int = 0) -> ort.IOBinding:
+        """`session`'s IO binding with each buffer bound as the past input and as the present output
+        (the step writes in place), presents first. Kept from step to step until the buffers are
+        reallocated: a step then binds only its token inputs and its logits (120 binds fewer per
+        step for a 30-layer model)."""
+        if self._binding is None or self._binding[0] is not session:
+            binding = session.io_binding()
+            for past, present, value in zip(self.input_names, self.output_names, self._values, strict=True):
+                binding.bind_ortvalue_output(present, value)
+                binding.bind_ortvalue_input(past, value)
+            self._binding = (session, binding)
+        return self._binding[1]
 
     def update(self, present: list[ort.OrtValue], new_tokens: int) -> None:
         """Nothing to take: the presents are the buffers themselves."""
@@ -86,6 +93,7 @@ class KVBuffer:
     def _set(self, arrays: list[np.ndarray]) -> None:
         self._host = [np.ascontiguousarray(a) for a in arrays]  # on CPU the OrtValues share these arrays
         self._values = [ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id) for a in self._host]
+        self._binding: tuple[ort.InferenceSession, ort.IOBinding] | None = None  # bound to the old buffers
         if self.device != "cpu":
             self._host = []  # the device holds its own copy
 

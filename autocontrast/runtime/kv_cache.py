@@ -37,15 +37,18 @@ class KVCache:
         self.input_names = spec.past_names()
         self.output_names = spec.present_names()
 
-    def bind(self, binding: ort.IOBinding, *, device: str, device_id: int = 0) -> None:
-        """Bind the past as inputs and let ORT allocate the presents on `device`."""
+    def binding(self, session: ort.InferenceSession, *, device: str, device_id: int = 0) -> ort.IOBinding:
+        """A new IO binding of `session` with the past bound as inputs and the presents (first) left
+        for ORT to allocate on `device`."""
+        binding = session.io_binding()
+        for name in self.output_names:
+            binding.bind_output(name, device, device_id=device_id)
         for name, value in zip(self.input_names, self._values, strict=True):
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, value)
             else:
                 binding.bind_ortvalue_input(name, value)
-        for name in self.output_names:
-            binding.bind_output(name, device, device_id=device_id)
+        return binding
 
     def update(self, present: list[ort.OrtValue], new_tokens: int) -> None:
         """Take the step's present outputs (graph order) as the next past."""

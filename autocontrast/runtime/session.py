@@ -149,7 +149,10 @@ class ExitSession:
         `extra`: more inputs by name (an encoder-decoder's cross-attention KV); those the graph does
         not declare are left out (a graph whose exits lie below a layer never reads its cross KV).
         """
-        binding = self.session.io_binding()
+        if cache is None:
+            binding = self.session.io_binding()
+        else:  # the cache's outputs come first
+            binding = cache.binding(self.session, device=self.device, device_id=self.device_id)
         binding.bind_cpu_input(INPUT_IDS, input_ids)
         binding.bind_cpu_input(ATTENTION_MASK, attention_mask)
         binding.bind_cpu_input(POSITION_IDS, position_ids)
@@ -161,18 +164,17 @@ class ExitSession:
             names.append(self.graph.contrast.output)
         for name in names:
             binding.bind_output(name, "cpu")  # only what the loop reads comes back to the host
-        if cache is not None:
-            cache.bind(binding, device=self.device, device_id=self.device_id)
         try:
             self.session.run_with_iobinding(binding)
         except Exception as err:  # ORT's own exception types: name the graph and the inputs' shapes
             raise InferenceError(f"onnxruntime failed running graph {self.graph.name!r} on input_ids "
                                  f"{tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)}: {err}") from None
         outputs = binding.get_outputs()
+        first = 0 if cache is None else len(cache.output_names)
         if cache is not None:
-            cache.update(outputs[len(names):], input_ids.shape[1])
-        contrast = outputs[1].numpy() if self.graph.contrast is not None else None
-        return StepOutput(exit_logits=outputs[0].numpy(), contrast=contrast)
+            cache.update(outputs[:first], input_ids.shape[1])
+        contrast = outputs[first + 1].numpy() if self.graph.contrast is not None else None
+        return StepOutput(exit_logits=outputs[first].numpy(), contrast=contrast)
 
 
 def check_attention_kernels(graph: GraphSpec, kv: KVCacheSpec, provider: str) -> None:

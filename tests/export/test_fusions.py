@@ -9,11 +9,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from autocontrast.bundle import DECODE, DECODE_ORIGINAL, KVCacheSpec, read_manifest
+from autocontrast.bundle import BUFFER_LAYOUT, DECODE, DECODE_ORIGINAL, KVCacheSpec, read_manifest
 from autocontrast.config import VocabularyProjectionMode
 from autocontrast.errors import ExportError
 from autocontrast.export import ExportOptions, export_bundle
-from autocontrast.export.fusions import FUSIONS, fuse_shared_input_matmuls
+from autocontrast.export.fusions import FUSIONS, fuse_shared_input_matmuls, pack_qkv, simplify_reshapes
 from autocontrast.export.trace import trace_graph
 from autocontrast.export.variants import fusions_for
 from autocontrast.models.families import FAMILIES, LlamaFamily, T5Family
@@ -26,16 +26,24 @@ def _quiet(_message: str) -> None:
     pass
 
 
-@pytest.fixture(scope="module")
-def traced_llama(tiny_checkpoint, tmp_path_factory):
-    """The tiny Llama's traced decode graph (original head), unfused, and its KV layout."""
+def _trace(tiny_checkpoint, directory, **layout: str) -> tuple:
     model = multi_exit_model(tiny_checkpoint("llama", DIRECT), DIRECT)
     family, config = model.family, model.config
     kv = KVCacheSpec(num_layers=model.num_layers, num_kv_heads=family.num_kv_heads(config),
-                     head_dim=family.head_dim(config))
-    path = trace_graph(model, ("original",), kind=DECODE, contrast=None, kv=kv,
-                       directory=tmp_path_factory.mktemp("traced"))
-    return path, kv
+                     head_dim=family.head_dim(config), **layout)
+    return trace_graph(model, ("original",), kind=DECODE, contrast=None, kv=kv, directory=directory), kv
+
+
+@pytest.fixture(scope="module")
+def traced_llama(tiny_checkpoint, tmp_path_factory):
+    """The tiny Llama's traced decode graph (original head, concatenated cache), unfused, and its KV layout."""
+    return _trace(tiny_checkpoint, tmp_path_factory.mktemp("traced"))
+
+
+@pytest.fixture(scope="module")
+def traced_llama_gqa(tiny_checkpoint, tmp_path_factory):
+    """The same through GroupQueryAttention over an in-place buffer."""
+    return _trace(tiny_checkpoint, tmp_path_factory.mktemp("traced-gqa"), layout=BUFFER_LAYOUT)
 
 
 def _feeds(kv: KVCacheSpec, *, past: int, seq: int) -> dict[str, np.ndarray]:
@@ -44,8 +52,9 @@ def _feeds(kv: KVCacheSpec, *, past: int, seq: int) -> dict[str, np.ndarray]:
     feeds = {"input_ids": rng.integers(3, 100, (batch, seq)).astype(np.int64),
              "attention_mask": np.ones((batch, past + seq), np.int64),
              "position_ids": np.tile(np.arange(past, past + seq, dtype=np.int64), (batch, 1))}
-    for name in kv.past_names():  # (batch, kv_heads, past, head_dim)
-        feeds[name] = rng.standard_normal((batch, kv.num_kv_heads, past, kv.head_dim)).astype(np.float32)
+    columns = past + seq + 3 if kv.layout == BUFFER_LAYOUT else past  # a buffer: the past, then room
+    for name in kv.past_names():  # (batch, kv_heads, columns, head_dim)
+        feeds[name] = rng.standard_normal((batch, kv.num_kv_heads, columns, kv.head_dim)).astype(np.float32)
     return feeds
 
 
@@ -77,6 +86,38 @@ def test_shared_input_matmuls_leave_every_output_unchanged(traced_llama, past, s
     feeds = _feeds(kv, past=past, seq=seq)
     for want, have in zip(_run(original, feeds), _run(fused, feeds), strict=True):
         np.testing.assert_allclose(have, want, atol=1e-5, rtol=0)
+
+
+def _lean(path) -> onnx.ModelProto:
+    model = onnx.load(str(path))
+    fuse_shared_input_matmuls(model)
+    simplify_reshapes(model)
+    pack_qkv(model)
+    return model
+
+
+@pytest.mark.parametrize("graph", ["traced_llama", "traced_llama_gqa"])
+@pytest.mark.parametrize("past,seq", [(0, 5), (6, 1)], ids=["prefill", "decode-step"])
+def test_static_reshapes_and_packed_qkv_leave_every_output_unchanged(graph, past, seq, request):
+    path, kv = request.getfixturevalue(graph)
+    feeds = _feeds(kv, past=past, seq=seq)
+    for want, have in zip(_run(onnx.load(str(path)), feeds), _run(_lean(path), feeds), strict=True):
+        np.testing.assert_allclose(have, want, atol=1e-5, rtol=0)
+
+
+def test_a_lean_gqa_layer_computes_no_shapes_and_reads_qkv_packed(traced_llama_gqa):
+    path, _ = traced_llama_gqa
+    traced, lean = onnx.load(str(path)), _lean(path)
+
+    def layer_ops(model: onnx.ModelProto) -> list[str]:
+        return [n.op_type for n in model.graph.node if "/layers.1/" in n.name and n.op_type != "Constant"]
+
+    assert {"Shape", "Concat", "Reshape"} <= set(layer_ops(traced))
+    assert not {"Shape", "Gather", "Unsqueeze", "Concat", "Slice", "Reshape"} & set(layer_ops(lean))
+    attention = [n for n in lean.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(attention) == NUM_LAYERS and all(list(n.input[1:3]) == ["", ""] for n in attention)
+    assert len(lean.graph.node) < len(traced.graph.node) / 2
+    onnx.checker.check_model(lean)
 
 
 def test_a_weight_read_by_two_nodes_is_not_merged(traced_llama):
