@@ -200,10 +200,12 @@ def _matmul_nbits(model: Any, recipe: QuantRecipe, *, only: set[str] | None = No
 
 
 def teacher_forced_agreement(model: Any, bundle_dir: Path, graphs: Sequence[GraphSpec], kv: KVCacheSpec, *,
-                             tokenizer: Any = None) -> dict[str, Any]:
+                             tokenizer: Any = None, prompts: Sequence[str] = AGREEMENT_PROMPTS,
+                             steps_per_prompt: int = AGREEMENT_STEPS) -> dict[str, Any]:
     """Share of steps where the exported decode graph picks the fp32 PyTorch model's token.
 
-    Uses the graph's fused contrast when it has one (ACD tokens), else its first exit.
+    Uses the graph's fused contrast when it has one (ACD tokens), else its first exit. An export
+    records it on `AGREEMENT_PROMPTS`; `scripts/agreement.py` measures it on real text.
     """
     from autocontrast.export.validation import expected_outputs, torch_step
     from autocontrast.runtime.decode_state import open_decode_state
@@ -214,14 +216,14 @@ def teacher_forced_agreement(model: Any, bundle_dir: Path, graphs: Sequence[Grap
     session = ExitSession(bundle_dir, spec, kv=kv.for_layers(spec.layers), vocab_size=model.config.vocab_size)
     pick = spec.contrast.output if spec.contrast else spec.logits_output
     agreed = steps = 0
-    for prompt in AGREEMENT_PROMPTS:
+    for prompt in prompts:
         if tokenizer is not None:
             ids = np.array([tokenizer.encode(prompt, add_special_tokens=False)], np.int64)
         else:
             ids = np.random.default_rng(len(prompt)).integers(0, model.config.vocab_size, (1, 8))
         mask, pos = np.ones_like(ids), np.arange(ids.shape[1], dtype=np.int64)[None]
         state, cache = open_decode_state(session), None
-        for step in range(AGREEMENT_STEPS):
+        for step in range(steps_per_prompt):
             by_exit, cache = torch_step(model, spec.exits, ids, mask, pos, cache)
             want = expected_outputs(spec, by_exit)[pick]
             want = want[:, 0] if want.ndim == 3 else want  # (1, vocab)
@@ -234,4 +236,4 @@ def teacher_forced_agreement(model: Any, bundle_dir: Path, graphs: Sequence[Grap
             pos = pos[:, -1:] + 1
             mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
     return {"agreed": agreed, "steps": steps, "rate": agreed / steps, "measured_on": pick,
-            "prompts": len(AGREEMENT_PROMPTS), "reference": "fp32 PyTorch greedy tokens (teacher-forced)"}
+            "prompts": len(prompts), "reference": "fp32 PyTorch greedy tokens (teacher-forced)"}

@@ -133,6 +133,7 @@ def test_a_default_llama_export_fuses_validates_against_pytorch_and_records_the_
                   log=_quiet)
     manifest = read_manifest(tmp_path / "b")
     assert manifest.variant["optimize"] is True and manifest.validation["passed"]
+    assert manifest.validation["reference"] == "PyTorch float64"
     counts = manifest.variant["fusions"][DECODE_ORIGINAL]
     assert list(counts) == list(LlamaFamily.fusions)
     assert counts["shared_input_matmuls"] == 2 * NUM_LAYERS

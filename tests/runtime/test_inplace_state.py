@@ -86,10 +86,12 @@ def test_ragged_rows_join_leave_and_rewind_match_pytorch(reference, state):
 def test_steps_and_rewinds_write_in_place(state):
     state.extend([[5, 6, 7], [8, 9]])
     buffers = [v.data_ptr() for v in state.cache._values]
+    binding = state.cache.binding(state.session.session, device="cpu")
     state.advance(np.array([10, 11]))
     state.rewind_row(1, 1)
     state.advance(np.array([12, 13]))
     assert [v.data_ptr() for v in state.cache._values] == buffers  # no copy of the cache, no reallocation
+    assert state.cache.binding(state.session.session, device="cpu") is binding  # the buffers were bound once
     assert state.lengths().tolist() == [5, 2]
 
 
@@ -97,13 +99,14 @@ def test_the_buffer_grows_past_its_capacity_and_stays_exact(reference, state):
     rng = np.random.default_rng(3)
     seqs = [list(rng.integers(3, 2000, CAPACITY_STEP - 2)), list(rng.integers(3, 2000, 5))]
     state.extend(seqs)
-    capacity = state.cache.capacity
+    capacity, binding = state.cache.capacity, state.cache.binding(state.session.session, device="cpu")
     for _ in range(3):  # crosses the first capacity
         nxt = rng.integers(3, 2000, 2)
         for row in range(2):
             seqs[row].append(int(nxt[row]))
         out = state.advance(nxt)
     assert state.cache.capacity > capacity
+    assert state.cache.binding(state.session.session, device="cpu") is not binding  # the new buffers are bound
     check(reference, state, out, seqs)
 
 
