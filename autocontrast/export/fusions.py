@@ -34,7 +34,9 @@ attention alike.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +215,24 @@ def _rename_inputs(graph: onnx.GraphProto, renamed: dict[str, str]) -> None:
                 _rename_inputs(sub, renamed)
 
 
+# loggers ORT's transformer tools name without their package
+ORT_TOOL_LOGGERS = ("fusion_base", "fusion_skiplayernorm", "fusion_utils", "onnx_model")
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """ONNX Runtime's Python tools log INFO lines per node or pass: WARNING and above only, for the block."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def _ort_fusion(class_name: str, op_type: str) -> Callable[[onnx.ModelProto, Any], int]:
     """One of ONNX Runtime's fusion classes as a pass: run it, count the `op_type` nodes it added."""
 
@@ -223,13 +243,14 @@ def _ort_fusion(class_name: str, op_type: str) -> Callable[[onnx.ModelProto, Any
 
         module = fusion_rotary_attention if class_name == "FusionRotaryEmbeddings" else fusion_simplified_layernorm
         before = sum(n.op_type == op_type for n in proto.graph.node)
-        wrapped = OnnxModel(proto)
-        # as ORT's own optimizers do first: the patterns do not see through Identity or a float32 -> float32
-        # Cast (the RMSNorm's upcast in a float32 graph)
-        FusionUtils(wrapped).remove_identity_nodes()
-        wrapped.remove_useless_cast_nodes()
-        getattr(module, class_name)(wrapped).apply()
-        wrapped.prune_graph()
+        with quiet_loggers("onnxruntime.transformers", *ORT_TOOL_LOGGERS):  # INFO lines per pass
+            wrapped = OnnxModel(proto)
+            # as ORT's own optimizers do first: the patterns do not see through Identity or a float32 ->
+            # float32 Cast (the RMSNorm's upcast in a float32 graph)
+            FusionUtils(wrapped).remove_identity_nodes()
+            wrapped.remove_useless_cast_nodes()
+            getattr(module, class_name)(wrapped).apply()
+            wrapped.prune_graph()
         return sum(n.op_type == op_type for n in proto.graph.node) - before
 
     return run

@@ -25,7 +25,6 @@ per step (what was tried, measured: README "Quantization").
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -185,17 +184,14 @@ def _matmul_nbits(model: Any, recipe: QuantRecipe, *, only: set[str] | None = No
         MatMulNBitsQuantizer,
     )
 
+    from autocontrast.export.fusions import quiet_loggers
+
     config = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=recipe.symmetric,
                                           accuracy_level=recipe.accuracy_level, bits=recipe.bits)
     exclude = [] if only is None else [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in only]
     quantizer = MatMulNBitsQuantizer(model, algo_config=config, nodes_to_exclude=exclude)
-    chatty = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    level = chatty.level
-    chatty.setLevel(logging.WARNING)  # it logs one INFO line per node it skips: thousands
-    try:
+    with quiet_loggers("onnxruntime.quantization.matmul_nbits_quantizer"):  # an INFO line per node it skips
         quantizer.process()
-    finally:
-        chatty.setLevel(level)
     return quantizer.model.model
 
 
