@@ -13,6 +13,7 @@ figures in the README). CUDA and TensorRT sessions always hold their own device 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -35,6 +36,7 @@ from autocontrast.bundle import (
     exits_metadata,
 )
 from autocontrast.errors import BundleError, InferenceError
+from autocontrast.runtime.huge_pages import HugePages, huge_pages_for_new_memory
 from autocontrast.runtime.kv_buffer import KVBuffer
 from autocontrast.runtime.kv_cache import KVCache
 from autocontrast.runtime.providers import (
@@ -86,12 +88,17 @@ def load_session(graph_dir: Path, file: str, *, provider: str = "cpu", device_id
             options.add_initializer(name, value)  # used in place (add_external_initializers would copy)
         if not shared.prepack:  # a pre-packed weight is a copy of the session's own: packing would undo the sharing
             options.add_session_config_entry("session.disable_prepacking", "1")
+    # on CPU, the session's own (pre-packed) weights go into 2 MiB pages: fewer TLB misses per step
+    pages = huge_pages_for_new_memory() if normalize_provider(provider) == CPU and shared is None \
+        else contextlib.nullcontext(HugePages())
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        with pages as huge:
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as err:  # ORT raises its own exception types; name the file and the cause
         raise BundleError(f"onnxruntime cannot load {path}: {err}") from None
     check_session_providers(session, provider)
     session.shared_initializers = shared  # ORT only borrows these buffers: they live as long as the session
+    session.huge_page_bytes = huge.collapsed_bytes
     return session
 
 
