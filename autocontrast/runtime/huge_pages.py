@@ -27,6 +27,8 @@ import os
 import sys
 from collections.abc import Iterator
 
+import numpy as np
+
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14  # <asm-generic/mman-common.h>
 MADV_COLLAPSE = 25
@@ -57,18 +59,38 @@ def anonymous_regions() -> set[tuple[int, int]]:
     return regions
 
 
+def _madvise() -> ctypes._CFuncPtr:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
+
+
+def _whole_pages(start: int, end: int) -> tuple[int, int]:
+    """The 2 MiB-aligned part of [start, end)."""
+    return -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
+
+
+def empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """`np.empty`, its whole 2 MiB pages marked for huge pages before anything touches them (so the
+    first write faults in huge pages, nothing is copied); where that is off or refused, plain memory."""
+    array = np.empty(shape, dtype)
+    if enabled() and array.nbytes >= 2 * HUGE_PAGE:
+        first, last = _whole_pages(array.ctypes.data, array.ctypes.data + array.nbytes)
+        _madvise()(first, last - first, MADV_HUGEPAGE)
+    return array
+
+
 def collapse(regions: set[tuple[int, int]]) -> int:
     """Mark the whole 2 MiB pages inside `regions` for huge pages and collapse them now; returns the
     bytes collapsed (a range the kernel refuses is left as it is)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise = _madvise()
     done = 0
     for start, end in sorted(regions):
-        first, last = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
+        first, last = _whole_pages(start, end)
         if last - first < HUGE_PAGE:
             continue
-        libc.madvise(first, last - first, MADV_HUGEPAGE)
-        if libc.madvise(first, last - first, MADV_COLLAPSE) == 0:
+        madvise(first, last - first, MADV_HUGEPAGE)
+        if madvise(first, last - first, MADV_COLLAPSE) == 0:
             done += last - first
     return done
 

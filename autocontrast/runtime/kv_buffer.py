@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from autocontrast.bundle import KVCacheSpec
+from autocontrast.runtime import huge_pages
 
 CAPACITY_STEP = 256  # columns are allocated in multiples of this
 
@@ -91,7 +92,12 @@ class KVBuffer:
         self.batch += other.batch
 
     def _set(self, arrays: list[np.ndarray]) -> None:
-        self._host = [np.ascontiguousarray(a) for a in arrays]  # on CPU the OrtValues share these arrays
+        # one block for every layer, in huge pages where the system allows (a long context's step reads
+        # all of it); on CPU the OrtValues share these arrays
+        block = huge_pages.empty((len(arrays), *arrays[0].shape), arrays[0].dtype)
+        for row, array in zip(block, arrays, strict=True):
+            row[...] = array
+        self._host = list(block)
         self._values = [ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id) for a in self._host]
         self._binding: tuple[ort.InferenceSession, ort.IOBinding] | None = None  # bound to the old buffers
         if self.device != "cpu":
