@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -59,6 +60,7 @@ def anonymous_regions() -> set[tuple[int, int]]:
     return regions
 
 
+@functools.cache  # a KV buffer calls it at every reallocation
 def _madvise() -> ctypes._CFuncPtr:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -96,10 +98,11 @@ def collapse(regions: set[tuple[int, int]]) -> int:
 
 
 @contextlib.contextmanager
-def huge_pages_for_new_memory() -> Iterator[HugePages]:
-    """Collapse into huge pages the anonymous memory the block mapped (see the module)."""
+def huge_pages_for_new_memory(active: bool = True) -> Iterator[HugePages]:
+    """Collapse into huge pages the anonymous memory the block mapped (see the module); `active`
+    False: nothing (the caller's memory is not its own to move, e.g. a file's memory map)."""
     result = HugePages()
-    if not enabled():
+    if not (active and enabled()):
         yield result
         return
     before = anonymous_regions()

@@ -2,7 +2,7 @@
 
 A session knows nothing about sampling; the stepping engine knows nothing about ONNX Runtime.
 Sessions are safe to share between threads (ORT's `run` is); everything per batch lives in the
-`KVCache` and the IO binding created for that step.
+batch's cache (`KVCache`, or `KVBuffer`, which also keeps the IO binding of its buffers).
 
 Weights: by default each session loads its own initializers and ORT pre-packs its MatMul weights
 (the fastest step; one copy of the weights per session). `share_weights=True` (CPU) gives every
@@ -13,7 +13,6 @@ figures in the README). CUDA and TensorRT sessions always hold their own device 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -36,7 +35,7 @@ from autocontrast.bundle import (
     exits_metadata,
 )
 from autocontrast.errors import BundleError, InferenceError
-from autocontrast.runtime.huge_pages import HugePages, huge_pages_for_new_memory
+from autocontrast.runtime.huge_pages import huge_pages_for_new_memory
 from autocontrast.runtime.kv_buffer import KVBuffer
 from autocontrast.runtime.kv_cache import KVCache
 from autocontrast.runtime.providers import (
@@ -81,18 +80,17 @@ def load_session(graph_dir: Path, file: str, *, provider: str = "cpu", device_id
     if threads:
         options.intra_op_num_threads = threads
     providers = resolve_providers(provider, device_id=device_id, trt_options=trt_options, bundle_dir=Path(graph_dir))
+    cpu = normalize_provider(provider) == CPU
     shared = None
-    if share_weights and normalize_provider(provider) == CPU:
+    if share_weights and cpu:
         shared = shared_initializers(path)
         for name, value in shared.values.items():
             options.add_initializer(name, value)  # used in place (add_external_initializers would copy)
         if not shared.prepack:  # a pre-packed weight is a copy of the session's own: packing would undo the sharing
             options.add_session_config_entry("session.disable_prepacking", "1")
-    # on CPU, the session's own (pre-packed) weights go into 2 MiB pages: fewer TLB misses per step
-    pages = huge_pages_for_new_memory() if normalize_provider(provider) == CPU and shared is None \
-        else contextlib.nullcontext(HugePages())
     try:
-        with pages as huge:
+        # on CPU, the session's own (pre-packed) weights go into 2 MiB pages: fewer TLB misses per step
+        with huge_pages_for_new_memory(active=cpu and shared is None) as huge:
             session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as err:  # ORT raises its own exception types; name the file and the cause
         raise BundleError(f"onnxruntime cannot load {path}: {err}") from None
