@@ -429,6 +429,8 @@ def _kv_layout(family: Any, config: Any, options: ExportOptions) -> str:
 
 def summary(result: ExportResult) -> str:
     """A few lines for the end of an export: where, what, how big, how close to PyTorch."""
+    from autocontrast.export.fusions import describe_counts
+
     m = result.manifest
     lines = [f"exported {m.source_model} -> {result.path} in {result.seconds:.1f} s, "
              f"{result.size_bytes / 1e6:.1f} MB ({m.variant.get('quantize') or m.variant.get('dtype')})"]
@@ -443,7 +445,7 @@ def summary(result: ExportResult) -> str:
         for name, made in counts.items():
             fused[name] = fused.get(name, 0) + made
     if fused:
-        lines.append("  graph fusions (nodes made, all graphs): " + ", ".join(f"{k} {v}" for k, v in fused.items()))
+        lines.append("  graph fusions (nodes made, all graphs): " + describe_counts(fused))
     if "agreement" in m.variant:
         a = m.variant["agreement"]
         lines.append(f"  teacher-forced agreement with fp32: {a['agreed']}/{a['steps']} = {a['rate']:.1%}")

@@ -105,7 +105,7 @@ def apply_variant(paths: dict[str, Path], *, model: Any, options: Any, log: Call
     Returns the new files and, per graph, how many nodes each fusion made ({} when none ran).
     `kv`: the bundle's cache layout; a float16 cache (`kv.dtype`) makes the past/present float16 too.
     """
-    from autocontrast.export.fusions import apply_fusions
+    from autocontrast.export.fusions import apply_fusions, describe_counts
 
     float16_io = kv.past_names() + kv.present_names() if kv is not None and kv.dtype == "float16" else []
     fusions = fusions_for(model.family, options.optimize)
@@ -122,34 +122,23 @@ def apply_variant(paths: dict[str, Path], *, model: Any, options: Any, log: Call
         if options.quantize:
             current = quantize(current, QUANTIZATIONS[options.quantize], target=path.with_name(f"{options.quantize}.onnx"),
                                vocab_size=model.config.vocab_size)
-        log(f"      {name}: {current.name}" + (f" ({_counts(fused[name])})" if fusions else ""))
+        log(f"      {name}: {current.name}" + (f" ({describe_counts(fused[name])})" if fusions else ""))
         out[name] = current
     return out, fused
-
-
-def _counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in counts.items())
-
-
-def _save(model: Any, target: Path) -> Path:
-    import onnx
-
-    onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=target.name + ".data", size_threshold=1024)
-    return target
 
 
 def to_float16(path: Path, *, target: Path, float16_io: Sequence[str] = ()) -> Path:
     """Weights and compute in fp16; inputs/outputs stay float32 for the runtime, except those named in
     `float16_io` (a KV buffer written in place must be in the dtype its attention computes in)."""
-    import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = onnx.load(str(path), load_external_data=True)
+    from autocontrast.export.weights import load_graph, save_graph
+
+    model = load_graph(path)
     half = set(float16_io)
     keep = [v.name for v in (*model.graph.input, *model.graph.output) if v.name not in half] if half else True
     converted = convert_float_to_float16(model, keep_io_types=keep, disable_shape_infer=True)
-    return _save(converted, target)
+    return save_graph(converted, target)
 
 
 def quantize(path: Path, recipe: QuantRecipe, *, target: Path, vocab_size: int) -> Path:
@@ -157,13 +146,14 @@ def quantize(path: Path, recipe: QuantRecipe, *, target: Path, vocab_size: int) 
 
     The heads are the MatMuls whose weight has `vocab_size` columns.
     """
-    import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from autocontrast.export.weights import load_graph, save_graph
 
     prepared = path.with_name("preprocessed.onnx")
     quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True, save_as_external_data=True,
                       all_tensors_to_one_file=True, external_data_location=prepared.name + ".data")
-    model = onnx.load(str(prepared))
+    model = load_graph(prepared)
     inits = {t.name: t for t in model.graph.initializer}
     heads = {n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
              and inits[n.input[1]].dims[-1] == vocab_size}
@@ -174,7 +164,7 @@ def quantize(path: Path, recipe: QuantRecipe, *, target: Path, vocab_size: int) 
         if bits is not None and bits != recipe.bits and group:
             model = _matmul_nbits(model, dataclasses.replace(recipe, bits=bits), only=group)
     model = _matmul_nbits(model, recipe)
-    return _save(model, target)
+    return save_graph(model, target)
 
 
 def _matmul_nbits(model: Any, recipe: QuantRecipe, *, only: set[str] | None = None) -> Any:

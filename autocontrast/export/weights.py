@@ -29,6 +29,13 @@ def load_graph(path: Path) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=True)
 
 
+def save_graph(model: onnx.ModelProto, target: Path) -> Path:
+    """Write a working graph with its larger tensors in `<target>.data` beside it; returns `target`."""
+    onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=target.name + ".data", size_threshold=INLINE_LIMIT)
+    return target
+
+
 def tensor_bytes(tensor: TensorProto) -> bytes:
     if tensor.HasField("raw_data"):
         return tensor.raw_data
