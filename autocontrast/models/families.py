@@ -174,7 +174,7 @@ class LlamaFamily(Family):
     # faster (SmolLM2 int8 3-4 %). The traced Reshapes' run-time shape arithmetic becomes constants
     # and GroupQueryAttention reads the merged q/k/v MatMul packed: exact, ~25 fewer kernels per
     # layer. Then ORT's RMSNorm and skip-RMSNorm fusions (the residual Add inside the norm's kernel):
-    # ~4 % of a SmolLM2 fp32 step once the shape arithmetic is gone (it was lost in it before).
+    # a small gain once the shape arithmetic is gone (lost in it before; an ad-hoc timing only).
     fusions = ("shared_input_matmuls", "static_reshapes", "packed_qkv", "simplified_layer_norm",
                "skip_simplified_layer_norm")
     fuses_by_default = True

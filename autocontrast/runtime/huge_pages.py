@@ -5,8 +5,8 @@ the CPU's TLB misses on nearly every page. Most Linux systems hand anonymous mem
 where asked (`transparent_hugepage=madvise`), and ONNX Runtime does not ask. So the runtime does,
 after a session is created: every anonymous mapping that appeared or grew meanwhile is marked
 `MADV_HUGEPAGE` and collapsed at once with `MADV_COLLAPSE` (Linux 6.1+; elsewhere, or where the
-kernel refuses, nothing happens). The data and the resident size stay the same (measured on
-SmolLM2: 702 MB either way, 522 MB collapsed in under 1.3 s). Only memory mapped while the session
+kernel refuses, nothing happens). The data and the resident size stay the same (acd-bench's peak
+RSS for SmolLM2 was the same with and without it; README "Huge pages"). Only memory mapped while the session
 is created counts: in a process that freed much memory before, the allocator may reuse it, and
 those pages stay small (open sessions early, as a service does).
 
