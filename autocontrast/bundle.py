@@ -22,6 +22,9 @@ Graph conventions (all graphs of a bundle share them):
 - `GraphSpec.layers`: an early-exit decode graph computes only the first `layers` decoder layers
   (its exits are at or below that layer) and its KV cache has that many layers (`Manifest.kv_for`);
   None: every layer.
+- `GraphSpec.switches`: entries naming one switched decode graph (`UPPER_SWITCH`, `LOWER_SWITCH`:
+  boolean scalar inputs) feed it these values at every run; such a graph's KV cache has every layer
+  (`GraphSpec.cache_layers`), of which an early-exit entry writes only its `layers`.
 
 Encoder-decoder bundles (T5; `Manifest.encoder_decoder` is set) add an `encoder` graph: inputs
 `input_ids` and `attention_mask` (batch, source) int64 of the prompt; outputs every decoder layer's
@@ -68,9 +71,10 @@ from autocontrast.config import (
 from autocontrast.errors import BundleError
 
 FORMAT = "autocontrast-bundle"
-# 2: `files` (SHA-256 of every file); 3: `GraphSpec.layers` (early-exit graphs); 4: `KVCacheSpec.layout`
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (1, 2, 3, 4)  # each adds optional fields only: an older manifest reads as it was
+# 2: `files` (SHA-256 of every file); 3: `GraphSpec.layers` (early-exit graphs); 4: `KVCacheSpec.layout`;
+# 5: `GraphSpec.switches` (several entries naming one switched graph)
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (1, 2, 3, 4, 5)  # each adds optional fields only: an older manifest reads as it was
 MANIFEST_FILE = "manifest.json"
 
 # graph kinds and the graphs acd-export writes
@@ -78,6 +82,7 @@ DECODE = "decode"
 SCORE = "score"
 DECODE_ORIGINAL = "decode_original"
 DECODE_EXITS = "decode_exits"
+SWITCHED_DECODE_FILE = "decode.onnx"  # one switched graph serving decode_original, decode_exits and decode_exit_K
 SCORE_GRAPH = "score"
 # input and output names every graph uses
 INPUT_IDS = "input_ids"
@@ -97,6 +102,10 @@ KINDS = (DECODE, SCORE, ENCODER)
 CONCAT_LAYOUT = "concat"
 BUFFER_LAYOUT = "buffer"
 KV_LAYOUTS = (CONCAT_LAYOUT, BUFFER_LAYOUT)
+# Boolean scalar inputs of a switched decode graph (one file serving the original head, an early exit
+# and ACD; autocontrast.export.switched_graph): which parts of the graph run.
+UPPER_SWITCH = "compute_upper"  # the layers above the lower exit, and the upper exit's row
+LOWER_SWITCH = "compute_lower"  # the lower exit's row
 # ONNX metadata key under which each graph records the exits it returns (JSON list, graph order),
 # so a reader can refuse a manifest that does not describe the graph it sits beside.
 EXITS_METADATA_KEY = "autocontrast.exits"
@@ -173,6 +182,13 @@ class GraphSpec:
     contrast: ContrastSpec | None = None
     external_data: tuple[str, ...] = ()  # files the graph's weights live in, relative to the bundle
     layers: int | None = None  # decoder layers the graph computes (an early exit); None: all of them
+    # a switched graph's boolean inputs and the values this entry runs it with (several entries name one file)
+    switches: tuple[tuple[str, bool], ...] = ()  # ((input name, value), ...)
+
+    @property
+    def cache_layers(self) -> int | None:
+        """Layers of the graph's KV cache (None: all): a switched graph takes every layer's, whatever it computes."""
+        return None if self.switches else self.layers
 
     def exit_position(self, exit_: Exit) -> int:
         return self.exits.index(exit_)
@@ -252,7 +268,7 @@ class Manifest:
 
     def kv_for(self, graph: GraphSpec) -> KVCacheSpec:
         """The KV cache layout of one graph: the bundle's, with only the layers the graph computes."""
-        return self.kv_cache.for_layers(graph.layers)
+        return self.kv_cache.for_layers(graph.cache_layers)
 
     @property
     def fused_contrast(self) -> ContrastSpec | None:
@@ -325,6 +341,9 @@ def _graph_from_dict(data: dict[str, Any]) -> GraphSpec:
     fields = dict(data)
     fields["exits"] = tuple(parse_exit(e) for e in fields["exits"])
     fields["external_data"] = tuple(fields.get("external_data", ()))
+    fields["switches"] = tuple((str(name), value) for name, value in fields.get("switches", ()))
+    if not all(isinstance(value, bool) for _, value in fields["switches"]):
+        raise ValueError(f"graph {fields.get('name')!r} has switches that are not true/false: {fields['switches']}")
     if fields.get("contrast"):
         c = dict(fields["contrast"])
         c["upper"], c["lower"] = parse_exit(c["upper"]), parse_exit(c["lower"])

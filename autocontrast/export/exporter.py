@@ -39,6 +39,7 @@ from autocontrast.bundle import (
     LOGITS_OUTPUT,
     SCORE,
     SCORE_GRAPH,
+    SWITCHED_DECODE_FILE,
     ContrastSpec,
     GraphSpec,
     KVCacheSpec,
@@ -53,6 +54,7 @@ from autocontrast.config import (
     Exit,
     contrast_parameters_problem,
     contrast_problem,
+    exit_aliases,
     sort_exits,
 )
 from autocontrast.errors import AutocontrastError, ExportError, UnknownExitError
@@ -69,6 +71,9 @@ from autocontrast.export.variants import QUANTIZATIONS
 
 OPSET = 17
 DTYPES = ("float32", "float16")
+# --decode-graphs: "one" switched graph for the original head, the early exit and ACD (one copy of
+# the weights in a session; autocontrast.export.switched_graph) or a "separate" graph each
+DECODE_GRAPHS = ("one", "separate")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +98,15 @@ class ExportOptions:
     early_exits: tuple[int, ...] | None = None
     # the decode graphs' KV cache layout (autocontrast.bundle.KV_LAYOUTS); None: the family's default
     kv_layout: str | None = None
+    # DECODE_GRAPHS; None: one switched graph where the bundle allows it, else separate graphs
+    decode_graphs: str | None = None
 
     def __post_init__(self) -> None:
         if self.kv_layout is not None and self.kv_layout not in KV_LAYOUTS:
             raise ExportError(f"--kv-layout {self.kv_layout!r} is not supported; choose one of: {', '.join(KV_LAYOUTS)}")
+        if self.decode_graphs is not None and self.decode_graphs not in DECODE_GRAPHS:
+            raise ExportError(f"--decode-graphs {self.decode_graphs!r} is not supported; choose one of: "
+                              f"{', '.join(DECODE_GRAPHS)}")
         if self.dtype not in DTYPES:
             raise ExportError(f"--dtype {self.dtype!r} is not supported; choose one of: {', '.join(DTYPES)}")
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
@@ -322,11 +332,48 @@ def _plan(loaded: _Loaded, options: ExportOptions) -> tuple[tuple[Exit, ...], li
         graphs.append({"name": DECODE_EXITS, "kind": DECODE, "exits": stacked, "contrast": fused})
     graphs += [{"name": f"decode_exit_{k}", "kind": DECODE, "exits": (k,), "contrast": None, "layers": k}
                for k in early]
+    lower = _switched_lower_exit(model, options, stacked, early)
+    if lower is not None:  # traced once, as decode_exits; the other two entries name the same file
+        for g in graphs:
+            if g["name"] == DECODE_EXITS:
+                g["switched_lower"] = lower
+            elif g["kind"] == DECODE and g["name"] in (DECODE_ORIGINAL, f"decode_exit_{lower}"):
+                g["traced"] = False
     all_exits = tuple(sort_exits(set(chosen) | {ORIGINAL}))
     if options.score_graph:
         graphs.append({"name": SCORE_GRAPH, "kind": SCORE, "exits": graph_exit_order(model, all_exits),
                        "contrast": fused})
     return all_exits, graphs
+
+
+def _switched_lower_exit(model: Any, options: ExportOptions, stacked: tuple[Exit, ...],
+                         early: tuple[int, ...]) -> int | None:
+    """The lower exit K when decode_original, decode_exits and decode_exit_K can be one switched graph
+    (`--decode-graphs one`, the default where it applies); None for separate graphs. Raises
+    `ExportError` naming what is missing when `--decode-graphs one` was asked for and cannot be."""
+    from autocontrast.export.graph import projection_groups
+
+    if options.decode_graphs == "separate":
+        return None
+    L, family = model.num_layers, model.family
+    upper, lower = (stacked + (None, None))[:2]
+    reasons = [
+        ("a decoder-only model", not family.is_encoder_decoder),
+        ("the buffer KV layout (GroupQueryAttention)", _kv_layout(family, model.config, options) == BUFFER_LAYOUT),
+        ("float32 weights for the CPU (no --dtype float16, no --tensorrt)",
+         options.dtype == "float32" and not options.tensorrt),
+        ("exactly two stacked exits: the top layer and a lower one with its early exit",
+         len(stacked) == 2 and upper == L and isinstance(lower, int) and lower in early),
+        ("a top exit that is the model's own head (a SHARED_PROJECTION_* mode)",
+         ORIGINAL in exit_aliases(model.vocab_projection_mode, L, num_layers=L)),
+        ("one head for both exits", len(projection_groups(model, stacked)) == 1 if len(stacked) == 2 else False),
+    ]
+    missing = [what for what, ok in reasons if not ok]
+    if missing:
+        if options.decode_graphs == "one":
+            raise ExportError("--decode-graphs one needs " + "; ".join(missing) + "; leave it out for separate graphs")
+        return None
+    return lower
 
 
 def _early_exits(options: ExportOptions, chosen: tuple[Exit, ...], num_layers: int, *,
@@ -371,19 +418,22 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
         plan = with_encoder(plan)
     raw = work / ".raw"
     specs, paths = [], {}
-    for i, g in enumerate(plan):
+    traced = [g for g in plan if g.get("traced", True)]
+    for i, g in enumerate(traced):
         contrast = g["contrast"]
-        log(f"[2/6] tracing graph {i + 1}/{len(plan)} {g['name']!r} ({g['kind']}, exits "
+        log(f"[2/6] tracing graph {i + 1}/{len(traced)} {g['name']!r} ({g['kind']}, exits "
             f"{', '.join(map(str, g['exits']))}{', fused contrast' if contrast else ''}"
             f"{', layers 1..' + str(g['layers']) if g.get('layers') else ''})")
         layers = g.get("layers")
         early = {"layers": layers} if layers else {}  # only decoder-only graphs have early exits
         paths[g["name"]] = trace(model, g["exits"], kind=g["kind"], contrast=contrast, kv=kv.for_layers(layers),
                                  directory=raw / g["name"], opset=OPSET, **early)
+    for g in plan:
+        contrast = g["contrast"]
         spec_contrast = ContrastSpec(CONTRAST_OUTPUT, *contrast) if contrast else None
         specs.append(GraphSpec(g["name"], f"{g['name']}.onnx", g["kind"], tuple(g["exits"]),
                                logits_output=LOGITS_OUTPUT, contrast=spec_contrast,
-                               external_data=(WEIGHTS_FILE,), layers=layers))
+                               external_data=(WEIGHTS_FILE,), layers=g.get("layers")))
     if options.dtype == "float16" and kv.layout == BUFFER_LAYOUT:  # attention writes the buffer in its own dtype
         kv = dataclasses.replace(kv, dtype="float16")
     fusions = fusions_for(family, options.optimize)
@@ -396,8 +446,16 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
     log("[4/6] writing graphs with one shared weights file")
     # a tied head reads the embedding matrix, not a transposed copy of it
     write_shared_weights(paths, work, transform=untie_transposed_copies,
-                         metadata={s.name: {EXITS_METADATA_KEY: exits_metadata(s.exits)} for s in specs})
+                         metadata={s.name: {EXITS_METADATA_KEY: exits_metadata(s.exits)} for s in specs if s.name in paths})
     shutil.rmtree(raw, ignore_errors=True)
+    switched = next((g for g in plan if "switched_lower" in g), None)
+    if switched is not None:
+        from autocontrast.export.switched_graph import switch_decode_graphs
+
+        log(f"[4/6] merging decode_original, decode_exits and decode_exit_{switched['switched_lower']} into one "
+            f"switched graph ({SWITCHED_DECODE_FILE})")
+        specs = switch_decode_graphs(work, specs, lower=switched["switched_lower"], kv=kv,
+                                     hidden_size=family.hidden_size(config))
     log(f"[5/6] validating against PyTorch (prefill + {options.validation_steps} cached decode steps)")
     report = validate(model, work, specs, kv, tolerance=TOLERANCES[options.variant_name],
                       tokenizer=loaded.tokenizer, steps=options.validation_steps)

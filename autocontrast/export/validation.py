@@ -149,7 +149,11 @@ def _compare(model: Any, bundle_dir: Path, graphs: Sequence[GraphSpec], kv: KVCa
     ids, mask = validation_batch(tokenizer, vocab)
     report: dict[str, Any] = {"batch": int(ids.shape[0]),
                               "prompt_length": int(ids.shape[1]), "decode_steps": steps, "graphs": {}}
-    sessions = {g.name: ExitSession(bundle_dir, g, kv=kv.for_layers(g.layers), vocab_size=vocab) for g in graphs}
+    sessions: dict[str, ExitSession] = {}
+    for g in graphs:  # the entries of one switched graph share its session, as in a Generator
+        same_file = next((s.session for s in sessions.values() if s.graph.file == g.file), None)
+        sessions[g.name] = ExitSession(bundle_dir, g, kv=kv.for_layers(g.cache_layers), vocab_size=vocab,
+                                       session=same_file)
     all_exits = tuple(dict.fromkeys(e for g in graphs for e in g.exits))
     for g in graphs:
         report["graphs"][g.name] = {}
@@ -189,6 +193,7 @@ def _validate_decode(model: Any, decode: Sequence[GraphSpec], sessions: dict[str
         by_exit, cache = torch_step(model, all_exits, ids, mask, pos, cache)
         want_present = _cache_arrays(cache)
         for g in decode:
+            computed = g.layers or kv.num_layers  # a switched early exit's cache also holds layers it leaves alone
             expected = expected_outputs(g, by_exit)
             state = states[g.name]
             out = state.extend(rows) if step == 0 else state.advance(ids[:, 0])
@@ -199,8 +204,8 @@ def _validate_decode(model: Any, decode: Sequence[GraphSpec], sessions: dict[str
             real = mask.astype(bool)  # (batch, total): pads' cache entries are never attended to
             figures["present.*"] = max([figures.get("present.*", 0.0)]
                                        + [max_abs_diff(w.transpose(0, 2, 1, 3)[real], h)  # each row's entries
-                                          for w, h in zip(want_present[:2 * state.session.kv.num_layers],
-                                                       state.entries(), strict=True)])
+                                          for w, h in zip(want_present[:2 * computed],
+                                                       state.entries()[:2 * computed], strict=True)])
         # teacher forcing: both sides get PyTorch's greedy token from the first exit
         nxt = by_exit[all_exits[0]].argmax(-1).numpy().astype(np.int64)[:, None]  # (batch, 1)
         ids, pos = nxt, pos[:, -1:] + 1

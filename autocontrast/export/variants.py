@@ -199,7 +199,7 @@ def teacher_forced_agreement(model: Any, bundle_dir: Path, graphs: Sequence[Grap
 
     spec = next((g for g in graphs if g.kind == DECODE and g.contrast is not None), None) \
         or next(g for g in graphs if g.kind == DECODE)
-    session = ExitSession(bundle_dir, spec, kv=kv.for_layers(spec.layers), vocab_size=model.config.vocab_size)
+    session = ExitSession(bundle_dir, spec, kv=kv.for_layers(spec.cache_layers), vocab_size=model.config.vocab_size)
     pick = spec.contrast.output if spec.contrast else spec.logits_output
     agreed = steps = 0
     for prompt in prompts:

@@ -118,9 +118,12 @@ class Generator:
         """The (lazily opened, shared) session of one graph."""
         with self._lock:
             if graph.name not in self._sessions:
+                # entries naming one (switched) graph file share its ONNX Runtime session: one copy of the weights
+                same_file = next((s.session for s in self._sessions.values() if s.graph.file == graph.file), None)
                 self._sessions[graph.name] = open_session(self.bundle_dir, self.manifest, graph,
                                                           provider=self.provider, device_id=self.device_id,
-                                                          threads=self.threads, share_weights=self.share_weights)
+                                                          threads=self.threads, share_weights=self.share_weights,
+                                                          session=same_file)
             return self._sessions[graph.name]
 
     def decode_state(self, graph: GraphSpec) -> DecodeState | InPlaceDecodeState | EncoderDecoderState:

@@ -32,6 +32,7 @@ import numpy as np
 
 HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14  # <asm-generic/mman-common.h>
+MADV_PAGEOUT = 21
 MADV_COLLAPSE = 25
 ENV_SWITCH = "AUTOCONTRAST_HUGE_PAGES"
 
@@ -94,6 +95,37 @@ def collapse(regions: set[tuple[int, int]]) -> int:
         madvise(first, last - first, MADV_HUGEPAGE)
         if madvise(first, last - first, MADV_COLLAPSE) == 0:
             done += last - first
+    return done
+
+
+def file_regions(directory: str) -> list[tuple[int, int]]:
+    """(start, end) of this process's private (copy-on-write) mappings of files under `directory`."""
+    root = os.path.join(os.path.realpath(directory), "")
+    regions = []
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith(root) and fields[1][3] == "p":
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                regions.append((start, end))
+    return regions
+
+
+def page_out_files(directory: str) -> int:
+    """Hand back the pages of this process's private mappings of the files under `directory` (a bundle's
+    weights; `MADV_PAGEOUT`, Linux 5.4+). ONNX Runtime keeps an initializer mapped when a kernel reads it
+    unpacked: the tied embedding, which pre-packing for the head read whole (108 MiB resident for
+    SmolLM2) but whose Gather reads one row per token. After this only the pages read again are
+    resident, each read back from the file on first use. Never loses data: a page written since it
+    was mapped is swapped out or kept, not dropped. Returns the bytes advised (0 where off)."""
+    if not enabled():
+        return 0
+    madvise = _madvise()
+    done = 0
+    with contextlib.suppress(OSError):
+        for start, end in file_regions(directory):
+            if madvise(start, end - start, MADV_PAGEOUT) == 0:
+                done += end - start
     return done
 
 

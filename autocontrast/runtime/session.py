@@ -35,7 +35,7 @@ from autocontrast.bundle import (
     exits_metadata,
 )
 from autocontrast.errors import BundleError, InferenceError
-from autocontrast.runtime.huge_pages import huge_pages_for_new_memory
+from autocontrast.runtime.huge_pages import huge_pages_for_new_memory, page_out_files
 from autocontrast.runtime.kv_buffer import KVBuffer
 from autocontrast.runtime.kv_cache import KVCache
 from autocontrast.runtime.providers import (
@@ -95,6 +95,8 @@ def load_session(graph_dir: Path, file: str, *, provider: str = "cpu", device_id
     except Exception as err:  # ORT raises its own exception types; name the file and the cause
         raise BundleError(f"onnxruntime cannot load {path}: {err}") from None
     check_session_providers(session, provider)
+    if cpu and shared is None:  # the weights it mapped but pre-packed (or reads in part) need not stay resident
+        session.paged_out_bytes = page_out_files(str(graph_dir))
     session.shared_initializers = shared  # ORT only borrows these buffers: they live as long as the session
     session.huge_page_bytes = huge.collapsed_bytes
     return session
@@ -108,13 +110,16 @@ class ExitSession:
 
     def __init__(self, graph_dir: Path, graph: GraphSpec, *, kv: KVCacheSpec, vocab_size: int, provider: str = "cpu",
                  device_id: int = 0, threads: int | None = None, trt_options: dict[str, Any] | None = None,
-                 extra_inputs: tuple[str, ...] = (), share_weights: bool = False) -> None:
+                 extra_inputs: tuple[str, ...] = (), share_weights: bool = False,
+                 session: ort.InferenceSession | None = None) -> None:
         self.graph, self.kv, self.vocab_size, self.provider = graph, kv, vocab_size, provider
         resolve_providers(provider, device_id=device_id)  # a provider this machine lacks is said first
         check_attention_kernels(graph, kv, provider)
         self.extra_inputs = extra_inputs  # required beyond tokens and past (an encoder-decoder's prompt mask)
-        self.session = load_session(graph_dir, graph.file, provider=provider, device_id=device_id,
-                                    threads=threads, trt_options=trt_options, share_weights=share_weights)
+        # `session`: the graph file's session, already open (the entries of one switched graph share it)
+        self.session = session or load_session(graph_dir, graph.file, provider=provider, device_id=device_id,
+                                               threads=threads, trt_options=trt_options, share_weights=share_weights)
+        self.switches = {name: np.array(value) for name, value in graph.switches}
         self.device = output_device(provider)
         self.device_id = device_id
         self.input_names = frozenset(i.name for i in self.session.get_inputs())
@@ -124,7 +129,7 @@ class ExitSession:
         """The graph must have the inputs, outputs and exits the manifest promises."""
         inputs = {i.name for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
-        want_in = set(TOKEN_INPUTS) | set(self.extra_inputs)
+        want_in = set(TOKEN_INPUTS) | set(self.extra_inputs) | set(self.switches)
         want_out = {self.graph.logits_output}
         if self.graph.kind == DECODE:
             want_in |= set(self.kv.past_names())
@@ -141,7 +146,7 @@ class ExitSession:
             raise BundleError(f"graph {self.graph.file} returns {vocab} logits per token but the manifest says "
                               f"vocab_size {self.vocab_size}")
         recorded = self.session.get_modelmeta().custom_metadata_map.get(EXITS_METADATA_KEY)
-        if recorded is not None and recorded != exits_metadata(self.graph.exits):
+        if recorded is not None and not self.switches and recorded != exits_metadata(self.graph.exits):
             raise BundleError(f"bundle manifest does not match graph {self.graph.file}: the manifest says it returns "
                               f"exits {[str(e) for e in self.graph.exits]}, the graph returns {json.loads(recorded)}; "
                               "re-export the bundle (or restore its manifest.json)")
@@ -164,6 +169,8 @@ class ExitSession:
         for name, value in (extra or {}).items():
             if name in self.input_names:
                 binding.bind_cpu_input(name, value)
+        for name, value in self.switches.items():
+            binding.bind_cpu_input(name, value)
         names = [self.graph.logits_output]
         if self.graph.contrast is not None:
             names.append(self.graph.contrast.output)
@@ -194,10 +201,12 @@ def check_attention_kernels(graph: GraphSpec, kv: KVCacheSpec, provider: str) ->
 
 
 def open_session(bundle_dir: Path, manifest: Manifest, graph: GraphSpec, *, provider: str = "cpu",
-                 device_id: int = 0, threads: int | None = None, share_weights: bool = False) -> ExitSession:
-    """The session of one graph of a bundle, with the bundle's recorded TensorRT options."""
+                 device_id: int = 0, threads: int | None = None, share_weights: bool = False,
+                 session: ort.InferenceSession | None = None) -> ExitSession:
+    """The session of one graph of a bundle, with the bundle's recorded TensorRT options (`session`: its
+    file's ONNX Runtime session, when another entry of the same file has it open)."""
     trt = (manifest.variant.get("tensorrt") or {}).get("provider_options", {}).get(graph.name)
     extra = (manifest.encoder_decoder.encoder_attention_mask,) if manifest.encoder_decoder else ()
     return ExitSession(bundle_dir, graph, kv=manifest.kv_for(graph), vocab_size=manifest.vocab_size, provider=provider,
                        device_id=device_id, threads=threads, trt_options=trt, extra_inputs=extra,
-                       share_weights=share_weights)
+                       share_weights=share_weights, session=session)
