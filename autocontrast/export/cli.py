@@ -12,6 +12,7 @@ from autocontrast.bundle import KV_LAYOUTS
 from autocontrast.cli_support import run_cli
 from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, parse_exits
 from autocontrast.errors import ExportError
+from autocontrast.export.exporter import DECODE_GRAPHS
 from autocontrast.export.variants import QUANTIZATIONS
 from autocontrast.models.families import labels
 
@@ -25,6 +26,9 @@ The bundle holds these graphs, sharing one weights file:
   decode_exit_K    an early exit: only layers 1..K run (decoding with exit K alone costs ~K/L);
                    by default one per chosen exit below the top layer (--early-exits)
   score            every position's logits of every exit (perplexity, lm-eval log-likelihoods)
+With exits (top layer, K) the first three are one switched file, decode.onnx: boolean inputs pick
+which layers and exits run, and one session (one copy of the weights) serves all three modes
+(--decode-graphs separate for three files).
 Every graph is checked against PyTorch (a prefill and cached decode steps); an export that does
 not match within tolerance fails and leaves nothing behind. So does one stopped by Ctrl-C, SIGTERM
 or SIGHUP; what a killed export (SIGKILL) left beside OUTPUT, the next export to OUTPUT removes.
@@ -82,6 +86,10 @@ def parser() -> argparse.ArgumentParser:
                         "place, rows of any length; the default of the Llama family, CPU in float32, CUDA in "
                         "float16) or concat (traced attention concatenating past and new; every family, every "
                         "provider and dtype)")
+    p.add_argument("--decode-graphs", choices=DECODE_GRAPHS, default=None,
+                   help="one: decode_original, decode_exits and decode_exit_K as one switched graph (one copy of "
+                        "the weights in memory; the default where the exits are the top layer and one lower "
+                        "exit, float32, buffer KV layout); separate: a file each")
     p.add_argument("--no-score-graph", action="store_true", help="leave out the every-position score graph")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="float16 halves the weights, for GPUs (inputs, outputs and KV cache stay float32)")
@@ -114,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                             score_graph=not args.no_score_graph, dtype=args.dtype, optimize=args.optimize,
                             quantize=args.quantize, tensorrt=args.tensorrt, trt_max_batch=args.trt_max_batch,
                             trt_max_length=args.trt_max_length, early_exits=args.early_exits,
-                            kv_layout=args.kv_layout)
+                            kv_layout=args.kv_layout, decode_graphs=args.decode_graphs)
 
     def log(message: str) -> None:
         if not args.quiet or message.startswith("exported") or message.startswith("  "):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mmap
+import re
 import subprocess
 import sys
 
@@ -64,3 +65,33 @@ def test_a_smollm2_cpu_session_has_its_weights_in_huge_pages(smollm2_bundle):
     own, shared = int(out[0]), int(out[1])
     assert own >= 400 << 20  # SmolLM2's fp32 layer and head weights: 538 MB
     assert shared == 0  # shared weights are the file's memory map, not anonymous memory
+
+
+def _resident_kib(start: int) -> int:
+    """Rss of the mapping that begins at `start` (/proc/self/smaps)."""
+    found = False
+    with open("/proc/self/smaps", encoding="utf-8", errors="replace") as smaps:
+        for line in smaps:
+            if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+                found = int(line.split("-")[0], 16) == start
+            elif found and line.startswith("Rss:"):
+                return int(line.split()[1])
+    raise AssertionError("mapping not found")
+
+
+@pytest.mark.skipif(not huge_pages.enabled(), reason="Linux only")
+def test_paging_out_a_weight_file_frees_its_pages_and_keeps_every_byte(tmp_path):
+    import numpy as np
+
+    data = np.arange(4 << 20, dtype=np.int32)  # 16 MiB
+    (tmp_path / "weights.bin").write_bytes(data.tobytes())
+    mapped = np.memmap(tmp_path / "weights.bin", dtype=np.int32, mode="c")  # private, as ONNX Runtime maps it
+    assert int(mapped.sum(dtype=np.int64)) == int(data.sum(dtype=np.int64))  # every page read: resident
+    mapped[7] = -1  # one page written since it was mapped: it must keep the write
+    start = mapped.ctypes.data  # offset 0: the array begins where the mapping does
+    before = _resident_kib(start)
+    assert before >= 8 * 1024
+    assert huge_pages.page_out_files(str(tmp_path)) >= data.nbytes
+    assert _resident_kib(start) < before // 4  # the untouched pages went back to the file
+    assert mapped[7] == -1 and np.array_equal(mapped[8:], data[8:])  # read back from the file, the write kept
+    assert huge_pages.page_out_files(str(tmp_path / "elsewhere")) == 0  # only files under the directory
