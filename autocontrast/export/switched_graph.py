@@ -83,30 +83,29 @@ def merge_decode_graph(model: onnx.ModelProto, *, stacked: Sequence[object], low
     # nodes in none of these sets feed no output: they are dropped
     _check_reads(nodes, head | contrast, producer, upper_only | lower_only, allowed={upper_row, lower_row})
 
-    batch_nodes, batch = _batch_size()
-    switch_inputs = [helper.make_tensor_value_info(name, TensorProto.BOOL, []) for name in (UPPER_SWITCH, LOWER_SWITCH)]
+    types = {v.name: v.type for v in graph.output}
+    rows = helper.make_tensor_type_proto(TensorProto.FLOAT, ["batch", "rows", hidden_size])  # float32 bundles only
     upper_if = _if_node(
-        UPPER_SWITCH, "upper",
-        then_nodes=[nodes[i] for i in sorted(upper_only)], then_outputs=[upper_row] + up_presents,
-        else_nodes=batch_nodes + _empty_rows("upper", batch, hidden_size)
-        + [helper.make_node("Identity", [p], [f"{p}/kept"]) for p in _pasts(kv, up_presents)],
-        else_outputs=["upper/empty_rows"] + [f"{p}/kept" for p in _pasts(kv, up_presents)])
+        UPPER_SWITCH, "upper", [upper_row] + up_presents, [rows] + [types[p] for p in up_presents],
+        then_nodes=[nodes[i] for i in sorted(upper_only)],
+        else_nodes=_empty_rows("upper", hidden_size) + [helper.make_node("Identity", [past], [f"upper/kept/{past}"])
+                                                        for past in _pasts(kv, up_presents)],
+        else_outputs=["upper/empty_rows"] + [f"upper/kept/{past}" for past in _pasts(kv, up_presents)])
     lower_if = _if_node(
-        LOWER_SWITCH, "lower",
-        then_nodes=[nodes[i] for i in sorted(lower_only)], then_outputs=[lower_row],
-        else_nodes=batch_nodes + _empty_rows("lower", batch, hidden_size), else_outputs=["lower/empty_rows"])
-    new_nodes = [nodes[i] for i in sorted(base)] + [upper_if, lower_if] + [nodes[i] for i in sorted(head)]
+        LOWER_SWITCH, "lower", [lower_row], [rows], then_nodes=[nodes[i] for i in sorted(lower_only)],
+        else_nodes=_empty_rows("lower", hidden_size), else_outputs=["lower/empty_rows"])
+    new_nodes = [nodes[i] for i in base | head] + [upper_if, lower_if]
     if contrast_output:
         new_nodes.append(helper.make_node("And", [UPPER_SWITCH, LOWER_SWITCH], [CONTRAST_SWITCH], name="both_exits"))
         new_nodes.append(_if_node(
-            CONTRAST_SWITCH, "contrast",
-            then_nodes=[nodes[i] for i in sorted(contrast)], then_outputs=[contrast_output],
+            CONTRAST_SWITCH, "contrast", [contrast_output], [types[contrast_output]],
+            then_nodes=[nodes[i] for i in sorted(contrast)],
             else_nodes=[helper.make_node("Constant", [], ["contrast/none"],
                                          value=numpy_helper.from_array(np.zeros((0, 0), np.float32)))],
             else_outputs=["contrast/none"]))
     del graph.node[:]
-    graph.node.extend(new_nodes)
-    graph.input.extend(switch_inputs)
+    graph.node.extend(_topological(new_nodes))
+    graph.input.extend(helper.make_tensor_value_info(name, TensorProto.BOOL, []) for name in (UPPER_SWITCH, LOWER_SWITCH))
     _relax_output_dims(graph, [logits_output] + ([contrast_output] if contrast_output else []))
 
 
@@ -155,34 +154,33 @@ def _pasts(kv: KVCacheSpec, presents: list[str]) -> list[str]:
     return [pairs[p] for p in presents]
 
 
-def _batch_size() -> tuple[list[onnx.NodeProto], str]:
-    """Nodes computing the batch size (a 1-D int64) from `input_ids`, for a branch to build its empty rows."""
-    return [helper.make_node("Shape", [INPUT_IDS], ["{scope}/ids_shape"], end=1)], "{scope}/ids_shape"
-
-
-def _empty_rows(scope: str, batch: str, hidden_size: int) -> list[onnx.NodeProto]:
-    """(batch, 0, hidden) float zeros: no row, but the batch and width the other rows have."""
+def _empty_rows(scope: str, hidden_size: int) -> list[onnx.NodeProto]:
+    """Nodes making `{scope}/empty_rows`, (batch, 0, hidden) float32: no row, but the batch size (from
+    `input_ids`) and the width the other exit's rows have, so the head's Concat takes it."""
     rest = numpy_helper.from_array(np.array([0, hidden_size], np.int64))
-    return [helper.make_node("Constant", [], [f"{scope}/rest"], value=rest),
-            helper.make_node("Concat", [batch.format(scope=scope), f"{scope}/rest"], [f"{scope}/rows_shape"], axis=0),
+    return [helper.make_node("Shape", [INPUT_IDS], [f"{scope}/batch"], end=1),
+            helper.make_node("Constant", [], [f"{scope}/rest"], value=rest),
+            helper.make_node("Concat", [f"{scope}/batch", f"{scope}/rest"], [f"{scope}/rows_shape"], axis=0),
             helper.make_node("ConstantOfShape", [f"{scope}/rows_shape"], [f"{scope}/empty_rows"],
                              value=numpy_helper.from_array(np.zeros(1, np.float32)))]
 
 
-def _if_node(condition: str, scope: str, *, then_nodes: list[onnx.NodeProto], then_outputs: list[str],
-             else_nodes: list[onnx.NodeProto], else_outputs: list[str]) -> onnx.NodeProto:
-    """`If(condition)`: outputs named `then_outputs` (the names the rest of the graph reads); inside the
-    branches those values get scope-prefixed names (ONNX names are unique across scopes)."""
-    inner = {name: f"{scope}/{name}" for name in then_outputs}
+def _if_node(condition: str, scope: str, outputs: list[str], types: list[onnx.TypeProto], *,
+             then_nodes: list[onnx.NodeProto], else_nodes: list[onnx.NodeProto],
+             else_outputs: list[str]) -> onnx.NodeProto:
+    """`If(condition)` with `outputs` (the names the rest of the graph reads) of `types`. Inside the
+    then-branch, the nodes that made those values write scope-prefixed names instead (ONNX names are
+    unique across scopes); the else-branch's nodes make `else_outputs`."""
+    inner = {name: f"{scope}/{name}" for name in outputs}
     then_nodes = [_renamed(n, inner) for n in then_nodes]
-    else_nodes = [_scoped(n, scope) for n in else_nodes]
-    then_graph = helper.make_graph(_topological(then_nodes), f"{scope}_then", [],
-                                   [helper.make_value_info(inner[o], onnx.TypeProto()) for o in then_outputs])
-    else_graph = helper.make_graph(_topological(else_nodes), f"{scope}_else", [],
-                                   [helper.make_value_info(o.format(scope=scope), onnx.TypeProto())
-                                    for o in else_outputs])
-    return helper.make_node("If", [condition], list(then_outputs), name=f"{scope}_if",
-                            then_branch=then_graph, else_branch=else_graph)
+
+    def branch(name: str, body: list[onnx.NodeProto], results: list[str]) -> onnx.GraphProto:
+        return helper.make_graph(_topological(body), name, [], [helper.make_value_info(r, t)
+                                                               for r, t in zip(results, types, strict=True)])
+
+    return helper.make_node("If", [condition], outputs, name=f"{scope}_if",
+                            then_branch=branch(f"{scope}_then", then_nodes, [inner[o] for o in outputs]),
+                            else_branch=branch(f"{scope}_else", else_nodes, else_outputs))
 
 
 def _renamed(node: onnx.NodeProto, names: dict[str, str]) -> onnx.NodeProto:
@@ -190,14 +188,6 @@ def _renamed(node: onnx.NodeProto, names: dict[str, str]) -> onnx.NodeProto:
     copy.CopyFrom(node)
     copy.output[:] = [names.get(o, o) for o in copy.output]
     copy.input[:] = [names.get(i, i) for i in copy.input]
-    return copy
-
-
-def _scoped(node: onnx.NodeProto, scope: str) -> onnx.NodeProto:
-    copy = onnx.NodeProto()
-    copy.CopyFrom(node)
-    copy.input[:] = [i.format(scope=scope) for i in copy.input]
-    copy.output[:] = [o.format(scope=scope) for o in copy.output]
     return copy
 
 
