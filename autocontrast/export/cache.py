@@ -24,7 +24,7 @@ _PACKAGE = Path(__file__).resolve().parents[1]
 # everything that shapes a bundle or its validation report (validation runs the runtime's decode loop)
 SOURCES = ("export/*.py", "bundle.py", "config.py", "models/contrast.py", "models/multi_exit.py",
            "models/families.py", "models/auto.py", "runtime/decode_state.py", "runtime/session.py",
-           "runtime/kv_cache.py", "runtime/encoder*.py")
+           "runtime/kv_cache.py", "runtime/kv_buffer.py", "runtime/inplace_state.py", "runtime/encoder*.py")
 
 
 def source_hash() -> str:

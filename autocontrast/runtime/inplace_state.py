@@ -36,7 +36,7 @@ class InPlaceDecodeState:
 
     def _buffer(self, batch: int, capacity: int) -> KVBuffer:
         return KVBuffer(self.session.kv, batch, capacity, device=self.session.device,
-                        device_id=self.session.device_id)
+                        device_id=self.session.device_id, live_layers=self.session.graph.layers)
 
     @property
     def batch(self) -> int:

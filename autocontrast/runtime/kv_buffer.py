@@ -37,12 +37,15 @@ class KVBuffer:
     """
 
     def __init__(self, spec: KVCacheSpec, batch: int, capacity: int, *, device: str = "cpu",
-                 device_id: int = 0) -> None:
+                 device_id: int = 0, live_layers: int | None = None) -> None:
         self.spec, self.batch, self.device, self.device_id = spec, batch, device, device_id
         self.input_names = spec.past_names()
         self.output_names = spec.present_names()
+        # buffers the graph writes: a switched graph's early exit passes the layers above it through
+        # untouched, so theirs are bound but never written, copied or read (on CPU: never resident)
+        self.live = len(self.input_names) if live_layers is None else 2 * live_layers
         shape = (batch, spec.num_kv_heads, capacity, spec.head_dim)
-        self._set([np.zeros(shape, dtype=np.dtype(spec.dtype)) for _ in self.input_names])
+        self._set([np.zeros(shape, dtype=np.dtype(spec.dtype)) for _ in range(self.live)])
 
     @property
     def capacity(self) -> int:
@@ -69,8 +72,9 @@ class KVBuffer:
         return {v.device_name().lower() for v in self._values}
 
     def arrays(self) -> list[np.ndarray]:
-        """Every buffer as a host array (batch, kv_heads, capacity, head_dim), graph order (copies from a device)."""
-        return [v.numpy() for v in self._values]
+        """Every live buffer as a host array (batch, kv_heads, capacity, head_dim), graph order (copies from a
+        device): all of them, or the first 2 * `live_layers`."""
+        return [v.numpy() for v in self._values[:self.live]]
 
     def reserve(self, columns: int) -> None:
         """Make room for `columns` entries per row (copies when the capacity grows)."""
@@ -93,9 +97,9 @@ class KVBuffer:
 
     def _set(self, arrays: list[np.ndarray]) -> None:
         # one block for every layer, in huge pages where the system allows (a long context's step reads
-        # all of it); on CPU the OrtValues share these arrays
-        block = huge_pages.empty((len(arrays), *arrays[0].shape), arrays[0].dtype)
-        for row, array in zip(block, arrays, strict=True):
+        # all of it); on CPU the OrtValues share these arrays. `arrays`: the live buffers' contents.
+        block = huge_pages.empty((len(self.input_names), *arrays[0].shape), arrays[0].dtype)
+        for row, array in zip(block, arrays, strict=False):  # rows past the live ones stay unwritten
             row[...] = array
         self._host = list(block)
         self._values = [ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id) for a in self._host]

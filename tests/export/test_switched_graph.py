@@ -75,6 +75,28 @@ def test_every_mode_equals_pytorch_generate_through_one_session(switched_bundle,
     assert len({id(s.session) for s in generator._sessions.values()}) == 1  # one copy of the weights
 
 
+def test_modes_run_at_once_from_threads_on_the_one_session(switched_bundle):
+    from concurrent.futures import ThreadPoolExecutor
+
+    generator = Generator(switched_bundle, preload=())
+    configs = [MultiExitConfiguration(**fields) for fields in MODES.values()]
+    alone = [generator.generate(list(PROMPTS), multi_exit=c, max_new_tokens=NEW_TOKENS).token_ids for c in configs]
+    with ThreadPoolExecutor(len(configs)) as pool:
+        together = list(pool.map(lambda c: generator.generate(list(PROMPTS), multi_exit=c,
+                                                              max_new_tokens=NEW_TOKENS).token_ids, configs * 2))
+    assert together == alone * 2
+
+
+def test_the_early_exit_mode_keeps_only_its_layers_cache(switched_bundle):
+    generator = Generator(switched_bundle, preload=())
+    state = generator.decode_state(generator.mode(MultiExitConfiguration(**MODES[EARLY])).graph)
+    state.extend([[5, 6, 7], [8, 9]])
+    state.advance(np.array([3, 4]))
+    assert len(state.cache.input_names) == 2 * TOP  # bound for every layer (the graph takes them all) ...
+    assert state.cache.live == 2 * LOWER and len(state.entries()) == 2 * LOWER  # ... kept for its own
+    assert [e.shape[0] for e in state.entries()] == [4 + 3] * (2 * LOWER)  # both rows' entries, step included
+
+
 def _kernels_run(bundle, graph_name: str, tmp_path) -> set[str]:
     """Names of the nodes ONNX Runtime ran (its profile) for a prefill and one step of `graph_name`."""
     manifest = read_manifest(bundle)
