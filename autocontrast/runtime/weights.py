@@ -2,7 +2,9 @@
 
 ONNX Runtime loads each session's initializers on its own, and on CPU MLAS then packs every
 MatMul/Gemm weight into a buffer of the session's own ("pre-packing"): a Generator serving the
-original head, exit 15 and ACD holds the weights three times. With `share_weights=True` the
+original head, exit 15 and ACD through three graph files holds the weights three times (a bundle
+whose three decode entries name one switched graph, the default export, holds them once: one
+session). With `share_weights=True` the
 runtime instead memory-maps each external-data file (`weights.bin`) once per process, read-only,
 wraps each external initializer as an OrtValue viewing that mapping (no copy), hands those to
 every session through `SessionOptions.add_initializer` and turns pre-packing off, so every
