@@ -100,6 +100,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=tuple(QUANTIZATIONS), default=None,
                    help="weight quantization (MatMulNBits): int8 for CPUs, int4 for edge devices; token "
                         "agreement with fp32 is measured and recorded")
+    p.add_argument("--quant-block-size", type=int, default=None, metavar="N",
+                   help="weights per quantization block (a power of two >= 16; default 32): 16 stores twice the "
+                        "scales and quantizes activations in finer blocks, closer to fp32 and slower")
     p.add_argument("--tensorrt", action="store_true",
                    help="also build TensorRT engines (needs a CUDA GPU, onnxruntime-gpu and TensorRT)")
     p.add_argument("--trt-max-batch", type=int, default=8, help="largest batch of the TensorRT profile")
@@ -120,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     options = ExportOptions(exits=args.exits, projection=args.projection, fuse_contrast=args.fuse_contrast,
                             alpha=args.alpha, minimum_candidates=args.minimum_candidates,
                             score_graph=not args.no_score_graph, dtype=args.dtype, optimize=args.optimize,
-                            quantize=args.quantize, tensorrt=args.tensorrt, trt_max_batch=args.trt_max_batch,
-                            trt_max_length=args.trt_max_length, early_exits=args.early_exits,
+                            quantize=args.quantize, quant_block_size=args.quant_block_size, tensorrt=args.tensorrt,
+                            trt_max_batch=args.trt_max_batch, trt_max_length=args.trt_max_length, early_exits=args.early_exits,
                             kv_layout=args.kv_layout, decode_graphs=args.decode_graphs)
 
     def log(message: str) -> None:

@@ -67,7 +67,7 @@ from autocontrast.export.output import (
     remove_stale_work,
     replace_output,
 )
-from autocontrast.export.variants import QUANTIZATIONS
+from autocontrast.export.variants import QUANTIZATIONS, QuantRecipe
 
 OPSET = 17
 DTYPES = ("float32", "float16")
@@ -89,6 +89,7 @@ class ExportOptions:
     dtype: str = "float32"
     optimize: bool | None = None  # graph fusions; None: the family's default (`Family.fuses_by_default`)
     quantize: str | None = None
+    quant_block_size: int | None = None  # weights per quantization block along K; None: the recipe's (32)
     tensorrt: bool = False
     trt_max_batch: int = 8
     trt_max_length: int = 2048
@@ -111,6 +112,10 @@ class ExportOptions:
             raise ExportError(f"--dtype {self.dtype!r} is not supported; choose one of: {', '.join(DTYPES)}")
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
             raise ExportError(f"--quantize {self.quantize!r} is not supported; choose: {', '.join(QUANTIZATIONS)}")
+        if self.quant_block_size is not None and (not self.quantize or self.quant_block_size < 16
+                                                  or self.quant_block_size & (self.quant_block_size - 1)):
+            raise ExportError(f"--quant-block-size {self.quant_block_size!r}: a power of two >= 16 (MatMulNBits), "
+                              "with --quantize")
         if self.quantize and self.dtype != "float32":
             raise ExportError(f"--quantize {self.quantize} quantizes float32 weights; do not combine it with "
                               "--dtype float16")
@@ -122,6 +127,14 @@ class ExportOptions:
         problem = contrast_parameters_problem(self.alpha, self.minimum_candidates)
         if problem:
             raise ExportError(f"fused contrast: {problem}")
+
+    @property
+    def quant_recipe(self) -> QuantRecipe | None:
+        """The quantization recipe this export applies: `--quantize`'s, with `--quant-block-size` if given."""
+        if self.quantize is None:
+            return None
+        recipe = QUANTIZATIONS[self.quantize]
+        return recipe if self.quant_block_size is None else dataclasses.replace(recipe, block_size=self.quant_block_size)
 
     @property
     def variant_name(self) -> str:
@@ -439,7 +452,7 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
     fusions = fusions_for(family, options.optimize)
     variant: dict[str, Any] = {"dtype": options.dtype, "optimize": bool(fusions), "quantize": options.quantize}
     if options.quantize:
-        variant["quantization"] = QUANTIZATIONS[options.quantize].to_dict()
+        variant["quantization"] = options.quant_recipe.to_dict()
     if options.variant_name != "float32" or fusions:
         log(f"[3/6] applying variant {options.variant_name}{' + graph fusions' if fusions else ''}")
         paths, variant["fusions"] = apply_variant(paths, model=model, options=options, log=log, kv=kv)

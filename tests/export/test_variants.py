@@ -92,3 +92,23 @@ def test_quantized_bundle_records_its_recipe_and_agreement_and_quantizes_the_hea
     assert all(a.i == recipe.block_size for n in graph.node for a in n.attribute if a.name == "block_size")
     # merged q/k/v and gate/up (the Llama family's default fusions): 4 quantized matrices a layer
     assert len(layers) == 4 * manifest.num_layers
+
+
+def test_quant_block_size_sets_every_blocks_width_and_is_recorded(tiny_checkpoint, tmp_path):
+    export_bundle(tiny_checkpoint("llama", DIRECT), tmp_path / "b",
+                  options=ExportOptions(quantize="int8", quant_block_size=16, score_graph=False), log=_quiet)
+    manifest = read_manifest(tmp_path / "b")
+    assert manifest.validation["passed"]
+    assert manifest.variant["quantization"] == {**QUANTIZATIONS["int8"].to_dict(), "block_size": 16}
+    graph = onnx.load(str(tmp_path / "b" / "decode_exits.onnx"), load_external_data=False).graph
+    sizes = [a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"]
+    assert sizes and set(sizes) == {16}
+
+
+@pytest.mark.parametrize("fields", [dict(quantize="int8", quant_block_size=24), dict(quantize="int4", quant_block_size=8),
+                                    dict(quant_block_size=16)])
+def test_bad_quant_block_sizes_are_refused(fields):
+    from autocontrast.errors import ExportError
+
+    with pytest.raises(ExportError, match="--quant-block-size"):
+        ExportOptions(**fields)
