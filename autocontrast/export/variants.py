@@ -14,7 +14,7 @@ activations, ran ~20x slower). The head is quantized as its own MatMul (a tied h
 copy), so a step never reads the fp32 embedding matrix; the embedding itself stays a Gather that
 reads one row per token. Blocks of 32 along K, as onnxruntime-genai ships, round to nearest,
 symmetric; `--quant-block-size 16` stores twice the scales and quantizes activations in blocks of 16:
-int8 ACD then agrees with fp32 on 93.4 % of WikiText steps instead of 89.8 %, at ~14 % more time per
+int8 ACD then agrees with fp32 on 93.4 % of WikiText steps instead of 89.8 %, at 5-18 % more time per
 step (README "Lean decode graphs"). int8: every MatMul
 at 8 bits. int4 (edge devices): the layers' MLPs at 4 bits; the heads and the attention projections
 at 8 bits, which lifted teacher-forced agreement on SmolLM2 from 55 % to 70-72 % for ~6 % more CPU time
