@@ -29,7 +29,7 @@ from autocontrast.bundle import DECODE, GraphSpec, KVCacheSpec
 from autocontrast.errors import ExportValidationError
 from autocontrast.models.contrast import calculate_contrasted_logits
 from autocontrast.runtime.decode_state import open_decode_state
-from autocontrast.runtime.session import ExitSession
+from autocontrast.runtime.session import ExitSession, shared_file_session
 
 VALIDATION_TEXT = ("The quick brown fox jumps over the lazy dog, and then it runs into the forest",
                    "Paris is the capital of")
@@ -151,9 +151,8 @@ def _compare(model: Any, bundle_dir: Path, graphs: Sequence[GraphSpec], kv: KVCa
                               "prompt_length": int(ids.shape[1]), "decode_steps": steps, "graphs": {}}
     sessions: dict[str, ExitSession] = {}
     for g in graphs:  # the entries of one switched graph share its session, as in a Generator
-        same_file = next((s.session for s in sessions.values() if s.graph.file == g.file), None)
         sessions[g.name] = ExitSession(bundle_dir, g, kv=kv.for_layers(g.cache_layers), vocab_size=vocab,
-                                       session=same_file)
+                                       session=shared_file_session(sessions.values(), g))
     all_exits = tuple(dict.fromkeys(e for g in graphs for e in g.exits))
     for g in graphs:
         report["graphs"][g.name] = {}

@@ -43,7 +43,7 @@ from autocontrast.runtime.encoder_decoder_state import EncoderDecoderState
 from autocontrast.runtime.inplace_state import InPlaceDecodeState
 from autocontrast.runtime.modes import DecodeMode, graph_with_exits, resolve_mode
 from autocontrast.runtime.params import GenerationParams
-from autocontrast.runtime.session import ExitSession, open_session
+from autocontrast.runtime.session import ExitSession, open_session, shared_file_session
 from autocontrast.runtime.stepper import Stepper
 from autocontrast.runtime.text import chat_template, load_tokenizer, render_chat
 
@@ -118,12 +118,10 @@ class Generator:
         """The (lazily opened, shared) session of one graph."""
         with self._lock:
             if graph.name not in self._sessions:
-                # entries naming one (switched) graph file share its ONNX Runtime session: one copy of the weights
-                same_file = next((s.session for s in self._sessions.values() if s.graph.file == graph.file), None)
                 self._sessions[graph.name] = open_session(self.bundle_dir, self.manifest, graph,
                                                           provider=self.provider, device_id=self.device_id,
                                                           threads=self.threads, share_weights=self.share_weights,
-                                                          session=same_file)
+                                                          session=shared_file_session(self._sessions.values(), graph))
             return self._sessions[graph.name]
 
     def decode_state(self, graph: GraphSpec) -> DecodeState | InPlaceDecodeState | EncoderDecoderState:

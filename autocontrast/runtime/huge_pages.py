@@ -48,17 +48,19 @@ def enabled() -> bool:
     return sys.platform.startswith("linux") and os.environ.get(ENV_SWITCH, "1") != "0"
 
 
+def _mappings() -> Iterator[tuple[int, int, str, str]]:
+    """(start, end, permissions, path or "") of each of this process's mappings (/proc/self/maps)."""
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+        for line in maps:
+            fields = line.rstrip("\n").split(maxsplit=5)
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            yield start, end, fields[1], fields[5] if len(fields) == 6 else ""
+
+
 def anonymous_regions() -> set[tuple[int, int]]:
     """(start, end) of this process's writable anonymous mappings (the heap included)."""
-    regions = set()
-    with open("/proc/self/maps", encoding="ascii") as maps:
-        for line in maps:
-            fields = line.split()
-            anonymous = len(fields) == 5 or (len(fields) == 6 and fields[5] == "[heap]")
-            if anonymous and fields[1].startswith("rw"):
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                regions.add((start, end))
-    return regions
+    return {(start, end) for start, end, permissions, path in _mappings()
+            if path in ("", "[heap]") and permissions.startswith("rw")}
 
 
 @functools.cache  # a KV buffer calls it at every reallocation
@@ -101,14 +103,8 @@ def collapse(regions: set[tuple[int, int]]) -> int:
 def file_regions(directory: str) -> list[tuple[int, int]]:
     """(start, end) of this process's private (copy-on-write) mappings of files under `directory`."""
     root = os.path.join(os.path.realpath(directory), "")
-    regions = []
-    with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].startswith(root) and fields[1][3] == "p":
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                regions.append((start, end))
-    return regions
+    return [(start, end) for start, end, permissions, path in _mappings()
+            if path.startswith(root) and permissions[3] == "p"]
 
 
 def page_out_files(directory: str) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,7 @@ def load_session(graph_dir: Path, file: str, *, provider: str = "cpu", device_id
         raise BundleError(f"onnxruntime cannot load {path}: {err}") from None
     check_session_providers(session, provider)
     if cpu and shared is None:  # the weights it mapped but pre-packed (or reads in part) need not stay resident
-        session.paged_out_bytes = page_out_files(str(graph_dir))
+        page_out_files(str(graph_dir))
     session.shared_initializers = shared  # ORT only borrows these buffers: they live as long as the session
     session.huge_page_bytes = huge.collapsed_bytes
     return session
@@ -198,6 +199,12 @@ def check_attention_kernels(graph: GraphSpec, kv: KVCacheSpec, provider: str) ->
         raise BundleError(f"graph {graph.name!r} attends through GroupQueryAttention in float32, which "
                           f"{normalize_provider(provider)} cannot run (its kernels are float16); export the model "
                           "with --dtype float16 for the GPU, or with --kv-layout concat to keep float32")
+
+
+def shared_file_session(opened: Iterable[ExitSession], graph: GraphSpec) -> ort.InferenceSession | None:
+    """The ONNX Runtime session one of `opened` holds for `graph`'s file, if any: entries naming one
+    (switched) graph file share it, so its weights are in memory once."""
+    return next((s.session for s in opened if s.graph.file == graph.file), None)
 
 
 def open_session(bundle_dir: Path, manifest: Manifest, graph: GraphSpec, *, provider: str = "cpu",
