@@ -283,6 +283,16 @@ class Manifest:
     def eos_token_ids(self) -> tuple[int, ...]:
         return tuple(self.special_tokens.get("eos_token_ids") or ())
 
+    @property
+    def padding_token_id(self) -> int:
+        """The id that pads a batch's rows: pad, else end-of-sequence, else 0, the first inside the vocabulary.
+
+        Padded positions are masked, so any token serves; one beyond the vocabulary (GPT-2's 50256 over a
+        resized one) would fail the embedding's Gather.
+        """
+        candidates = (self.special_tokens.get("pad_token_id"), *self.eos_token_ids)
+        return next((int(t) for t in candidates if t is not None and 0 <= int(t) < self.vocab_size), 0)
+
     # -- (de)serialisation --------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:

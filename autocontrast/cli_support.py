@@ -1,16 +1,26 @@
-"""Shared behaviour of every `acd-*` command: a user's mistake prints its message, not a traceback."""
+"""Shared behaviour of every `acd-*` command: `--version`, and a user's mistake prints its message, not a traceback."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
+from autocontrast import __version__
 from autocontrast.errors import AutocontrastError
 
 USAGE_ERROR = 2
 INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 BROKEN_PIPE = 141  # 128 + SIGPIPE, as `yes | head` reports a reader that left
+
+
+def command_parser(*, prog: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """An `argparse.ArgumentParser` for an `acd-*` command, with `--version` (`prog 0.1.0`)."""
+    parser = argparse.ArgumentParser(prog=prog, **kwargs)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

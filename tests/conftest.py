@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+from autocontrast.data import wikitext_path
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +83,7 @@ def smollm2_bundle(smollm2_path) -> Path:
     return cached_bundle(smollm2_path, ExportOptions(**SMOLLM2_EXPORT), identity="smollm2-135m-instruct")
 
 
-WIKITEXT_VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
+WIKITEXT_VALID = wikitext_path("valid")  # the package carries it (autocontrast/data)
 
 
 @pytest.fixture(scope="session")
@@ -117,3 +120,22 @@ def llama_generator(llama_bundle):
     from autocontrast.runtime import Generator
 
     return Generator(llama_bundle)
+
+
+READ_GUARD = None
+
+
+def pytest_configure(config):
+    """Refuse (and count) every read beside the checkout: see tests/read_guard.py."""
+    global READ_GUARD
+    from tests.read_guard import ReadGuard, forbidden_siblings
+
+    if READ_GUARD is None:
+        READ_GUARD = ReadGuard(forbidden_siblings())
+        READ_GUARD.install()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if READ_GUARD is not None and READ_GUARD.violations:
+        print("\nread outside the checkout:\n  " + "\n  ".join(sorted(set(READ_GUARD.violations))), file=sys.stderr)
+        session.exitstatus = 1

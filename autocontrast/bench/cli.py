@@ -31,10 +31,11 @@ from autocontrast.bench.systems import (
     system_specs,
 )
 from autocontrast.bench.workers import Worker
-from autocontrast.cli_support import run_cli
+from autocontrast.cli_support import command_parser, run_cli
+from autocontrast.data import wikitext_path
 from autocontrast.errors import ConfigurationError, DataError
 
-DEFAULT_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext-2" / "test.txt"
+DEFAULT_TEXT = wikitext_path("test")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +76,7 @@ def real_prompts(text_file: Path, tokenizer_file: Path, scenario: Scenario) -> l
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="acd-bench", description=__doc__.split("\n\n")[0],
+    p = command_parser(prog="acd-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", required=True, type=Path, help="fp32 export bundle (acd-export) for our systems")
     p.add_argument("--int8-bundle", type=Path, help="int8 bundle (acd-export --quantize int8), adds int8 systems")
@@ -104,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="measured repeats per system and scenario (median taken)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up runs per system and scenario, discarded")
     p.add_argument("--baseline", default="optimum-greedy", help="system the ratios are relative to")
-    p.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="text file prompts are cut from")
+    p.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="text file prompts are cut from (default: the WikiText-2 test split the package carries)")
     p.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for results.json and chart.png")
     p.add_argument("--timeout", type=float, default=1800, help="seconds one load or run may take")
     p.add_argument("--share-weights", action="store_true",

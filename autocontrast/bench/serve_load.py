@@ -11,7 +11,6 @@ the server's continuous batching is what makes 8 clients cost far less than 8 x 
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 from autocontrast.bench.cli import DEFAULT_TEXT
-from autocontrast.cli_support import run_cli
+from autocontrast.cli_support import command_parser, run_cli
 from autocontrast.errors import ConfigurationError
 
 
@@ -121,7 +120,7 @@ def table(results: list[LevelResult], new_tokens: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="acd-bench-serve", description=__doc__.split("\n\n")[0])
+    p = command_parser(prog="acd-bench-serve", description=__doc__.split("\n\n")[0])
     p.add_argument("bundle")
     p.add_argument("--concurrency", default="1,4,8,16", help="client counts, comma-separated")
     p.add_argument("--new-tokens", type=int, default=64)

@@ -6,7 +6,7 @@ run_lm_eval.py:
 
     python -m autocontrast.evaluation.lm_eval --model acd_onnx \
         --model_args pretrained=BUNDLE,use_original_head=False,contrast_layer_indices='original;15' \
-        --tasks wikitext_local --metadata '{"path": "../shared/data/wikitext-2/test.txt"}'
+        --tasks wikitext_local --metadata '{"max_documents": 10}'
 
 >>> from autocontrast.evaluation.lm_eval import main
 >>> main(["--model", "multi_exit_hf", "--model_args", "pretrained=PATH", "--tasks", "wikitext_local"])  # doctest: +SKIP
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from autocontrast.cli_support import run_cli
+from autocontrast.cli_support import command_parser, run_cli
 from autocontrast.errors import ConfigurationError
 
 
@@ -44,7 +44,7 @@ def evaluate(model: str, model_args: str, tasks: list[str], *, batch_size: int =
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m autocontrast.evaluation.lm_eval",
+    p = command_parser(prog="python -m autocontrast.evaluation.lm_eval",
                                 description="lm-eval-harness on a multi-exit model (multi_exit_hf) or an export "
                                             "bundle (acd_onnx), with offline tasks.")
     p.add_argument("--model", default="multi_exit_hf", choices=("multi_exit_hf", "acd_onnx"))

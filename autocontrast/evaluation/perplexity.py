@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from autocontrast.cli_support import run_cli
+from autocontrast.cli_support import command_parser, run_cli
 from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, Exit, parse_exit, parse_exits
 from autocontrast.errors import ConfigurationError, DataError
 
@@ -252,7 +252,7 @@ def perplexity_of_model(path: str | Path, data_files: Sequence[str | Path], *,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="acd-perplexity",
+    parser = command_parser(prog="acd-perplexity",
                                      description="Per-exit perplexity (and of the contrast) of a multi-exit model.")
     parser.add_argument("model", help="a PyTorch model folder or an export bundle (scored by its score graph)")
     parser.add_argument("--data", nargs="+", required=True, metavar="FILE", help="text files to score")

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from autocontrast.cli_support import run_cli
+from autocontrast.cli_support import command_parser, run_cli
 from autocontrast.config import (
     DEFAULT_ALPHA,
     DEFAULT_MINIMUM_CANDIDATES,
@@ -158,7 +158,7 @@ def run_quality(model: str | Path, data: str | Path, *, settings: Sequence[str] 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="acd-quality", description="Repetition, diversity and coherence of "
+    p = command_parser(prog="acd-quality", description="Repetition, diversity and coherence of "
                                 "open-ended generation, per decoding setting.")
     p.add_argument("model", help="a PyTorch model folder or an export bundle (run by the runtime)")
     p.add_argument("--data", required=True, help="text file whose paragraph prefixes are the prompts")

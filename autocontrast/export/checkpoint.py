@@ -152,8 +152,12 @@ def copy_tokenizer(model: str, target: Path) -> tuple[tuple[str, ...], str | Non
     return tuple(copied), template if isinstance(template, str) else None
 
 
-def special_tokens(config: Any, generation_config: Any) -> dict[str, Any]:
-    """bos/eos/pad ids from the model config and its generation config (eos may be several)."""
+def special_tokens(config: Any, generation_config: Any, *, vocab_size: int) -> dict[str, Any]:
+    """bos/eos/pad ids from the model config and its generation config (eos may be several).
+
+    Ids at or beyond `vocab_size` (a GPT-2 config keeping 50256 over a resized vocabulary) are kept, as the
+    original library keeps them (no such token is ever generated), and listed under `outside_vocabulary`.
+    """
     eos: list[int] = []
     for source in (generation_config, config):
         value = getattr(source, "eos_token_id", None) if source is not None else None
@@ -168,4 +172,10 @@ def special_tokens(config: Any, generation_config: Any) -> dict[str, Any]:
                 return int(value[0] if isinstance(value, (list, tuple)) else value)
         return None
 
-    return {"bos_token_id": first("bos_token_id"), "eos_token_ids": eos, "pad_token_id": first("pad_token_id")}
+    out: dict[str, Any] = {"bos_token_id": first("bos_token_id"), "eos_token_ids": eos,
+                           "pad_token_id": first("pad_token_id")}
+    ids = [out["bos_token_id"], *eos, out["pad_token_id"]]
+    outside = sorted({i for i in ids if i is not None and not 0 <= i < vocab_size})
+    if outside:
+        out["outside_vocabulary"] = outside
+    return out

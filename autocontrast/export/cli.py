@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from autocontrast.bundle import KV_LAYOUTS
-from autocontrast.cli_support import run_cli
+from autocontrast.cli_support import command_parser, run_cli
 from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, parse_exits
 from autocontrast.errors import ExportError
 from autocontrast.export.exporter import DECODE_GRAPHS
@@ -61,7 +61,7 @@ def _early_exits(text: str) -> tuple[int, ...]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="acd-export", description=DESCRIPTION, epilog=EXAMPLES,
+    p = command_parser(prog="acd-export", description=DESCRIPTION, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help=f"checkpoint folder or hub id ({labels()})")
     p.add_argument("output", help="bundle directory to create (refused if it exists, unless --force); checked "

@@ -478,12 +478,17 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
         log("[5/6] measuring teacher-forced token agreement with fp32 PyTorch")
         variant["agreement"] = teacher_forced_agreement(model, work, specs, kv, tokenizer=loaded.tokenizer)
     tokenizer_files, template = copy_tokenizer(source, work)
+    special = special_tokens(config, loaded.generation_config, vocab_size=int(config.vocab_size))
+    if special.get("outside_vocabulary"):
+        log(f"warning: special token id(s) {', '.join(map(str, special['outside_vocabulary']))} lie outside the "
+            f"vocabulary (0..{int(config.vocab_size) - 1}): the model can never generate them, so generation "
+            "stops only at max_new_tokens or a stop string (recorded as special_tokens.outside_vocabulary)")
     return Manifest(
         source_model=source, architecture=family.name, num_layers=model.num_layers,
         hidden_size=family.hidden_size(config), vocab_size=int(config.vocab_size),
         max_positions=family.max_positions(config), projection_mode=model.vocab_projection_mode.name,
         exits=exits, kv_cache=kv, graphs=tuple(specs),
-        special_tokens=special_tokens(config, loaded.generation_config), tokenizer_files=tokenizer_files,
+        special_tokens=special, tokenizer_files=tokenizer_files,
         chat_template=template, variant=variant, versions=versions(opset=OPSET), validation=report,
         encoder_decoder=encoder_decoder)
 

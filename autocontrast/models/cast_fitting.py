@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from autocontrast.cli_support import run_cli
+from autocontrast.cli_support import command_parser, run_cli
 from autocontrast.config import MultiExitConfiguration, VocabularyProjectionMode
 from autocontrast.errors import ConfigurationError, DataError
 from autocontrast.models.multi_exit import CASTS, MultiExitMixin, cast_matrix_name
@@ -181,7 +181,7 @@ def fit_cast_matrices(model_path: str | Path, output_dir: str | Path, *, layers:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = command_parser(
         prog="acd-fit-cast",
         description="Fit layer-to-top cast matrices by least squares, for SHARED_PROJECTION_CAST_OUTPUTS.")
     parser.add_argument("model", help="Hugging Face model folder (or a multi-exit checkpoint)")

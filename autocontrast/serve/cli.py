@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autocontrast.cli_support import run_cli
+from autocontrast.cli_support import command_parser, run_cli
 from autocontrast.errors import ConfigurationError
 from autocontrast.serve.address import listening_socket
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 def _parser() -> argparse.ArgumentParser:
     from autocontrast.runtime.cli import add_mode_arguments
 
-    p = argparse.ArgumentParser(prog="acd-serve", description=__doc__.split("\n\n")[0],
+    p = command_parser(prog="acd-serve", description=__doc__.split("\n\n")[0],
                                 epilog="examples:\n" + "\n".join(__doc__.strip().splitlines()[2:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("bundle", help="export bundle directory (made by acd-export)")

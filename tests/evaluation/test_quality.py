@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from autocontrast.config import VocabularyProjectionMode
+from autocontrast.data import wikitext_path
 from autocontrast.evaluation.quality import main
 
 MODE = VocabularyProjectionMode.LAYER_SPECIFIC_PROJECTION
-VALID = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2" / "valid.txt"
+VALID = wikitext_path("valid")
 
 
 @pytest.mark.parametrize("kind", ["pytorch", "bundle"])

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from autocontrast.config import MultiExitConfiguration, VocabularyProjectionMode
+from autocontrast.data import wikitext_path
 from autocontrast.errors import ConfigurationError, DataError
 from autocontrast.models.auto import AutoMultiExitModel
 from autocontrast.models.cast_fitting import fit_cast_matrices, fit_cast_matrix, main
 
-VALID = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2" / "valid.txt"
+VALID = wikitext_path("valid")
 LAYERS = (1, 2)
 BLOCK = 64
 VECTORS = 1024  # 16 blocks of 64 tokens; hidden size 32
@@ -121,7 +122,7 @@ def test_cast_matrix_fitted_on_smollm2_beats_the_direct_projection_at_layer_15(s
 
     tokenizer = AutoTokenizer.from_pretrained(str(smollm2_path))
     fit_blocks = text_blocks(tokenizer, [VALID], block_size=256, max_tokens=2048)  # (8, 256)
-    test_blocks = text_blocks(tokenizer, [VALID.with_name("test.txt")], block_size=256, max_tokens=512)
+    test_blocks = text_blocks(tokenizer, [wikitext_path("test")], block_size=256, max_tokens=512)
     model = load_for_fitting(smollm2_path, AutoConfig.from_pretrained(str(smollm2_path)), (15,))
     (fit,) = fit_all(model, torch.from_numpy(fit_blocks), (15,))
     matrix = model.name_to_conv_matrix["15_to_30"].weight

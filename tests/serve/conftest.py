@@ -37,11 +37,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, bundle, *args: str, startup_s: float = 120, env: dict[str, str] | None = None) -> None:
+    def __init__(self, bundle, *args: str, startup_s: float = 120, env: dict[str, str] | None = None,
+                 command: list[str] | None = None) -> None:
+        """`command` starts the server (default: this interpreter's `-m autocontrast.serve.cli`)."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="acd-serve-", suffix=".log")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "autocontrast.serve.cli", str(bundle), "--port",
+        command = command or [sys.executable, "-m", "autocontrast.serve.cli"]
+        self.proc = subprocess.Popen([*command, str(bundle), "--port",
                                       str(self.port), "--threads", "1", "--log-level", "info", *args],
                                      stdout=self.log, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, **(env or {})})

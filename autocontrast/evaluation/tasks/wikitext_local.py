@@ -1,9 +1,9 @@
-"""WikiText (raw, as in ../shared/data/wikitext-2) as lm-eval documents, from a local file.
+"""WikiText (the tokenized release, as `autocontrast.data` carries it) as lm-eval documents, from a local file.
 
 A document is one article: it starts at a top-level heading line ` = Title = ` (sub-headings
 ` = = Section = = ` stay inside it), as in `EleutherAI/wikitext_document_level`, which lm-eval's own
 `wikitext` task reads from the hub. The file comes from the task's metadata `path` (TaskManager
-metadata or `--metadata '{"path": ...}'`), else $AUTOCONTRAST_WIKITEXT, else the shared test split;
+metadata or `--metadata '{"path": ...}'`), else $AUTOCONTRAST_WIKITEXT, else the test split the package carries;
 `max_documents` keeps only the first N articles.
 
 >>> docs = load_documents(path="test.txt", max_documents=2)  # doctest: +SKIP
@@ -20,9 +20,9 @@ from typing import Any
 
 from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer  # noqa: F401
 
+from autocontrast.data import wikitext_path
 from autocontrast.errors import DataError
 
-DEFAULT_PATH = Path(__file__).resolve().parents[4] / "shared" / "data" / "wikitext-2" / "test.txt"
 TITLE = re.compile(r"^ = [^=].* = $")  # ' = Title = ', not ' = = Section = = '
 
 
@@ -40,7 +40,7 @@ def load_documents(path: str | None = None, max_documents: int | None = None, **
     """A DatasetDict with a 'test' split of {'page': article} rows (the `custom_dataset` of the task)."""
     import datasets
 
-    source = Path(path or os.environ.get("AUTOCONTRAST_WIKITEXT") or DEFAULT_PATH)
+    source = Path(path or os.environ.get("AUTOCONTRAST_WIKITEXT") or wikitext_path("test"))
     if not source.is_file():
         raise DataError(f"WikiText file {source} does not exist; give the task metadata "
                         '{"path": "..."} or set AUTOCONTRAST_WIKITEXT')
