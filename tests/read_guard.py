@@ -1,7 +1,7 @@
 """A guard that the test session reads nothing beside the checkout (a user's clone has nothing there).
 
 An audit hook (PEP 578) sees every `open()` of the process; a path under the checkout's parent
-folder but outside the checkout (`../shared/...`, a sibling clone) is refused with PermissionError and
+folder but outside the checkout (a data folder beside it, a sibling clone) is refused with PermissionError and
 recorded, and conftest fails the session when anything was recorded, even if the caller swallowed
 the error. Hidden siblings (`~/.cache` when the clone sits in the home folder) and pytest's own
 temporary folders stay allowed: they are the cache and scratch space, not project input.

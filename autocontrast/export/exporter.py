@@ -58,6 +58,7 @@ from autocontrast.config import (
     sort_exits,
 )
 from autocontrast.errors import AutocontrastError, ExportError, UnknownExitError
+from autocontrast.export.memory import StageMeter
 from autocontrast.export.output import (
     TerminationGuard,
     check_output,
@@ -147,6 +148,7 @@ class ExportResult:
     manifest: Manifest
     seconds: float
     size_bytes: int
+    peak_resident_bytes: int | None = None  # the highest stage's peak (None where /proc is absent)
 
 
 def _stderr(message: str) -> None:
@@ -169,6 +171,7 @@ def export_bundle(model: str | os.PathLike, output: str | os.PathLike, *, option
     """
     options = options or ExportOptions()
     started = time.perf_counter()
+    meter = log = StageMeter(log)  # each stage's time and peak resident memory on the log
     source, output = str(model), check_output(output, force=force)
     if options.tensorrt:
         from autocontrast.export.tensorrt import check_tensorrt
@@ -179,9 +182,10 @@ def export_bundle(model: str | os.PathLike, output: str | os.PathLike, *, option
     loaded = _load(source, options)
     exits, graphs = _plan(loaded, options)
     manifest = _export_into_place(loaded, source, output, exits, graphs, options, force=force, log=log)
+    meter.close()
     size = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
-    result = ExportResult(output, manifest, time.perf_counter() - started, size)
-    log(summary(result))
+    result = ExportResult(output, manifest, time.perf_counter() - started, size, meter.peak)
+    meter.log(summary(result))
     return result
 
 
@@ -416,7 +420,14 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
     from autocontrast.export.trace import trace_graph
     from autocontrast.export.validation import TOLERANCES, validate_graphs
     from autocontrast.export.variants import apply_variant, fusions_for, versions
-    from autocontrast.export.weights import WEIGHTS_FILE, write_shared_weights
+    from autocontrast.export.weights import (
+        WEIGHTS_FILE,
+        WeightStore,
+        finish_weights,
+        ingest_graph,
+        load_lean,
+        save_lean,
+    )
 
     model = loaded.model
     family, config = model.family, model.config
@@ -430,6 +441,7 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
         trace, validate, encoder_decoder = trace_t5_graph, validate_t5_graphs, encoder_decoder_spec(model)
         plan = with_encoder(plan)
     raw = work / ".raw"
+    store = WeightStore(work)  # the bundle's one weights file, written as each graph is traced
     specs, paths = [], {}
     traced = [g for g in plan if g.get("traced", True)]
     for i, g in enumerate(traced):
@@ -439,8 +451,11 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
             f"{', layers 1..' + str(g['layers']) if g.get('layers') else ''})")
         layers = g.get("layers")
         early = {"layers": layers} if layers else {}  # only decoder-only graphs have early exits
-        paths[g["name"]] = trace(model, g["exits"], kind=g["kind"], contrast=contrast, kv=kv.for_layers(layers),
-                                 directory=raw / g["name"], opset=OPSET, **early)
+        traced_file = trace(model, g["exits"], kind=g["kind"], contrast=contrast, kv=kv.for_layers(layers),
+                            directory=raw / g["name"], opset=OPSET, **early)
+        paths[g["name"]] = ingest_graph(traced_file, work / f"{g['name']}.onnx", store)
+        shutil.rmtree(raw / g["name"], ignore_errors=True)
+    shutil.rmtree(raw, ignore_errors=True)
     for g in plan:
         contrast = g["contrast"]
         spec_contrast = ContrastSpec(CONTRAST_OUTPUT, *contrast) if contrast else None
@@ -455,12 +470,14 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
         variant["quantization"] = options.quant_recipe.to_dict()
     if options.variant_name != "float32" or fusions:
         log(f"[3/6] applying variant {options.variant_name}{' + graph fusions' if fusions else ''}")
-        paths, variant["fusions"] = apply_variant(paths, model=model, options=options, log=log, kv=kv)
-    log("[4/6] writing graphs with one shared weights file")
-    # a tied head reads the embedding matrix, not a transposed copy of it
-    write_shared_weights(paths, work, transform=untie_transposed_copies,
-                         metadata={s.name: {EXITS_METADATA_KEY: exits_metadata(s.exits)} for s in specs if s.name in paths})
-    shutil.rmtree(raw, ignore_errors=True)
+        variant["fusions"] = apply_variant(paths, model=model, options=options, log=log, kv=kv, store=store)
+    log("[4/6] compacting the shared weights file")
+    for path in paths.values():  # after the fusions, which read the head's shape as traced
+        lean = load_lean(path)
+        if untie_transposed_copies(lean, base_dir=work):  # a tied head reads the embedding, not a transposed copy
+            save_lean(lean, path, store)
+    finish_weights(list(paths.values()), store,
+                   metadata={work / s.file: {EXITS_METADATA_KEY: exits_metadata(s.exits)} for s in specs if s.name in paths})
     switched = next((g for g in plan if "switched_lower" in g), None)
     if switched is not None:
         from autocontrast.export.switched_graph import switch_decode_graphs
@@ -508,7 +525,8 @@ def summary(result: ExportResult) -> str:
     from autocontrast.export.fusions import describe_counts
 
     m = result.manifest
-    lines = [f"exported {m.source_model} -> {result.path} in {result.seconds:.1f} s, "
+    peak = f", peak resident {result.peak_resident_bytes / 1e9:.2f} GB" if result.peak_resident_bytes else ""
+    lines = [f"exported {m.source_model} -> {result.path} in {result.seconds:.1f} s{peak}, "
              f"{result.size_bytes / 1e6:.1f} MB ({m.variant.get('quantize') or m.variant.get('dtype')})"]
     for g in m.graphs:
         diffs = m.validation.get("graphs", {}).get(g.name, {})

@@ -26,8 +26,8 @@ attention alike.
 - `gpt2_optimizer`: ONNX Runtime's whole GPT-2 optimizer (LayerNorm, Gelu, skip-LayerNorm, GPT-2
   attention), for the GPT-2 family it was written for.
 
->>> counts = apply_fusions(Path("raw/decode_exits/model.onnx"), ("shared_input_matmuls",), model=model,
-...                        target=Path("raw/decode_exits/fused.onnx"))  # doctest: +SKIP
+>>> counts = apply_fusions(work / "decode_exits.onnx", ("shared_input_matmuls",), model=model,
+...                        store=store)  # doctest: +SKIP
 >>> counts
 {'shared_input_matmuls': 60}
 """
@@ -45,10 +45,15 @@ import onnx
 from onnx import helper, numpy_helper
 
 from autocontrast.errors import ExportError
+from autocontrast.export.weights import WeightStore, load_lean, save_lean
 
 
-def fuse_shared_input_matmuls(model: onnx.ModelProto, *, vocab_size: int | None = None) -> int:
+def fuse_shared_input_matmuls(model: onnx.ModelProto, *, vocab_size: int | None = None,
+                              base_dir: Path | None = None) -> int:
     """Merge MatMuls that share their input and have constant 2-D weights of one K; returns the merges.
+
+    `base_dir`: where external weights are (a lean graph's folder); each group's weights are read
+    from there only while it is merged.
 
     A weight read by any other node is left alone (merging would copy it), and so is a projection
     to the vocabulary (`vocab_size` columns): exits' heads are stacked differently by each graph of
@@ -69,14 +74,15 @@ def fuse_shared_input_matmuls(model: onnx.ModelProto, *, vocab_size: int | None 
     merged = 0
     for members in (m for m in groups.values() if len(m) > 1):
         # named after the first member, so passes that read module paths (attention_bits) still see them
-        _merge(graph, members, [inits[n.input[1]] for n in members], tag=f"{members[0].name}/merged{len(members)}")
+        _merge(graph, members, [inits[n.input[1]] for n in members], tag=f"{members[0].name}/merged{len(members)}",
+               base_dir=base_dir)
         merged += 1
     return merged
 
 
 def _merge(graph: onnx.GraphProto, members: list[onnx.NodeProto], weights: list[onnx.TensorProto], *,
-           tag: str) -> None:
-    arrays = [numpy_helper.to_array(w) for w in weights]  # (K, N_i) each
+           tag: str, base_dir: Path | None) -> None:
+    arrays = [numpy_helper.to_array(w, base_dir=str(base_dir or "")) for w in weights]  # (K, N_i) each
     combined = numpy_helper.from_array(np.concatenate(arrays, axis=1), f"{tag}/weight")  # (K, sum N_i)
     sizes = numpy_helper.from_array(np.array([a.shape[1] for a in arrays], np.int64), f"{tag}/sizes")
     product = f"{tag}/output"
@@ -233,10 +239,10 @@ def quiet_loggers(*names: str) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _ort_fusion(class_name: str, op_type: str) -> Callable[[onnx.ModelProto, Any], int]:
+def _ort_fusion(class_name: str, op_type: str) -> Callable[[onnx.ModelProto, Any, Path], int]:
     """One of ONNX Runtime's fusion classes as a pass: run it, count the `op_type` nodes it added."""
 
-    def run(proto: onnx.ModelProto, model: Any) -> int:
+    def run(proto: onnx.ModelProto, model: Any, base_dir: Path) -> int:
         from onnxruntime.transformers import fusion_rotary_attention, fusion_simplified_layernorm
         from onnxruntime.transformers.fusion_utils import FusionUtils
         from onnxruntime.transformers.onnx_model import OnnxModel
@@ -256,8 +262,12 @@ def _ort_fusion(class_name: str, op_type: str) -> Callable[[onnx.ModelProto, Any
     return run
 
 
-def _gpt2_optimizer(proto: onnx.ModelProto, model: Any) -> int:
+def _gpt2_optimizer(proto: onnx.ModelProto, model: Any, base_dir: Path) -> int:
+    """ORT's GPT-2 optimizer reads the weights it fuses (attention's q/k/v): they are loaded for it."""
+    from onnx.external_data_helper import load_external_data_for_model
     from onnxruntime.transformers.optimizer import optimize_by_fusion
+
+    load_external_data_for_model(proto, str(base_dir))
 
     family = model.family
     optimized = optimize_by_fusion(proto, model_type="gpt2", num_heads=model.config.num_attention_heads,
@@ -267,10 +277,11 @@ def _gpt2_optimizer(proto: onnx.ModelProto, model: Any) -> int:
     return fused
 
 
-FUSIONS: dict[str, Callable[[onnx.ModelProto, Any], int]] = {
-    "shared_input_matmuls": lambda proto, model: fuse_shared_input_matmuls(proto, vocab_size=model.config.vocab_size),
-    "static_reshapes": lambda proto, model: simplify_reshapes(proto),
-    "packed_qkv": lambda proto, model: pack_qkv(proto),
+FUSIONS: dict[str, Callable[[onnx.ModelProto, Any, Path], int]] = {  # (graph, model, weights folder)
+    "shared_input_matmuls": lambda proto, model, base_dir: fuse_shared_input_matmuls(
+        proto, vocab_size=model.config.vocab_size, base_dir=base_dir),
+    "static_reshapes": lambda proto, model, base_dir: simplify_reshapes(proto),
+    "packed_qkv": lambda proto, model, base_dir: pack_qkv(proto),
     "simplified_layer_norm": _ort_fusion("FusionSimplifiedLayerNormalization", "SimplifiedLayerNormalization"),
     "skip_simplified_layer_norm": _ort_fusion("FusionSkipSimplifiedLayerNormalization",
                                               "SkipSimplifiedLayerNormalization"),
@@ -279,16 +290,15 @@ FUSIONS: dict[str, Callable[[onnx.ModelProto, Any], int]] = {
 }
 
 
-def apply_fusions(path: Path, names: Sequence[str], *, model: Any, target: Path) -> dict[str, int]:
-    """Run the named fusions in order on the graph at `path`, save it to `target`; returns {name: fused nodes}."""
-    from autocontrast.export.weights import load_graph, save_graph
-
+def apply_fusions(path: Path, names: Sequence[str], *, model: Any, store: WeightStore) -> dict[str, int]:
+    """Run the named fusions in order on the lean graph at `path` (beside `store`), rewrite it in place;
+    returns {name: fused nodes}. Weights stay on disk; the tensors a fusion makes go into the store."""
     unknown = [n for n in names if n not in FUSIONS]
     if unknown:
         raise ExportError(f"unknown graph fusion(s) {unknown}; known: {', '.join(FUSIONS)}")
-    proto = load_graph(path)
-    counts = {name: FUSIONS[name](proto, model) for name in names}
-    save_graph(proto, target)
+    proto = load_lean(path)
+    counts = {name: FUSIONS[name](proto, model, store.directory) for name in names}
+    save_lean(proto, path, store)
     return counts
 
 

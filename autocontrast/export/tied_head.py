@@ -12,6 +12,7 @@ to (rows, hidden) and the product reshaped back to x's leading dims.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -22,8 +23,11 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def untie_transposed_copies(model: onnx.ModelProto) -> int:
-    """Rewrite each MatMul whose B is the transpose of another initializer; returns how many."""
+def untie_transposed_copies(model: onnx.ModelProto, *, base_dir: Path | None = None) -> int:
+    """Rewrite each MatMul whose B is the transpose of another initializer; returns how many.
+
+    `base_dir`: where a lean graph's external weights are; candidates are read one at a time.
+    """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     big2d = {n: t for n, t in inits.items() if len(t.dims) == 2 and t.dims[0] * t.dims[1] >= 1 << 16}
@@ -41,11 +45,11 @@ def untie_transposed_copies(model: onnx.ModelProto) -> int:
         candidates = [n for n in by_shape.get((vocab, hidden), []) if n != node.input[1]]
         if not candidates:
             continue
-        want = _digest(numpy_helper.to_array(wt))
+        want = _digest(numpy_helper.to_array(wt, base_dir=str(base_dir or "")))
         source = None
         for name in candidates:
             if name not in transposed_digest:
-                transposed_digest[name] = _digest(numpy_helper.to_array(inits[name]).T)
+                transposed_digest[name] = _digest(numpy_helper.to_array(inits[name], base_dir=str(base_dir or "")).T)
             if transposed_digest[name] == want:
                 source = name
                 break

@@ -1,8 +1,8 @@
 """Bundle variants: graph fusions, fp16 (GPUs), int8 and int4 weight quantization (CPUs, edge).
 
-Each works on the traced graphs' files before the shared weights file is written, and the
-variant is validated like fp32 (with its own tolerance). Graph fusions (`autocontrast.export.fusions`)
-are the family's (`Family.fusions`); they run first, so a quantized graph quantizes merged
+Each rewrites a lean graph file (`autocontrast.export.weights`) in place, its new tensors going into the
+bundle's one weights file, and the variant is validated like fp32 (with its own tolerance). Graph
+fusions (`autocontrast.export.fusions`) are the family's (`Family.fusions`); they run first, so a quantized graph quantizes merged
 matrices. Quantization changes tokens, so it also measures teacher-forced agreement: the fp32
 PyTorch model's greedy ACD tokens are fed to the quantized decode graph, and we count the steps
 where it would have picked the same token.
@@ -20,8 +20,8 @@ at 8 bits. int4 (edge devices): the layers' MLPs at 4 bits; the heads and the at
 at 8 bits, which lifted teacher-forced agreement on SmolLM2 from 55 % to 70-72 % for ~6 % more CPU time
 per step (what was tried, measured: README "Quantization").
 
->>> paths = apply_variant({"decode_original": Path("raw/decode_original/model.onnx")},
-...                       model=model, options=ExportOptions(quantize="int8"), log=print)  # doctest: +SKIP
+>>> fused = apply_variant({"decode_original": work / "decode_original.onnx"}, model=model,
+...                       options=ExportOptions(quantize="int8"), log=print, store=store)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import numpy as np
 
 from autocontrast.bundle import DECODE, GraphSpec, KVCacheSpec
 from autocontrast.errors import ExportError
+from autocontrast.export.weights import WeightStore, load_graph, save_lean
 
 AGREEMENT_PROMPTS = ("The history of the city begins in", "In mathematics, a prime number is",
                      "The best way to learn a new language is")
@@ -101,61 +102,59 @@ def fusions_for(family: Any, optimize: bool | None) -> tuple[str, ...]:
 
 
 def apply_variant(paths: dict[str, Path], *, model: Any, options: Any, log: Callable[[str], None],
-                  kv: KVCacheSpec | None = None) -> tuple[dict[str, Path], dict[str, dict[str, int]]]:
-    """Transform each graph file (the traced ones are left in place).
+                  store: WeightStore, kv: KVCacheSpec | None = None) -> dict[str, dict[str, int]]:
+    """Transform each lean graph file in place (fusions, then fp16 or quantization), its weights in `store`.
 
-    Returns the new files and, per graph, how many nodes each fusion made ({} when none ran).
+    Returns, per graph, how many nodes each fusion made ({} when none ran).
     `kv`: the bundle's cache layout; a float16 cache (`kv.dtype`) makes the past/present float16 too.
     """
     from autocontrast.export.fusions import apply_fusions, describe_counts
 
     float16_io = kv.past_names() + kv.present_names() if kv is not None and kv.dtype == "float16" else []
     fusions = fusions_for(model.family, options.optimize)
-    out: dict[str, Path] = {}
     fused: dict[str, dict[str, int]] = {}
     for name, path in paths.items():
-        current = path
         if fusions:
-            target = path.with_name("fused.onnx")
-            fused[name] = apply_fusions(current, fusions, model=model, target=target)
-            current = target
+            fused[name] = apply_fusions(path, fusions, model=model, store=store)
         if options.dtype == "float16":
-            current = to_float16(current, target=path.with_name("fp16.onnx"), float16_io=float16_io)
+            to_float16(path, store=store, float16_io=float16_io)
         if options.quantize:
-            current = quantize(current, options.quant_recipe, target=path.with_name(f"{options.quantize}.onnx"),
-                               vocab_size=model.config.vocab_size)
-        log(f"      {name}: {current.name}" + (f" ({describe_counts(fused[name])})" if fusions else ""))
-        out[name] = current
-    return out, fused
+            quantize(path, options.quant_recipe, store=store, vocab_size=model.config.vocab_size)
+        log(f"      {name}" + (f": {describe_counts(fused[name])}" if fusions else f": {options.variant_name}"))
+    return fused
 
 
-def to_float16(path: Path, *, target: Path, float16_io: Sequence[str] = ()) -> Path:
-    """Weights and compute in fp16; inputs/outputs stay float32 for the runtime, except those named in
-    `float16_io` (a KV buffer written in place must be in the dtype its attention computes in)."""
+def to_float16(path: Path, *, store: WeightStore, float16_io: Sequence[str] = ()) -> Path:
+    """Weights and compute in fp16, in place; inputs/outputs stay float32 for the runtime, except those named in
+    `float16_io` (a KV buffer written in place must be in the dtype its attention computes in).
+
+    ORT's converter rewrites every weight, so this graph's weights are in memory for the pass (float32 and
+    float16); its float16 tensors go into the store.
+    """
     from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    from autocontrast.export.weights import load_graph, save_graph
 
     model = load_graph(path)
     half = set(float16_io)
     keep = [v.name for v in (*model.graph.input, *model.graph.output) if v.name not in half] if half else True
     converted = convert_float_to_float16(model, keep_io_types=keep, disable_shape_infer=True)
-    return save_graph(converted, target)
+    del model
+    return save_lean(converted, path, store)
 
 
-def quantize(path: Path, recipe: QuantRecipe, *, target: Path, vocab_size: int) -> Path:
-    """Weight-only quantization: quant_pre_process, then MatMulNBits as `recipe` says.
+def quantize(path: Path, recipe: QuantRecipe, *, store: WeightStore, vocab_size: int) -> Path:
+    """Weight-only quantization in place: quant_pre_process, then MatMulNBits as `recipe` says.
 
-    The heads are the MatMuls whose weight has `vocab_size` columns.
+    The heads are the MatMuls whose weight has `vocab_size` columns. ORT's quantizer reads every weight,
+    so this graph's float32 weights are in memory for the pass; the packed ones go into the store.
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from autocontrast.export.weights import load_graph, save_graph
-
-    prepared = path.with_name("preprocessed.onnx")
+    prepared = path.with_name(f".{path.stem}.preprocessed.onnx")
     quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True, save_as_external_data=True,
                       all_tensors_to_one_file=True, external_data_location=prepared.name + ".data")
     model = load_graph(prepared)
+    prepared.unlink()
+    prepared.with_name(prepared.name + ".data").unlink(missing_ok=True)
     inits = {t.name: t for t in model.graph.initializer}
     heads = {n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
              and inits[n.input[1]].dims[-1] == vocab_size}
@@ -166,7 +165,7 @@ def quantize(path: Path, recipe: QuantRecipe, *, target: Path, vocab_size: int) 
         if bits is not None and bits != recipe.bits and group:
             model = _matmul_nbits(model, dataclasses.replace(recipe, bits=bits), only=group)
     model = _matmul_nbits(model, recipe)
-    return save_graph(model, target)
+    return save_lean(model, path, store)
 
 
 def _matmul_nbits(model: Any, recipe: QuantRecipe, *, only: set[str] | None = None) -> Any:

@@ -1,39 +1,114 @@
-"""One deduplicated external weights file for all the graphs of a bundle.
+"""The bundle's one weights file, written once and tensor by tensor while the graphs are built.
 
-Each graph is exported on its own (with its own copy of the weights); `write_shared_weights`
-moves every large initializer of every graph into one file, storing identical tensors once, and
-points each initializer at its `(offset, length)` there. ONNX Runtime reads external data by
-offset, so the graphs load unchanged; the bundle holds the weights once, not once per graph.
-This also lifts protobuf's 2 GB limit on a single .onnx file.
+Every graph of an export lives, from its trace on, as a structure-only `.onnx` file in the bundle's
+work directory whose large initializers point, by `(offset, length)`, into one `WeightStore`
+(`weights.bin` beside it): identical tensors are stored once (the decode and score graphs share
+every layer), and ONNX Runtime reads external data by offset, so the graphs load unchanged. Passes
+load graphs with `load_lean` (weights stay on disk; small constants inline), read a weight's values
+only where they need them (`tensor_array`), and `save_lean` appends the tensors they made. When the
+graphs are final, `finish_weights` drops what no graph reads any more (the unmerged q/k/v matrices
+after a fusion, a tied head's transposed copy) by copying the rest, tensor by tensor, into a
+compact file. No pass holds a second copy of the model's weights; a 1.7B model's 6.8 GB are
+never in memory twice. This also lifts protobuf's 2 GB limit on a single .onnx file.
 
->>> files = write_shared_weights({"decode": Path("raw/decode.onnx"), "score": Path("raw/score.onnx")},
-...                              bundle_dir)  # doctest: +SKIP
+>>> store = WeightStore(work)  # doctest: +SKIP
+>>> ingest_graph(Path("raw/decode/model.onnx"), work / "decode.onnx", store)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor
 
 WEIGHTS_FILE = "weights.bin"
 INLINE_LIMIT = 1024  # bytes: tensors this small stay inside the graph
 ALIGN = 64  # byte alignment of each tensor in the file (lets ORT memory-map it)
+COPY_CHUNK = 64 * 1024 * 1024  # bytes per read when compacting
 
 
-def load_graph(path: Path) -> onnx.ModelProto:
-    """A graph with all its weights in memory (from its own external data, if any)."""
-    return onnx.load(str(path), load_external_data=True)
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """`graph` and every subgraph (an If's branches), depth first."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            for sub in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)):
+                yield from _graphs(sub)
 
 
-def save_graph(model: onnx.ModelProto, target: Path) -> Path:
-    """Write a working graph with its larger tensors in `<target>.data` beside it; returns `target`."""
-    onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=target.name + ".data", size_threshold=INLINE_LIMIT)
-    return target
+def initializers(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    """Every initializer of the model, its subgraphs' included."""
+    for graph in _graphs(model.graph):
+        yield from graph.initializer
+
+
+def _external(tensor: TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def is_external(tensor: TensorProto) -> bool:
+    return tensor.data_location == TensorProto.EXTERNAL
+
+
+class WeightStore:
+    """`weights.bin` being written: tensors appended once each (deduplicated by dtype, shape and SHA-1)."""
+
+    def __init__(self, directory: Path, name: str = WEIGHTS_FILE) -> None:
+        self.directory, self.name = Path(directory), name
+        self.path = self.directory / name
+        self._file = open(self.path, "ab+")  # noqa: SIM115 - closed by close()
+        self._stored: dict[tuple[int, str, str], tuple[int, int]] = {}
+
+    def put(self, data: bytes | memoryview, data_type: int, dims: list[int] | tuple[int, ...]) -> tuple[int, int]:
+        """Store `data` unless an identical tensor is stored; returns its (offset, length)."""
+        key = (data_type, ",".join(map(str, dims)), hashlib.sha1(data).hexdigest())
+        if key not in self._stored:
+            end = self._file.seek(0, os.SEEK_END)
+            self._file.write(b"\0" * ((-end) % ALIGN))
+            offset = self._file.tell()
+            self._file.write(data)
+            self._stored[key] = (offset, len(data))
+        return self._stored[key]
+
+    def externalize(self, model: onnx.ModelProto, base_dir: Path | None = None) -> None:
+        """Move every initializer larger than `INLINE_LIMIT` into the store: one held in the proto, or
+        external elsewhere (`base_dir`: where its locations are relative to). The proto then points here."""
+        for tensor in initializers(model):
+            if is_external(tensor):
+                info = _external(tensor)
+                if info.get("location") == self.name and base_dir in (None, self.directory):
+                    continue  # already here
+                if int(info.get("length", INLINE_LIMIT + 1)) <= INLINE_LIMIT:
+                    load_external_data_for_tensor(tensor, str(base_dir))
+                    tensor.data_location = TensorProto.DEFAULT
+                    del tensor.external_data[:]
+                    continue
+                data = _read_external(tensor, base_dir)
+            else:
+                data = tensor_bytes(tensor)
+                if len(data) <= INLINE_LIMIT:
+                    continue
+            offset, length = self.put(data, tensor.data_type, tensor.dims)
+            del data
+            point_at(tensor, self.name, offset, length)
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _read_external(tensor: TensorProto, base_dir: Path | None) -> bytes:
+    info = _external(tensor)
+    path = Path(base_dir or ".") / info["location"]
+    with open(path, "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        return f.read(int(info["length"])) if "length" in info else f.read()
 
 
 def tensor_bytes(tensor: TensorProto) -> bytes:
@@ -42,45 +117,12 @@ def tensor_bytes(tensor: TensorProto) -> bytes:
     return numpy_helper.to_array(tensor).tobytes()
 
 
-def write_shared_weights(graphs: dict[str, Path], bundle_dir: Path, *, weights_file: str = WEIGHTS_FILE,
-                         transform: Callable[[onnx.ModelProto], object] | None = None,
-                         metadata: dict[str, dict[str, str]] | None = None) -> dict[str, str]:
-    """Write each graph as `<name>.onnx` with its weights in one shared, deduplicated file.
-
-    `graphs` maps names to exported graph files; they are loaded one at a time (so peak memory
-    is one graph's weights, not all of them), passed through `transform` if given, stamped with
-    `metadata[name]` (ONNX metadata_props), and written.
-    Returns {graph name: graph file name}.
-    """
-    stored: dict[tuple[int, str, str], tuple[int, int]] = {}  # (dtype, dims, sha1) -> (offset, length)
-    files: dict[str, str] = {}
-    with open(bundle_dir / weights_file, "wb") as out:
-        for name, path in graphs.items():
-            model = load_graph(path)
-            if transform is not None:
-                transform(model)
-            for tensor in model.graph.initializer:
-                data = tensor_bytes(tensor)
-                if len(data) <= INLINE_LIMIT:
-                    continue
-                key = (tensor.data_type, ",".join(map(str, tensor.dims)), hashlib.sha1(data).hexdigest())
-                if key not in stored:
-                    pad = (-out.tell()) % ALIGN
-                    out.write(b"\0" * pad)
-                    stored[key] = (out.tell(), len(data))
-                    out.write(data)
-                offset, length = stored[key]
-                _point_at(tensor, weights_file, offset, length)
-            for key, value in (metadata or {}).get(name, {}).items():
-                onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props}, key: value})
-            file_name = f"{name}.onnx"
-            onnx.save_model(model, str(bundle_dir / file_name))
-            files[name] = file_name
-            del model
-    return files
+def tensor_array(tensor: TensorProto, base_dir: Path) -> np.ndarray:
+    """The values of an initializer, read from its external file if it has one."""
+    return numpy_helper.to_array(tensor, base_dir=str(base_dir))
 
 
-def _point_at(tensor: TensorProto, location: str, offset: int, length: int) -> None:
+def point_at(tensor: TensorProto, location: str, offset: int, length: int) -> None:
     tensor.ClearField("raw_data")
     for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
         tensor.ClearField(field)
@@ -89,3 +131,67 @@ def _point_at(tensor: TensorProto, location: str, offset: int, length: int) -> N
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
+
+
+def load_lean(path: Path) -> onnx.ModelProto:
+    """A graph's structure, its large weights left where they are (small ones loaded inline)."""
+    model = onnx.load(str(path), load_external_data=False)
+    for tensor in initializers(model):
+        if is_external(tensor) and int(_external(tensor).get("length", INLINE_LIMIT + 1)) <= INLINE_LIMIT:
+            load_external_data_for_tensor(tensor, str(Path(path).parent))
+            tensor.data_location = TensorProto.DEFAULT
+            del tensor.external_data[:]
+    return model
+
+
+def save_lean(model: onnx.ModelProto, target: Path, store: WeightStore, *, base_dir: Path | None = None) -> Path:
+    """Write `model` as `target` (in the store's directory) with its large tensors in the store.
+
+    `base_dir`: where the model's external tensors not yet in the store are (a traced graph's folder).
+    """
+    if Path(target).parent.resolve() != store.directory.resolve():
+        raise ValueError(f"{target} must be beside {store.path}: its tensors point there by a relative path")
+    store.externalize(model, base_dir=base_dir or store.directory)
+    onnx.save_model(model, str(target))
+    return target
+
+
+def load_graph(path: Path) -> onnx.ModelProto:
+    """A graph with all its weights in memory (the passes that rewrite every weight: fp16, quantization)."""
+    return onnx.load(str(path), load_external_data=True)
+
+
+def ingest_graph(source: Path, target: Path, store: WeightStore) -> Path:
+    """A traced graph (weights inline, or external beside it) -> `target`, its weights in `store`."""
+    model = onnx.load(str(source), load_external_data=False)  # inline weights come with the proto anyway
+    return save_lean(model, target, store, base_dir=Path(source).parent)
+
+
+def finish_weights(graph_files: list[Path], store: WeightStore, *,
+                   metadata: dict[Path, dict[str, str]] | None = None) -> None:
+    """Compact the store to the tensors the final `graph_files` read (in their order) and stamp each
+    graph with `metadata[file]` (ONNX metadata_props). Copies tensor by tensor; never loads the weights."""
+    store.close()
+    models = {path: onnx.load(str(path), load_external_data=False) for path in graph_files}
+    ranges: dict[tuple[int, int], int] = {}  # (old offset, length) -> new offset
+    compact = store.path.with_name(store.name + ".compact")
+    with open(store.path, "rb") as old, open(compact, "wb") as new:
+        for model in models.values():
+            for tensor in initializers(model):
+                if not is_external(tensor) or _external(tensor).get("location") != store.name:
+                    continue
+                info = _external(tensor)
+                key = (int(info["offset"]), int(info["length"]))
+                if key not in ranges:
+                    new.write(b"\0" * ((-new.tell()) % ALIGN))
+                    ranges[key] = new.tell()
+                    old.seek(key[0])
+                    for start in range(0, key[1], COPY_CHUNK):
+                        new.write(old.read(min(COPY_CHUNK, key[1] - start)))
+                point_at(tensor, store.name, ranges[key], key[1])
+    os.replace(compact, store.path)
+    for path, model in models.items():
+        props = {p.key: p.value for p in model.metadata_props}
+        props.update((metadata or {}).get(path, {}))
+        onnx.helper.set_model_props(model, props)
+        onnx.save_model(model, str(path))
