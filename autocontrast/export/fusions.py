@@ -45,7 +45,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from autocontrast.errors import ExportError
-from autocontrast.export.weights import WeightStore, load_lean, save_lean
+from autocontrast.export.weights import WeightStore, is_external, load_lean, save_lean
 
 
 def fuse_shared_input_matmuls(model: onnx.ModelProto, *, vocab_size: int | None = None,
@@ -106,7 +106,8 @@ def simplify_reshapes(model: onnx.ModelProto) -> int:
 
     graph = model.graph
     # auto_merge off: no dimension is assumed equal to another to make inference go through
-    inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False, guess_output_rank=False)
+    inferred = SymbolicShapeInference.infer_shapes(_weights_as_inputs(model), auto_merge=False,
+                                                   guess_output_rank=False)
     shapes = {v.name: _dims(v) for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
     producer = {out: node for node in graph.node for out in node.output}
     graph_outputs = {o.name for o in graph.output}
@@ -137,6 +138,18 @@ def simplify_reshapes(model: onnx.ModelProto) -> int:
     _rename_inputs(graph, renamed)
     _prune(graph)
     return changed
+
+
+def _weights_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a lean graph whose on-disk weights are typed inputs: shape inference sees their shapes
+    without reading them (it reads any initializer's values it can, a norm's weight included)."""
+    shell = onnx.ModelProto()
+    shell.CopyFrom(model)
+    external = [t for t in shell.graph.initializer if is_external(t)]
+    for tensor in external:
+        shell.graph.initializer.remove(tensor)
+    shell.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in external)
+    return shell
 
 
 def _dims(value: onnx.ValueInfoProto) -> list[int | str | None] | None:
