@@ -182,7 +182,7 @@ def export_bundle(model: str | os.PathLike, output: str | os.PathLike, *, option
     loaded = _load(source, options)
     exits, graphs = _plan(loaded, options)
     manifest = _export_into_place(loaded, source, output, exits, graphs, options, force=force, log=log)
-    meter.close()
+    meter.stop()
     size = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
     result = ExportResult(output, manifest, time.perf_counter() - started, size, meter.peak)
     meter.log(summary(result))

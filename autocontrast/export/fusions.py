@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,17 @@ def quiet_loggers(*names: str) -> Iterator[None]:
             logger.setLevel(level)
 
 
+@contextlib.contextmanager
+def working_directory(path: Path) -> Iterator[None]:
+    """The process's working directory is `path` for the block (contextlib.chdir, before Python 3.11)."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def _ort_fusion(class_name: str, op_type: str) -> Callable[[onnx.ModelProto, Any, Path], int]:
     """One of ONNX Runtime's fusion classes as a pass: run it, count the `op_type` nodes it added."""
 
@@ -262,7 +274,9 @@ def _ort_fusion(class_name: str, op_type: str) -> Callable[[onnx.ModelProto, Any
 
         module = fusion_rotary_attention if class_name == "FusionRotaryEmbeddings" else fusion_simplified_layernorm
         before = sum(n.op_type == op_type for n in proto.graph.node)
-        with quiet_loggers("onnxruntime.transformers", *ORT_TOOL_LOGGERS):  # INFO lines per pass
+        # ORT's tools run ONNX shape inference, which checks external weights by a path relative to the
+        # working directory: run them where the lean graph's weights file is
+        with quiet_loggers("onnxruntime.transformers", *ORT_TOOL_LOGGERS), working_directory(base_dir):
             wrapped = OnnxModel(proto)
             # as ORT's own optimizers do first: the patterns do not see through Identity or a float32 ->
             # float32 Cast (the RMSNorm's upcast in a float32 graph)
@@ -310,7 +324,10 @@ def apply_fusions(path: Path, names: Sequence[str], *, model: Any, store: Weight
     if unknown:
         raise ExportError(f"unknown graph fusion(s) {unknown}; known: {', '.join(FUSIONS)}")
     proto = load_lean(path)
-    counts = {name: FUSIONS[name](proto, model, store.directory) for name in names}
+    counts = {}
+    for name in names:
+        counts[name] = FUSIONS[name](proto, model, store.directory)
+        store.externalize(proto)  # what it made goes to disk now: the next pass copies a lean graph
     save_lean(proto, path, store)
     return counts
 

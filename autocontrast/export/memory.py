@@ -1,9 +1,9 @@
 """Memory of an export: what each stage peaked at, and an early refusal when the machine cannot hold it.
 
 `StageMeter` wraps an export's log: every stage line (`[k/6] ...`) closes the previous stage with its
-time and its peak resident memory (the kernel's high-water mark, `VmHWM`, reset per stage through
-`/proc/self/clear_refs`), so a user exporting a 3B model sees where the memory goes, and the summary
-lists every stage. `check_memory` compares an estimate made from the config, before anything loads,
+time and its peak resident memory (sampled every `SAMPLE_S` by a thread; the kernel's own high-water
+mark is left alone, so `/usr/bin/time -v` still reports the whole run's), so a user exporting a 3B
+model sees where the memory goes, and the summary says the highest. `check_memory` compares an estimate made from the config, before anything loads,
 with what the machine has available, and refuses with the figures instead of meeting the OOM killer.
 
 >>> meter = StageMeter(print)
@@ -13,6 +13,7 @@ with what the machine has available, and refuses with the figures instead of mee
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,7 @@ from autocontrast.errors import ExportError
 
 STAGE = re.compile(r"^\[(\d+)/(\d+)\] ")
 GB = 1e9
+SAMPLE_S = 0.02  # a stage's peak is the highest of these samples (a spike shorter than this may be missed)
 
 
 def _status_bytes(field: str) -> int | None:
@@ -39,17 +41,8 @@ def resident_bytes() -> int | None:
 
 
 def peak_resident_bytes() -> int | None:
-    """The process's resident high-water mark since it started or since `reset_peak`."""
+    """The process's resident high-water mark since it started (`VmHWM`)."""
     return _status_bytes("VmHWM")
-
-
-def reset_peak() -> bool:
-    """Start a new high-water mark at the current resident size (Linux >= 4.0); False where it cannot."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5", encoding="ascii")
-        return True
-    except OSError:
-        return False
 
 
 def available_bytes() -> int | None:
@@ -71,7 +64,17 @@ class StageMeter:
         self.stages: list[tuple[str, float, int | None]] = []  # (stage line, seconds, peak bytes)
         self._current: str | None = None
         self._started = time.perf_counter()
-        reset_peak()
+        self._peak = resident_bytes()
+        self._done = threading.Event()
+        self._sampler = threading.Thread(target=self._sample, name="export-memory", daemon=True)
+        if self._peak is not None:
+            self._sampler.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(SAMPLE_S):
+            now = resident_bytes() or 0
+            if now > (self._peak or 0):
+                self._peak = now
 
     def __call__(self, message: str) -> None:
         if STAGE.match(message) and message.split("] ")[0] != (self._current or "").split("] ")[0]:
@@ -83,12 +86,18 @@ class StageMeter:
         """End the running stage (its figures land in `stages` and on the log)."""
         if self._current is None:
             return
-        seconds, peak = time.perf_counter() - self._started, peak_resident_bytes()
+        now = resident_bytes()
+        peak = None if now is None else max(now, self._peak or 0)
+        seconds = time.perf_counter() - self._started
         self.stages.append((self._current, seconds, peak))
         if peak is not None:
             self.log(f"      ({seconds:.1f} s, peak resident {peak / GB:.2f} GB)")
-        self._current, self._started = None, time.perf_counter()
-        reset_peak()
+        self._current, self._started, self._peak = None, time.perf_counter(), now
+
+    def stop(self) -> None:
+        """Close the running stage and stop sampling."""
+        self.close()
+        self._done.set()
 
     @property
     def peak(self) -> int | None:

@@ -60,22 +60,59 @@ TOLERANCES = {
 }
 
 
-REFERENCE_MAX_PARAMETERS = 1_000_000_000  # a float64 reference holds 8 bytes per parameter
+# parameters outside the decoder layers (embedding, heads, norms) held in float64 for the whole check
+REFERENCE_MAX_PARAMETERS = 1_000_000_000
+
+
+def _decoder_layers(model: Any) -> torch.nn.ModuleList | None:
+    """The model's decoder layers: its ModuleList holding the most parameters."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
+
+
+def _to_dtype_without(model: Any, layers: torch.nn.ModuleList | None, dtype: torch.dtype) -> None:
+    """`model.to(dtype)`, its decoder layers left as they are."""
+    saved = list(layers) if layers is not None else []
+    for i in range(len(saved)):
+        layers[i] = torch.nn.Identity()
+    try:
+        model.to(dtype)
+    finally:
+        for i, layer in enumerate(saved):
+            layers[i] = layer
 
 
 @contextlib.contextmanager
 def float64_reference(model: Any) -> Iterator[str]:
-    """A float32 `model` in float64 for the block, then float32 again (exactly: every float32 is a
-    float64); yields the reference's dtype name. Models above `REFERENCE_MAX_PARAMETERS` stay as they are."""
+    """A float32 `model` computing in float64 for the block, then float32 again (exactly: every float32
+    is a float64); yields the reference's dtype name.
+
+    Layer by layer: the embedding, heads and norms are float64 for the block, each decoder layer only
+    while it runs, so the reference holds one layer's float64 copy, not the model's (a 1.7B model's
+    would be 13.6 GB). A model whose other parameters exceed `REFERENCE_MAX_PARAMETERS` stays as it is.
+    """
     first = next(model.parameters())
-    if first.dtype != torch.float32 or sum(p.numel() for p in model.parameters()) > REFERENCE_MAX_PARAMETERS:
+    layers = _decoder_layers(model)
+    in_layers = sum(p.numel() for p in layers.parameters()) if layers is not None else 0
+    if first.dtype != torch.float32 or sum(p.numel() for p in model.parameters()) - in_layers > REFERENCE_MAX_PARAMETERS:
         yield str(first.dtype).removeprefix("torch.")
         return
-    model.to(torch.float64)
+    def widen(module: torch.nn.Module, args: Any) -> None:  # a hook returning a value would replace the args
+        module.to(torch.float64)
+
+    def narrow(module: torch.nn.Module, args: Any, output: Any) -> None:
+        module.to(torch.float32)
+
+    hooks = []
+    for layer in layers if layers is not None else ():
+        hooks += [layer.register_forward_pre_hook(widen), layer.register_forward_hook(narrow)]
+    _to_dtype_without(model, layers, torch.float64)
     try:
         yield "float64"
     finally:
-        model.to(torch.float32)
+        for hook in hooks:
+            hook.remove()
+        _to_dtype_without(model, layers, torch.float32)
 
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -151,8 +188,9 @@ def _compare(model: Any, bundle_dir: Path, graphs: Sequence[GraphSpec], kv: KVCa
                               "prompt_length": int(ids.shape[1]), "decode_steps": steps, "graphs": {}}
     sessions: dict[str, ExitSession] = {}
     for g in graphs:  # the entries of one switched graph share its session, as in a Generator
+        # share_weights: every graph reads the one memory map of weights.bin, none pre-packs a copy of its own
         sessions[g.name] = ExitSession(bundle_dir, g, kv=kv.for_layers(g.cache_layers), vocab_size=vocab,
-                                       session=shared_file_session(sessions.values(), g))
+                                       session=shared_file_session(sessions.values(), g), share_weights=True)
     all_exits = tuple(dict.fromkeys(e for g in graphs for e in g.exits))
     for g in graphs:
         report["graphs"][g.name] = {}

@@ -4,6 +4,8 @@ fusions that exist."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -17,7 +19,7 @@ from autocontrast.export.fusions import FUSIONS, fuse_shared_input_matmuls, pack
 from autocontrast.export.trace import trace_graph
 from autocontrast.export.variants import fusions_for
 from autocontrast.models.families import FAMILIES, LlamaFamily, T5Family
-from tests.tiny_models import NUM_LAYERS, multi_exit_model
+from tests.tiny_models import NUM_LAYERS, VOCAB, multi_exit_model
 
 DIRECT = VocabularyProjectionMode.SHARED_PROJECTION_DIRECT
 
@@ -162,3 +164,38 @@ def test_every_family_names_only_fusions_that_exist():
     for family in FAMILIES.values():
         assert set(family.fusions) <= set(FUSIONS), family.name
         assert family.fusions or not family.fuses_by_default, family.name
+
+
+def test_fusions_of_a_lean_graph_whose_norm_weights_are_on_disk_fuse_as_an_in_memory_one(traced_llama_gqa, tmp_path,
+                                                                                         monkeypatch):
+    """SmolLM2's norm weights (576 floats) lie in weights.bin, the tiny model's inline: with the inline limit
+    lowered, ORT's fusions (which check external data from the working directory) must still fuse."""
+    from autocontrast.export import weights
+    from autocontrast.export.fusions import apply_fusions
+
+    path, kv = traced_llama_gqa
+    names = ("shared_input_matmuls", "static_reshapes", "packed_qkv", "simplified_layer_norm",
+             "skip_simplified_layer_norm")
+    in_memory = onnx.load(str(path))
+    want = {name: FUSIONS[name](in_memory, multi_exit_model_stub(), path.parent) for name in names}
+    monkeypatch.setattr(weights, "INLINE_LIMIT", 64)
+    work = tmp_path / "work"
+    work.mkdir()
+    store = weights.WeightStore(work)
+    lean = weights.ingest_graph(path, work / "decode.onnx", store)
+    assert any(weights.is_external(t) and len(t.dims) == 1 for t in weights.load_lean(lean).graph.initializer)
+    monkeypatch.chdir(tmp_path)  # not where the weights are
+    assert apply_fusions(lean, names, model=multi_exit_model_stub(), store=store) == want
+    assert want["skip_simplified_layer_norm"] > 0 and want["simplified_layer_norm"] > 0
+    store.close()
+    np.testing.assert_allclose(_run_file(lean, _feeds(kv, past=3, seq=1))[0],
+                               _run(onnx.load(str(path)), _feeds(kv, past=3, seq=1))[0], atol=1e-5)
+
+
+def multi_exit_model_stub() -> SimpleNamespace:
+    """What these fusions read of a model: its vocabulary size."""
+    return SimpleNamespace(config=SimpleNamespace(vocab_size=VOCAB))
+
+
+def _run_file(path, feeds):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
