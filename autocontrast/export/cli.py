@@ -110,6 +110,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace OUTPUT if it is an autocontrast bundle, once the new one is validated; "
                         "anything else there is refused and left untouched")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="export even when the estimated peak memory exceeds what is available (risking the OOM killer)")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
     return p
 
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                             score_graph=not args.no_score_graph, dtype=args.dtype, optimize=args.optimize,
                             quantize=args.quantize, quant_block_size=args.quant_block_size, tensorrt=args.tensorrt,
                             trt_max_batch=args.trt_max_batch, trt_max_length=args.trt_max_length, early_exits=args.early_exits,
-                            kv_layout=args.kv_layout, decode_graphs=args.decode_graphs)
+                            kv_layout=args.kv_layout, decode_graphs=args.decode_graphs,
+                            memory_check=not args.no_memory_check)
 
     def log(message: str) -> None:
         if not args.quiet or message.startswith("exported") or message.startswith("  "):

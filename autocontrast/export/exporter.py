@@ -58,7 +58,7 @@ from autocontrast.config import (
     sort_exits,
 )
 from autocontrast.errors import AutocontrastError, ExportError, UnknownExitError
-from autocontrast.export.memory import StageMeter
+from autocontrast.export.memory import Stage, StageMeter, release_freed_memory
 from autocontrast.export.output import (
     TerminationGuard,
     check_output,
@@ -102,6 +102,8 @@ class ExportOptions:
     kv_layout: str | None = None
     # DECODE_GRAPHS; None: one switched graph where the bundle allows it, else separate graphs
     decode_graphs: str | None = None
+    # refuse, before loading, an export whose estimated peak memory exceeds what is available
+    memory_check: bool = True
 
     def __post_init__(self) -> None:
         if self.kv_layout is not None and self.kv_layout not in KV_LAYOUTS:
@@ -149,6 +151,7 @@ class ExportResult:
     seconds: float
     size_bytes: int
     peak_resident_bytes: int | None = None  # the highest stage's peak (None where /proc is absent)
+    stages: tuple[Stage, ...] = ()  # each stage's time and memory
 
 
 def _stderr(message: str) -> None:
@@ -184,7 +187,7 @@ def export_bundle(model: str | os.PathLike, output: str | os.PathLike, *, option
     manifest = _export_into_place(loaded, source, output, exits, graphs, options, force=force, log=log)
     meter.stop()
     size = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
-    result = ExportResult(output, manifest, time.perf_counter() - started, size, meter.peak)
+    result = ExportResult(output, manifest, time.perf_counter() - started, size, meter.peak, tuple(meter.stages))
     meter.log(summary(result))
     return result
 
@@ -281,10 +284,15 @@ def _load(source: str, options: ExportOptions) -> _Loaded:
         require_weights,
         unreadable_weight_errors,
     )
+    from autocontrast.export.memory import check_memory, checkpoint_float32_bytes, estimate_export_bytes
     from autocontrast.models.auto import AutoMultiExitModel
     from autocontrast.models.families import family_for
 
     config = model_config(source)
+    weight_bytes = checkpoint_float32_bytes(source, config)
+    if options.memory_check and weight_bytes is not None:
+        check_memory(estimate_export_bytes(weight_bytes), what=f"exporting {source} ({weight_bytes / 1e9:.1f} GB of "
+                     "float32 weights)")
     if family_for(config).is_encoder_decoder:
         from autocontrast.export.t5 import check_options
 
@@ -455,6 +463,7 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
                             directory=raw / g["name"], opset=OPSET, **early)
         paths[g["name"]] = ingest_graph(traced_file, work / f"{g['name']}.onnx", store)
         shutil.rmtree(raw / g["name"], ignore_errors=True)
+        release_freed_memory()  # the trace's copies of the weights
     shutil.rmtree(raw, ignore_errors=True)
     for g in plan:
         contrast = g["contrast"]
@@ -471,6 +480,7 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
     if options.variant_name != "float32" or fusions:
         log(f"[3/6] applying variant {options.variant_name}{' + graph fusions' if fusions else ''}")
         variant["fusions"] = apply_variant(paths, model=model, options=options, log=log, kv=kv, store=store)
+    release_freed_memory()
     log("[4/6] compacting the shared weights file")
     for path in paths.values():  # after the fusions, which read the head's shape as traced
         lean = load_lean(path)

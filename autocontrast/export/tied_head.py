@@ -11,22 +11,32 @@ to (rows, hidden) and the product reshaped back to x's leading dims.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from autocontrast.export.weights import read_block
 
-def _digest(array: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
+BLOCK_ROWS = 4096  # rows of the embedding compared at a time
+
+
+def _is_transpose(head: onnx.TensorProto, embedding: onnx.TensorProto, base_dir: Path | None) -> bool:
+    """head == embedding.T, compared a block of embedding rows at a time (neither is read whole)."""
+    rows = embedding.dims[0]
+    for i in range(0, rows, BLOCK_ROWS):
+        block = slice(i, min(i + BLOCK_ROWS, rows))
+        every = slice(None)
+        if not np.array_equal(read_block(head, base_dir, every, block), read_block(embedding, base_dir, block, every).T):
+            return False
+    return True
 
 
 def untie_transposed_copies(model: onnx.ModelProto, *, base_dir: Path | None = None) -> int:
     """Rewrite each MatMul whose B is the transpose of another initializer; returns how many.
 
-    `base_dir`: where a lean graph's external weights are; candidates are read one at a time.
+    `base_dir`: where a lean graph's external weights are; they are compared through memory maps.
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -34,7 +44,6 @@ def untie_transposed_copies(model: onnx.ModelProto, *, base_dir: Path | None = N
     by_shape: dict[tuple[int, int], list[str]] = {}
     for name, t in big2d.items():
         by_shape.setdefault((t.dims[0], t.dims[1]), []).append(name)
-    transposed_digest: dict[str, str] = {}  # name -> digest of its transpose (computed lazily)
     rewritten = 0
     nodes = list(graph.node)
     for node in nodes:
@@ -45,14 +54,7 @@ def untie_transposed_copies(model: onnx.ModelProto, *, base_dir: Path | None = N
         candidates = [n for n in by_shape.get((vocab, hidden), []) if n != node.input[1]]
         if not candidates:
             continue
-        want = _digest(numpy_helper.to_array(wt, base_dir=str(base_dir or "")))
-        source = None
-        for name in candidates:
-            if name not in transposed_digest:
-                transposed_digest[name] = _digest(numpy_helper.to_array(inits[name], base_dir=str(base_dir or "")).T)
-            if transposed_digest[name] == want:
-                source = name
-                break
+        source = next((n for n in candidates if _is_transpose(wt, inits[n], base_dir)), None)
         if source is None:
             continue
         _replace_with_gemm(graph, node, source, hidden, vocab, tag=f"untied{rewritten}")

@@ -5,7 +5,7 @@ work directory whose large initializers point, by `(offset, length)`, into one `
 (`weights.bin` beside it): identical tensors are stored once (the decode and score graphs share
 every layer), and ONNX Runtime reads external data by offset, so the graphs load unchanged. Passes
 load graphs with `load_lean` (weights stay on disk; small constants inline), read a weight's values
-only where they need them (`tensor_array`), and `save_lean` appends the tensors they made. When the
+only where they need them (`read_block`, `numpy_helper.to_array(tensor, base_dir)`), and `save_lean` appends the tensors they made. When the
 graphs are final, `finish_weights` drops what no graph reads any more (the unmerged q/k/v matrices
 after a fusion, a tied head's transposed copy) by copying the rest, tensor by tensor, into a
 compact file. No pass holds a second copy of the model's weights; a 1.7B model's 6.8 GB are
@@ -30,7 +30,7 @@ from onnx.external_data_helper import load_external_data_for_tensor
 WEIGHTS_FILE = "weights.bin"
 INLINE_LIMIT = 1024  # bytes: tensors this small stay inside the graph
 ALIGN = 64  # byte alignment of each tensor in the file (lets ORT memory-map it)
-COPY_CHUNK = 64 * 1024 * 1024  # bytes per read when compacting
+COPY_CHUNK = 8 * 1024 * 1024  # bytes per read when compacting (what the copy holds in memory)
 
 
 def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -117,9 +117,26 @@ def tensor_bytes(tensor: TensorProto) -> bytes:
     return numpy_helper.to_array(tensor).tobytes()
 
 
-def tensor_array(tensor: TensorProto, base_dir: Path) -> np.ndarray:
-    """The values of an initializer, read from its external file if it has one."""
-    return numpy_helper.to_array(tensor, base_dir=str(base_dir))
+def read_block(tensor: TensorProto, base_dir: Path | None, rows: slice, columns: slice) -> np.ndarray:
+    """tensor[rows, columns] of a 2-D initializer, read with one positioned read per row where it is
+    external (a memory map would fault whole neighbourhoods of a strided block into resident memory)."""
+    if not is_external(tensor):
+        return numpy_helper.to_array(tensor)[rows, columns]
+    info = _external(tensor)
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    height, width = tensor.dims
+    r0, r1, _ = rows.indices(height)
+    c0, c1, _ = columns.indices(width)
+    out = np.empty((r1 - r0, c1 - c0), dtype)  # (rows, columns)
+    base = int(info.get("offset", 0))
+    fd = os.open(Path(base_dir or ".") / info["location"], os.O_RDONLY)
+    try:
+        for i, row in enumerate(range(r0, r1)):
+            start = base + (row * width + c0) * dtype.itemsize
+            out[i] = np.frombuffer(os.pread(fd, (c1 - c0) * dtype.itemsize, start), dtype)
+    finally:
+        os.close(fd)
+    return out
 
 
 def point_at(tensor: TensorProto, location: str, offset: int, length: int) -> None:

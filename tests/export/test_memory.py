@@ -23,9 +23,9 @@ def test_a_stage_peak_covers_what_the_stage_allocated_and_the_next_stage_starts_
     meter("[2/2] small")
     time.sleep(0.2)
     meter.stop()
-    (first, _, big), (second, _, small) = meter.stages
-    assert first == "[1/2] allocating" and second == "[2/2] small"
-    assert big - small > 150_000_000
+    first, second = meter.stages
+    assert first.line == "[1/2] allocating" and second.line == "[2/2] small"
+    assert first.peak_bytes - first.start_bytes > 150_000_000 > second.peak_bytes - second.start_bytes
     assert sum("peak resident" in line for line in lines) == 2
 
 
@@ -33,3 +33,49 @@ def test_an_estimate_beyond_the_available_memory_is_refused_with_both_figures():
     with pytest.raises(ExportError, match=r"about 48\.0 GB .* 24\.0 GB available"):
         check_memory(48_000_000_000, what="exporting Llama-3.2-1B", available=24_000_000_000)
     check_memory(1_000_000_000, what="exporting a small model", available=24_000_000_000)
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory, tiny_tokenizer):
+    """A two-layer Llama whose tied embedding (65,536 x 512, 134 MB) is nearly all of its weights."""
+    import shutil
+
+    from transformers import LlamaConfig
+
+    from autocontrast.config import MultiExitConfiguration, VocabularyProjectionMode
+    from autocontrast.export.checkpoint import TOKENIZER_FILES
+    from autocontrast.models.auto import AutoMultiExitModel
+
+    config = LlamaConfig(hidden_size=512, intermediate_size=64, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=2, head_dim=64, vocab_size=65536, max_position_embeddings=128,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    model = AutoMultiExitModel.from_config(config, MultiExitConfiguration(
+        vocab_projection_mode=VocabularyProjectionMode.SHARED_PROJECTION_DIRECT, lm_head_layer_indices=(1, 2)))
+    directory = tmp_path_factory.mktemp("wide")
+    model.save_pretrained(directory)
+    for name in TOKENIZER_FILES:
+        if (tiny_tokenizer / name).is_file():
+            shutil.copy(tiny_tokenizer / name, directory / name)
+    return directory, sum(p.numel() for p in model.parameters()) * 4
+
+
+def test_no_pass_after_tracing_holds_a_second_copy_of_the_weights(wide_checkpoint, tmp_path):
+    from autocontrast.export import ExportOptions, export_bundle
+
+    checkpoint, weights = wide_checkpoint
+    result = export_bundle(checkpoint, tmp_path / "bundle", options=ExportOptions(exits=(2, 1)), log=lambda m: None)
+    stages = {s.line[:5]: s for s in result.stages}
+    for name in ("[3/6]", "[4/6]"):  # fusions, compaction: weights stay on disk
+        assert stages[name].peak_bytes - stages[name].start_bytes < 0.5 * weights, stages[name]
+
+
+def test_an_export_the_machine_cannot_hold_is_refused_before_loading_with_its_figures(wide_checkpoint, tmp_path,
+                                                                                  monkeypatch):
+    from autocontrast.export import ExportOptions, export_bundle, memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 100_000_000)
+    with pytest.raises(ExportError, match=r"needs about [\d.]+ GB .* 0\.1 GB available"):
+        export_bundle(wide_checkpoint[0], tmp_path / "bundle", log=lambda m: None)
+    assert not (tmp_path / "bundle").exists()
+    export_bundle(wide_checkpoint[0], tmp_path / "forced", log=lambda m: None,
+                  options=ExportOptions(exits=(2, 1), memory_check=False, score_graph=False))
