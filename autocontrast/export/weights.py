@@ -181,7 +181,22 @@ def load_graph(path: Path) -> onnx.ModelProto:
 def ingest_graph(source: Path, target: Path, store: WeightStore) -> Path:
     """A traced graph (weights inline, or external beside it) -> `target`, its weights in `store`."""
     model = onnx.load(str(source), load_external_data=False)  # inline weights come with the proto anyway
+    for tensor in attribute_tensors(model):  # a >2 GB trace stores Constant values beside it too: inline them
+        if is_external(tensor):
+            load_external_data_for_tensor(tensor, str(Path(source).parent))
+            tensor.data_location = TensorProto.DEFAULT
+            del tensor.external_data[:]
     return save_lean(model, target, store, base_dir=Path(source).parent)
+
+
+def attribute_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    """Tensors held in node attributes (Constant values), subgraphs included."""
+    for graph in _graphs(model.graph):
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.TENSOR:
+                    yield attribute.t
+                yield from attribute.tensors
 
 
 def finish_weights(graph_files: list[Path], store: WeightStore, *,
