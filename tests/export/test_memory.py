@@ -79,3 +79,11 @@ def test_an_export_the_machine_cannot_hold_is_refused_before_loading_with_its_fi
     assert not (tmp_path / "bundle").exists()
     export_bundle(wide_checkpoint[0], tmp_path / "forced", log=lambda m: None,
                   options=ExportOptions(exits=(2, 1), memory_check=False, score_graph=False))
+
+
+@pytest.mark.parametrize("weights,measured", [(0.54e9, 3.09e9), (1.45e9, 6.93e9), (4.94e9, 12.72e9)])
+def test_the_estimate_bounds_the_measured_peaks_from_above_by_at_most_a_fifth(weights, measured):
+    """The README's measured export peaks (SmolLM2-135M, SmolLM2-360M and Llama-3.2-1B shapes)."""
+    from autocontrast.export.memory import estimate_export_bytes
+
+    assert measured <= estimate_export_bytes(int(weights)) <= 1.2 * measured
