@@ -175,17 +175,19 @@ def export_bundle(model: str | os.PathLike, output: str | os.PathLike, *, option
     options = options or ExportOptions()
     started = time.perf_counter()
     meter = log = StageMeter(log)  # each stage's time and peak resident memory on the log
-    source, output = str(model), check_output(output, force=force)
-    if options.tensorrt:
-        from autocontrast.export.tensorrt import check_tensorrt
+    try:
+        source, output = str(model), check_output(output, force=force)
+        if options.tensorrt:
+            from autocontrast.export.tensorrt import check_tensorrt
 
-        check_tensorrt()
-    remove_stale_work(output, log=log)
-    log(f"[1/6] loading {source}")
-    loaded = _load(source, options)
-    exits, graphs = _plan(loaded, options)
-    manifest = _export_into_place(loaded, source, output, exits, graphs, options, force=force, log=log)
-    meter.stop()
+            check_tensorrt()
+        remove_stale_work(output, log=log)
+        log(f"[1/6] loading {source}")
+        loaded = _load(source, options)
+        exits, graphs = _plan(loaded, options)
+        manifest = _export_into_place(loaded, source, output, exits, graphs, options, force=force, log=log)
+    finally:
+        meter.stop()  # its sampling thread ends with the export, failed or not
     size = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
     result = ExportResult(output, manifest, time.perf_counter() - started, size, meter.peak, tuple(meter.stages))
     meter.log(summary(result))

@@ -112,6 +112,8 @@ class StageMeter:
         """Close the running stage and stop sampling."""
         self.close()
         self._done.set()
+        if self._sampler.is_alive():
+            self._sampler.join()
 
     @property
     def peak(self) -> int | None:

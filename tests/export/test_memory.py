@@ -87,3 +87,14 @@ def test_the_estimate_bounds_the_measured_peaks_from_above_by_at_most_a_fifth(we
     from autocontrast.export.memory import estimate_export_bytes
 
     assert measured <= estimate_export_bytes(int(weights)) <= 1.2 * measured
+
+
+def test_a_failed_export_leaves_no_sampling_thread_behind(tmp_path):
+    import threading
+
+    from autocontrast.export import export_bundle
+
+    before = threading.active_count()
+    with pytest.raises(ExportError):
+        export_bundle(tmp_path / "no-such-model", tmp_path / "bundle", log=lambda m: None)
+    assert threading.active_count() == before
