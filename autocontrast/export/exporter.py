@@ -150,8 +150,12 @@ class ExportResult:
     manifest: Manifest
     seconds: float
     size_bytes: int
-    peak_resident_bytes: int | None = None  # the highest stage's peak (None where /proc is absent)
     stages: tuple[Stage, ...] = ()  # each stage's time and memory
+
+    @property
+    def peak_resident_bytes(self) -> int | None:
+        """The highest stage's peak (None where /proc is absent)."""
+        return max((s.peak_bytes for s in self.stages if s.peak_bytes is not None), default=None)
 
 
 def _stderr(message: str) -> None:
@@ -189,7 +193,7 @@ def export_bundle(model: str | os.PathLike, output: str | os.PathLike, *, option
     finally:
         meter.stop()  # its sampling thread ends with the export, failed or not
     size = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
-    result = ExportResult(output, manifest, time.perf_counter() - started, size, meter.peak, tuple(meter.stages))
+    result = ExportResult(output, manifest, time.perf_counter() - started, size, tuple(meter.stages))
     meter.log(summary(result))
     return result
 

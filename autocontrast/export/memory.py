@@ -29,24 +29,15 @@ GB = 1e9
 SAMPLE_S = 0.02  # a stage's peak is the highest of these samples (a spike shorter than this may be missed)
 
 
-def _status_bytes(field: str) -> int | None:
-    """A `VmXXX` field of /proc/self/status in bytes (None where there is no /proc)."""
+def resident_bytes() -> int | None:
+    """VmRSS of /proc/self/status in bytes (None where there is no /proc)."""
     try:
         for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
-            if line.startswith(field + ":"):
+            if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
-
-
-def resident_bytes() -> int | None:
-    return _status_bytes("VmRSS")
-
-
-def peak_resident_bytes() -> int | None:
-    """The process's resident high-water mark since it started (`VmHWM`)."""
-    return _status_bytes("VmHWM")
 
 
 def available_bytes() -> int | None:
@@ -114,12 +105,6 @@ class StageMeter:
         self._done.set()
         if self._sampler.is_alive():
             self._sampler.join()
-
-    @property
-    def peak(self) -> int | None:
-        """The highest stage peak so far."""
-        peaks = [s.peak_bytes for s in self.stages if s.peak_bytes is not None]
-        return max(peaks) if peaks else None
 
 
 # An export's peak (`/usr/bin/time -v`, README "Export at real model shapes"): the process's own ~0.85 GB

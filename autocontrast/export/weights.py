@@ -56,6 +56,18 @@ def is_external(tensor: TensorProto) -> bool:
     return tensor.data_location == TensorProto.EXTERNAL
 
 
+def _small_external(tensor: TensorProto) -> bool:
+    """An external tensor of at most `INLINE_LIMIT` bytes: it belongs inside the graph."""
+    return is_external(tensor) and int(_external(tensor).get("length", INLINE_LIMIT + 1)) <= INLINE_LIMIT
+
+
+def _inline(tensor: TensorProto, base_dir: Path | None) -> None:
+    """Read an external tensor's data into the proto (`base_dir`: where its location is relative to)."""
+    load_external_data_for_tensor(tensor, str(base_dir or "."))
+    tensor.data_location = TensorProto.DEFAULT
+    del tensor.external_data[:]
+
+
 class WeightStore:
     """`weights.bin` being written: tensors appended once each (deduplicated by dtype, shape and SHA-1)."""
 
@@ -84,10 +96,8 @@ class WeightStore:
                 info = _external(tensor)
                 if info.get("location") == self.name and base_dir in (None, self.directory):
                     continue  # already here
-                if int(info.get("length", INLINE_LIMIT + 1)) <= INLINE_LIMIT:
-                    load_external_data_for_tensor(tensor, str(base_dir))
-                    tensor.data_location = TensorProto.DEFAULT
-                    del tensor.external_data[:]
+                if _small_external(tensor):
+                    _inline(tensor, base_dir)
                     continue
                 data = _read_external(tensor, base_dir)
             else:
@@ -154,10 +164,8 @@ def load_lean(path: Path) -> onnx.ModelProto:
     """A graph's structure, its large weights left where they are (small ones loaded inline)."""
     model = onnx.load(str(path), load_external_data=False)
     for tensor in initializers(model):
-        if is_external(tensor) and int(_external(tensor).get("length", INLINE_LIMIT + 1)) <= INLINE_LIMIT:
-            load_external_data_for_tensor(tensor, str(Path(path).parent))
-            tensor.data_location = TensorProto.DEFAULT
-            del tensor.external_data[:]
+        if _small_external(tensor):
+            _inline(tensor, Path(path).parent)
     return model
 
 
@@ -183,9 +191,7 @@ def ingest_graph(source: Path, target: Path, store: WeightStore) -> Path:
     model = onnx.load(str(source), load_external_data=False)  # inline weights come with the proto anyway
     for tensor in attribute_tensors(model):  # a >2 GB trace stores Constant values beside it too: inline them
         if is_external(tensor):
-            load_external_data_for_tensor(tensor, str(Path(source).parent))
-            tensor.data_location = TensorProto.DEFAULT
-            del tensor.external_data[:]
+            _inline(tensor, Path(source).parent)
     return save_lean(model, target, store, base_dir=Path(source).parent)
 
 
