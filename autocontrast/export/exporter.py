@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import signal
 import sys
 import time
@@ -438,7 +437,6 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
         WEIGHTS_FILE,
         WeightStore,
         finish_weights,
-        ingest_graph,
         load_lean,
         save_lean,
     )
@@ -454,7 +452,6 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
 
         trace, validate, encoder_decoder = trace_t5_graph, validate_t5_graphs, encoder_decoder_spec(model)
         plan = with_encoder(plan)
-    raw = work / ".raw"
     store = WeightStore(work)  # the bundle's one weights file, written as each graph is traced
     specs, paths = [], {}
     traced = [g for g in plan if g.get("traced", True)]
@@ -465,12 +462,9 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
             f"{', layers 1..' + str(g['layers']) if g.get('layers') else ''})")
         layers = g.get("layers")
         early = {"layers": layers} if layers else {}  # only decoder-only graphs have early exits
-        traced_file = trace(model, g["exits"], kind=g["kind"], contrast=contrast, kv=kv.for_layers(layers),
-                            directory=raw / g["name"], opset=OPSET, **early)
-        paths[g["name"]] = ingest_graph(traced_file, work / f"{g['name']}.onnx", store)
-        shutil.rmtree(raw / g["name"], ignore_errors=True)
-        release_freed_memory()  # the trace's copies of the weights
-    shutil.rmtree(raw, ignore_errors=True)
+        paths[g["name"]] = trace(model, g["exits"], kind=g["kind"], contrast=contrast, kv=kv.for_layers(layers),
+                                 target=work / f"{g['name']}.onnx", store=store, opset=OPSET, **early)
+        release_freed_memory()  # the trace's folded constants
     for g in plan:
         contrast = g["contrast"]
         spec_contrast = ContrastSpec(CONTRAST_OUTPUT, *contrast) if contrast else None
@@ -503,8 +497,10 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
         specs = switch_decode_graphs(work, specs, lower=switched["switched_lower"], kv=kv,
                                      hidden_size=family.hidden_size(config))
     log(f"[5/6] validating against PyTorch (prefill + {options.validation_steps} cached decode steps)")
+    # the model is needed no more unless quantization agreement runs it: its memory goes before the sessions open
+    release = {} if family.is_encoder_decoder else {"release_model": not options.quantize}
     report = validate(model, work, specs, kv, tolerance=TOLERANCES[options.variant_name],
-                      tokenizer=loaded.tokenizer, steps=options.validation_steps)
+                      tokenizer=loaded.tokenizer, steps=options.validation_steps, **release)
     if options.quantize:
         from autocontrast.export.variants import teacher_forced_agreement
 

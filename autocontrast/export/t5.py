@@ -13,7 +13,6 @@ manifest's `EncoderDecoderSpec`. Exits are decoder layers, as in the original li
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from autocontrast.bundle import (
 )
 from autocontrast.config import Exit
 from autocontrast.errors import ExportError
+from autocontrast.export.weights import WeightStore
 
 ENCODER_GRAPH = "encoder"
 ENCODER_INPUTS = (INPUT_IDS, ATTENTION_MASK)
@@ -63,8 +63,9 @@ def encoder_decoder_spec(model: Any) -> EncoderDecoderSpec:
 
 
 def trace_t5_graph(model: Any, exits: tuple[Exit, ...], *, kind: str, contrast: tuple[Exit, Exit, float, int] | None,
-                   kv: KVCacheSpec, directory: Path, opset: int = 17) -> Path:
-    """Export one graph of a T5 bundle to `directory/model.onnx`; returns the path."""
+                   kv: KVCacheSpec, target: Path, store: WeightStore, opset: int = 17) -> Path:
+    """Export one graph of a T5 bundle to `target` (beside `store`, its weights written there); returns `target`."""
+    from autocontrast.export.lean_trace import export_lean
     from autocontrast.export.patcher import export_patches
     from autocontrast.export.t5_graph import T5DecoderGraph, T5EncoderGraph
 
@@ -101,10 +102,6 @@ def trace_t5_graph(model: Any, exits: tuple[Exit, ...], *, kind: str, contrast: 
                    **{n: {0: "batch", 2: "past_length"} for n in kv.past_names()},
                    **{n: {0: "batch", 2: "total_length"} for n in kv.present_names()}}
     dynamic = {k: v for k, v in dynamic.items() if k in set(inputs) | set(outputs)}
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "model.onnx"
-    with torch.no_grad(), export_patches(model), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TracerWarnings about Python values: validation is the real check
-        torch.onnx.export(graph, args, str(path), dynamo=False, input_names=inputs, output_names=outputs,
-                          dynamic_axes=dynamic, opset_version=opset, do_constant_folding=True, external_data=True)
-    return path
+    with export_patches(model):
+        return export_lean(graph, args, target, store, input_names=inputs, output_names=outputs,
+                           dynamic_axes=dynamic, opset_version=opset)

@@ -5,12 +5,11 @@ inputs have a non-empty past (tracing an empty one would specialise the concaten
 still takes an empty past for a prefill, which validation checks. A `BUFFER_LAYOUT` cache makes the
 graph attend through GroupQueryAttention (`autocontrast.export.attention`).
 
->>> trace_graph(model, (30, 15), kind="decode", contrast=None, kv=kv, directory=Path("raw"))  # doctest: +SKIP
+>>> trace_graph(model, (30, 15), kind="decode", contrast=None, kv=kv, target=work / "decode.onnx", store=store)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +29,14 @@ from autocontrast.bundle import (
 from autocontrast.config import Exit
 from autocontrast.export.attention import CUSTOM_OPSETS
 from autocontrast.export.graph import ExitGraph
+from autocontrast.export.lean_trace import export_lean
 from autocontrast.export.patcher import export_patches
+from autocontrast.export.weights import WeightStore
 
 
 def trace_graph(model: Any, exits: tuple[Exit, ...], *, kind: str, contrast: tuple[Exit, Exit, float, int] | None,
-                kv: KVCacheSpec, directory: Path, opset: int = 17, layers: int | None = None) -> Path:
-    """Export one graph to `directory/model.onnx` (weights beside it); returns the path.
+                kv: KVCacheSpec, target: Path, store: WeightStore, opset: int = 17, layers: int | None = None) -> Path:
+    """Export one graph to `target` (beside `store`, its weights written there once); returns `target`.
 
     `kv` is the graph's own cache layout (an early-exit graph of `layers` layers caches that many).
     """
@@ -65,13 +66,8 @@ def trace_graph(model: Any, exits: tuple[Exit, ...], *, kind: str, contrast: tup
         dynamic.update({n: {0: "batch", 2: present_axis} for n in kv.present_names()})
         outputs += kv.present_names()
     dynamic = {k: v for k, v in dynamic.items() if k in set(TOKEN_INPUTS) | set(kv.past_names()) | set(outputs)}
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "model.onnx"
-    with torch.no_grad(), export_patches(model), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TracerWarnings about Python values: validation is the real check
-        torch.onnx.export(graph, (ids, mask, positions, *past_kv), str(path), dynamo=False,
-                          input_names=list(TOKEN_INPUTS) + (kv.past_names() if kind == DECODE else []),
-                          output_names=outputs, dynamic_axes=dynamic, opset_version=opset,
-                          do_constant_folding=True, external_data=True,
-                          custom_opsets=CUSTOM_OPSETS if buffered else None)
-    return path
+    with export_patches(model):
+        return export_lean(graph, (ids, mask, positions, *past_kv), target, store,
+                           input_names=list(TOKEN_INPUTS) + (kv.past_names() if kind == DECODE else []),
+                           output_names=outputs, dynamic_axes=dynamic, opset_version=opset,
+                           custom_opsets=CUSTOM_OPSETS if buffered else None)

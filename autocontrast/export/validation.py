@@ -171,82 +171,118 @@ def _cache_arrays(cache: Any) -> list[np.ndarray]:
 
 
 def validate_graphs(model: Any, bundle_dir: Path, graphs: Sequence[GraphSpec], kv: KVCacheSpec, *,
-                    tolerance: Tolerance, tokenizer: Any = None, steps: int = 4) -> dict[str, Any]:
-    """Compare every graph with PyTorch (prefill + `steps` decode steps); raise beyond tolerance."""
+                    tolerance: Tolerance, tokenizer: Any = None, steps: int = 4,
+                    release_model: bool = False) -> dict[str, Any]:
+    """Compare every graph with PyTorch (prefill + `steps` decode steps); raise beyond tolerance.
+
+    PyTorch runs first and its outputs are kept (a few small arrays); then the ONNX Runtime sessions
+    open and run the same inputs. `release_model`: free the model's parameters between the two (the
+    caller needs the model no more), so the sessions' memory map never sits beside them.
+    """
+    ids, mask = validation_batch(tokenizer, model.config.vocab_size)
     with float64_reference(model) as reference:
-        report = _compare(model, bundle_dir, graphs, kv, tokenizer=tokenizer, steps=steps)
+        expected = _reference_outputs(model, graphs, kv, ids, mask, steps)
+    if release_model:
+        release_parameters(model)
+    report = {"batch": int(ids.shape[0]), "prompt_length": int(ids.shape[1]), "decode_steps": steps,
+              "graphs": _compare(bundle_dir, graphs, kv, expected, ids, mask, vocab=model.config.vocab_size)}
     report = {"tolerance": tolerance.to_dict(), "reference": f"PyTorch {reference}", **report}
     _check(report, graphs, tolerance)
     return report
 
 
-def _compare(model: Any, bundle_dir: Path, graphs: Sequence[GraphSpec], kv: KVCacheSpec, *, tokenizer: Any,
-             steps: int) -> dict[str, Any]:
-    vocab = model.config.vocab_size
-    ids, mask = validation_batch(tokenizer, vocab)
-    report: dict[str, Any] = {"batch": int(ids.shape[0]),
-                              "prompt_length": int(ids.shape[1]), "decode_steps": steps, "graphs": {}}
-    sessions: dict[str, ExitSession] = {}
-    for g in graphs:  # the entries of one switched graph share its session, as in a Generator
-        # share_weights: every graph reads the one memory map of weights.bin, none pre-packs a copy of its own
-        sessions[g.name] = ExitSession(bundle_dir, g, kv=kv.for_layers(g.cache_layers), vocab_size=vocab,
-                                       session=shared_file_session(sessions.values(), g), share_weights=True)
-    all_exits = tuple(dict.fromkeys(e for g in graphs for e in g.exits))
-    for g in graphs:
-        report["graphs"][g.name] = {}
-    # score graphs: every position of the prompt, no cache
-    for g in (g for g in graphs if g.kind != DECODE):
+def release_parameters(model: Any) -> None:
+    """Drop `model`'s parameter and buffer storage (the module is unusable after) and return it to the OS."""
+    from autocontrast.export.memory import release_freed_memory
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            tensor.data = torch.empty(0, dtype=tensor.dtype)
+    release_freed_memory()
+
+
+@dataclasses.dataclass
+class _Expected:
+    """PyTorch's outputs for the validation inputs: per score graph; per decode step (each decode graph's
+    outputs, the present KV entries, the token fed next)."""
+
+    score: dict[str, dict[str, np.ndarray]]
+    decode: list[dict[str, dict[str, np.ndarray]]]
+    present: list[list[np.ndarray]]
+    fed: list[np.ndarray]
+
+
+def _reference_outputs(model: Any, graphs: Sequence[GraphSpec], kv: KVCacheSpec, ids: np.ndarray,
+                       mask: np.ndarray, steps: int) -> _Expected:
+    expected = _Expected({}, [], [], [])
+    for g in (g for g in graphs if g.kind != DECODE):  # score graphs: every position of the prompt, no cache
         with torch.no_grad():
             out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                         position_ids=torch.from_numpy(positions_for(mask)), use_cache=False,
                         output_hidden_states=True)
             by_exit = model.exit_logits(g.exits, out.logits, out.hidden_states)
-        expected = {g.logits_output: torch.stack([by_exit[e].double() for e in g.exits], dim=2).numpy()}
+        want = {g.logits_output: torch.stack([by_exit[e].double() for e in g.exits], dim=2).numpy()}
         if g.contrast is not None:
             c = g.contrast
-            expected[c.output] = calculate_contrasted_logits(by_exit[c.upper].double(), by_exit[c.lower].double(),
-                                                             alpha=c.alpha,
-                                                             minimum_candidates=c.minimum_candidates).numpy()
+            want[c.output] = calculate_contrasted_logits(by_exit[c.upper].double(), by_exit[c.lower].double(),
+                                                         alpha=c.alpha, minimum_candidates=c.minimum_candidates).numpy()
+        expected.score[g.name] = want
+    decode = [g for g in graphs if g.kind == DECODE]
+    if not decode:
+        return expected
+    all_exits = tuple(dict.fromkeys(e for g in graphs for e in g.exits))
+    pos, cache = positions_for(mask), None
+    for _ in range(steps + 1):
+        by_exit, cache = torch_step(model, all_exits, ids, mask, pos, cache)
+        expected.decode.append({g.name: expected_outputs(g, by_exit) for g in decode})
+        expected.present.append([a.copy() for a in _cache_arrays(cache)])
+        # teacher forcing: both sides get PyTorch's greedy token from the first exit
+        ids, pos = by_exit[all_exits[0]].argmax(-1).numpy().astype(np.int64)[:, None], pos[:, -1:] + 1  # (batch, 1)
+        mask = np.concatenate([mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
+        expected.fed.append(ids)
+    return expected
+
+
+def _compare(bundle_dir: Path, graphs: Sequence[GraphSpec], kv: KVCacheSpec, expected: _Expected,
+             ids: np.ndarray, mask: np.ndarray, *, vocab: int) -> dict[str, dict[str, float]]:
+    """Each graph's max abs difference per output from `expected`, run through the runtime's sessions."""
+    sessions: dict[str, ExitSession] = {}
+    for g in graphs:  # the entries of one switched graph share its session, as in a Generator
+        # share_weights: every graph reads the one memory map of weights.bin, none pre-packs a copy of its own
+        sessions[g.name] = ExitSession(bundle_dir, g, kv=kv.for_layers(g.cache_layers), vocab_size=vocab,
+                                       session=shared_file_session(sessions.values(), g), share_weights=True)
+    figures: dict[str, dict[str, float]] = {g.name: {} for g in graphs}
+    for g in (g for g in graphs if g.kind != DECODE):
         out = sessions[g.name].step(ids, mask, positions_for(mask), None)
         got = {g.logits_output: out.exit_logits, **({g.contrast.output: out.contrast} if g.contrast else {})}
         valid = mask.astype(bool)  # padded positions' logits are meaningless: compare real tokens only
-        report["graphs"][g.name] = {name: max_abs_diff(want[valid], got[name][valid])
-                                    for name, want in expected.items()}
+        figures[g.name] = {name: max_abs_diff(want[valid], got[name][valid]) for name, want in expected.score[g.name].items()}
     decode = [g for g in graphs if g.kind == DECODE]
     if decode:
-        _validate_decode(model, decode, sessions, kv, all_exits, ids, mask, steps, report)
-    return report
+        _compare_decode(decode, sessions, kv, expected, ids, mask, figures)
+    return figures
 
 
-def _validate_decode(model: Any, decode: Sequence[GraphSpec], sessions: dict[str, Any], kv: KVCacheSpec,
-                     all_exits: tuple[Any, ...], ids: np.ndarray, mask: np.ndarray, steps: int,
-                     report: dict[str, Any]) -> None:
+def _compare_decode(decode: Sequence[GraphSpec], sessions: dict[str, Any], kv: KVCacheSpec, expected: _Expected,
+                    ids: np.ndarray, mask: np.ndarray, figures: dict[str, dict[str, float]]) -> None:
     """Drive each decode graph through the runtime's decode state (the one decode loop), teacher-forced."""
     states = {g.name: open_decode_state(sessions[g.name]) for g in decode}
     rows = [list(r[m.astype(bool)]) for r, m in zip(ids, mask, strict=True)]
-    pos = positions_for(mask)
-    cache = None
-    for step in range(steps + 1):
-        by_exit, cache = torch_step(model, all_exits, ids, mask, pos, cache)
-        want_present = _cache_arrays(cache)
+    for step, (outputs, want_present) in enumerate(zip(expected.decode, expected.present, strict=True)):
         for g in decode:
             computed = g.layers or kv.num_layers  # a switched early exit's cache also holds layers it leaves alone
-            expected = expected_outputs(g, by_exit)
             state = states[g.name]
-            out = state.extend(rows) if step == 0 else state.advance(ids[:, 0])
+            out = state.extend(rows) if step == 0 else state.advance(expected.fed[step - 1][:, 0])
             got = {g.logits_output: out.exit_logits, **({g.contrast.output: out.contrast} if g.contrast else {})}
-            figures = report["graphs"][g.name]
-            for name, want in expected.items():
-                figures[name] = max(figures.get(name, 0.0), max_abs_diff(want, got[name]))
+            graph_figures = figures[g.name]
+            for name, want in outputs[g.name].items():
+                graph_figures[name] = max(graph_figures.get(name, 0.0), max_abs_diff(want, got[name]))
             real = mask.astype(bool)  # (batch, total): pads' cache entries are never attended to
-            figures["present.*"] = max([figures.get("present.*", 0.0)]
-                                       + [max_abs_diff(w.transpose(0, 2, 1, 3)[real], h)  # each row's entries
-                                          for w, h in zip(want_present[:2 * computed],
-                                                       state.entries()[:2 * computed], strict=True)])
-        # teacher forcing: both sides get PyTorch's greedy token from the first exit
-        nxt = by_exit[all_exits[0]].argmax(-1).numpy().astype(np.int64)[:, None]  # (batch, 1)
-        ids, pos = nxt, pos[:, -1:] + 1
-        mask = np.concatenate([mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
+            graph_figures["present.*"] = max([graph_figures.get("present.*", 0.0)]
+                                             + [max_abs_diff(w.transpose(0, 2, 1, 3)[real], h)  # each row's entries
+                                                for w, h in zip(want_present[:2 * computed],
+                                                             state.entries()[:2 * computed], strict=True)])
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
 
 
 def _check(report: dict[str, Any], graphs: Sequence[GraphSpec], tolerance: Tolerance) -> None:

@@ -107,6 +107,9 @@ class WeightStore:
             offset, length = self.put(data, tensor.data_type, tensor.dims)
             del data
             point_at(tensor, self.name, offset, length)
+        self.flush()
+
+    def flush(self) -> None:
         self._file.flush()
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ from autocontrast.export import ExportOptions, export_bundle
 from autocontrast.export.fusions import FUSIONS, fuse_shared_input_matmuls, pack_qkv, simplify_reshapes
 from autocontrast.export.trace import trace_graph
 from autocontrast.export.variants import fusions_for
+from autocontrast.export.weights import WeightStore
 from autocontrast.models.families import FAMILIES, LlamaFamily, T5Family
 from tests.tiny_models import NUM_LAYERS, VOCAB, multi_exit_model
 
@@ -33,7 +34,11 @@ def _trace(tiny_checkpoint, directory, **layout: str) -> tuple:
     family, config = model.family, model.config
     kv = KVCacheSpec(num_layers=model.num_layers, num_kv_heads=family.num_kv_heads(config),
                      head_dim=family.head_dim(config), **layout)
-    return trace_graph(model, ("original",), kind=DECODE, contrast=None, kv=kv, directory=directory), kv
+    store = WeightStore(directory)
+    path = trace_graph(model, ("original",), kind=DECODE, contrast=None, kv=kv, target=directory / "model.onnx",
+                       store=store)
+    store.close()
+    return path, kv
 
 
 @pytest.fixture(scope="module")

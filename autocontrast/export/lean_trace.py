@@ -1,0 +1,92 @@
+"""`torch.onnx.export` (TorchScript tracer) that writes the weights once, tensor by tensor, into a `WeightStore`.
+
+Left to itself the exporter holds the model's parameters, the constants it folds from them (every
+Linear weight, transposed) and the serialized graph with all of them inside, at once: 4x the weight
+bytes above what the process already holds. Here it traces with `export_params=False` (the graph then
+takes each parameter as an input, the folded ones named `onnx::MatMul_N`), the parameter values
+(folded ones included) are taken from the exporter's own `_model_to_graph` on the way, and each is
+written to the store and turned into an initializer pointing there; the folded tensors are dropped as
+soon as they are written. Peak: the model plus one set of folded constants.
+
+The capture reads a private function of the exporter; `torch` is pinned, and a version without it
+gets a clear `ExportError`, never a silently different export.
+
+>>> export_lean(graph, args, Path("work/decode.onnx"), store, input_names=[...], ...)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from autocontrast.errors import ExportError
+from autocontrast.export.weights import INLINE_LIMIT, WeightStore, point_at
+
+
+@contextlib.contextmanager
+def _captured_parameters() -> Iterator[dict[str, torch.Tensor]]:
+    """While open, every `torch.onnx.export` records its graph's parameter values (folded constants
+    included) in the yielded dict, by the names the exported graph gives them."""
+    try:
+        from torch.onnx._internal.torchscript_exporter import utils as exporter
+        original = exporter._model_to_graph
+    except (ImportError, AttributeError):
+        raise ExportError(f"this torch ({torch.__version__}) lacks the TorchScript exporter's _model_to_graph, "
+                          "which acd-export reads the traced weights from; install the torch version "
+                          "pyproject.toml pins") from None
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(*args: Any, **kwargs: Any) -> Any:
+        graph, params, out = original(*args, **kwargs)
+        captured.update(params)
+        return graph, params, out
+
+    exporter._model_to_graph = capture
+    try:
+        yield captured
+    finally:
+        exporter._model_to_graph = original
+
+
+def export_lean(module: torch.nn.Module, args: tuple, target: Path, store: WeightStore, **options: Any) -> Path:
+    """Trace `module(*args)` to `target` (beside `store`) with its weights in the store; returns `target`.
+
+    `options`: `torch.onnx.export`'s keyword arguments (input and output names, dynamic axes, opset...).
+    """
+    target = Path(target)
+    with torch.no_grad(), _captured_parameters() as params, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings about Python values: validation is the real check
+        torch.onnx.export(module, args, str(target), dynamo=False, export_params=False, do_constant_folding=True,
+                          **options)
+    model = onnx.load(str(target))  # structure only: no parameter is in it
+    graph = model.graph
+    kept = [value for value in graph.input if value.name not in params]
+    taken = [value.name for value in graph.input if value.name in params]
+    for name in taken:
+        graph.initializer.append(_initializer(name, params.pop(name), store))
+    params.clear()  # the folded constants: written, no longer needed
+    del graph.input[:]
+    graph.input.extend(kept)
+    store.flush()
+    onnx.save_model(model, str(target))
+    return target
+
+
+def _initializer(name: str, value: torch.Tensor, store: WeightStore) -> onnx.TensorProto:
+    """`value` as an initializer named `name`: inline when small, else stored once in `store`."""
+    array = value.detach().contiguous().numpy()
+    if array.nbytes <= INLINE_LIMIT:
+        return numpy_helper.from_array(array, name)
+    tensor = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
+                              dims=array.shape)
+    offset, length = store.put(memoryview(np.ascontiguousarray(array)).cast("B"), tensor.data_type, tensor.dims)
+    point_at(tensor, store.name, offset, length)
+    return tensor
