@@ -70,22 +70,31 @@ def _decoder_layers(model: Any) -> torch.nn.ModuleList | None:
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
 
 
-def _to_dtype_without(model: Any, layers: torch.nn.ModuleList | None, dtype: torch.dtype) -> None:
-    """`model.to(dtype)`, its decoder layers left as they are."""
-    saved = list(layers) if layers is not None else []
-    for i in range(len(saved)):
-        layers[i] = torch.nn.Identity()
+def _tensors(module: torch.nn.Module, skip: torch.nn.Module | None = None) -> list[torch.Tensor]:
+    """`module`'s parameters and buffers, those inside `skip` left out."""
+    inside = {id(t) for t in [*skip.parameters(), *skip.buffers()]} if skip is not None else set()
+    return [t for t in [*module.parameters(), *module.buffers()] if id(t) not in inside]
+
+
+@contextlib.contextmanager
+def _widened(tensors: list[torch.Tensor]) -> Iterator[None]:
+    """`tensors` in float64 for the block, then their own float32 storage again (never a new float32 copy:
+    a checkpoint memory-mapped from disk stays one mapping)."""
+    saved = [(t, t.data) for t in tensors if t.dtype == torch.float32]
+    with torch.no_grad():
+        for t, data in saved:
+            t.data = data.to(torch.float64)
     try:
-        model.to(dtype)
+        yield
     finally:
-        for i, layer in enumerate(saved):
-            layers[i] = layer
+        for t, data in saved:
+            t.data = data
 
 
 @contextlib.contextmanager
 def float64_reference(model: Any) -> Iterator[str]:
-    """A float32 `model` computing in float64 for the block, then float32 again (exactly: every float32
-    is a float64); yields the reference's dtype name.
+    """A float32 `model` computing in float64 for the block, then float32 again (exactly: its own float32
+    tensors are put back); yields the reference's dtype name.
 
     Layer by layer: the embedding, heads and norms are float64 for the block, each decoder layer only
     while it runs, so the reference holds one layer's float64 copy, not the model's (a 1.7B model's
@@ -93,26 +102,31 @@ def float64_reference(model: Any) -> Iterator[str]:
     """
     first = next(model.parameters())
     layers = _decoder_layers(model)
-    in_layers = sum(p.numel() for p in layers.parameters()) if layers is not None else 0
-    if first.dtype != torch.float32 or sum(p.numel() for p in model.parameters()) - in_layers > REFERENCE_MAX_PARAMETERS:
+    outside = _tensors(model, skip=layers)
+    if first.dtype != torch.float32 or sum(t.numel() for t in outside) > REFERENCE_MAX_PARAMETERS:
         yield str(first.dtype).removeprefix("torch.")
         return
+    running: list[contextlib.ExitStack] = []
+
     def widen(module: torch.nn.Module, args: Any) -> None:  # a hook returning a value would replace the args
-        module.to(torch.float64)
+        stack = contextlib.ExitStack()
+        stack.enter_context(_widened(_tensors(module)))
+        running.append(stack)
 
     def narrow(module: torch.nn.Module, args: Any, output: Any) -> None:
-        module.to(torch.float32)
+        running.pop().close()
 
     hooks = []
     for layer in layers if layers is not None else ():
         hooks += [layer.register_forward_pre_hook(widen), layer.register_forward_hook(narrow)]
-    _to_dtype_without(model, layers, torch.float64)
     try:
-        yield "float64"
+        with _widened(outside):
+            yield "float64"
     finally:
         for hook in hooks:
             hook.remove()
-        _to_dtype_without(model, layers, torch.float32)
+        while running:  # a layer that raised
+            running.pop().close()
 
 
 def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
