@@ -50,11 +50,12 @@ from autocontrast.export.weights import WeightStore, is_external, load_lean, sav
 
 
 def fuse_shared_input_matmuls(model: onnx.ModelProto, *, vocab_size: int | None = None,
-                              base_dir: Path | None = None) -> int:
+                              base_dir: Path | None = None, store: WeightStore | None = None) -> int:
     """Merge MatMuls that share their input and have constant 2-D weights of one K; returns the merges.
 
     `base_dir`: where external weights are (a lean graph's folder); each group's weights are read
-    from there only while it is merged.
+    from there only while it is merged, and its merged matrix goes straight into `store` where given
+    (else it stays in the proto).
 
     A weight read by any other node is left alone (merging would copy it), and so is a projection
     to the vocabulary (`vocab_size` columns): exits' heads are stacked differently by each graph of
@@ -75,14 +76,17 @@ def fuse_shared_input_matmuls(model: onnx.ModelProto, *, vocab_size: int | None 
     merged = 0
     for members in (m for m in groups.values() if len(m) > 1):
         # named after the first member, so passes that read module paths (attention_bits) still see them
-        _merge(graph, members, [inits[n.input[1]] for n in members], tag=f"{members[0].name}/merged{len(members)}",
-               base_dir=base_dir)
+        combined = _merge(graph, members, [inits[n.input[1]] for n in members],
+                          tag=f"{members[0].name}/merged{len(members)}", base_dir=base_dir)
+        if store is not None:
+            store.take(combined)
         merged += 1
     return merged
 
 
 def _merge(graph: onnx.GraphProto, members: list[onnx.NodeProto], weights: list[onnx.TensorProto], *,
-           tag: str, base_dir: Path | None) -> None:
+           tag: str, base_dir: Path | None) -> onnx.TensorProto:
+    """Replace `members` by one MatMul over their concatenated weights and a Split; returns that weight."""
     arrays = [numpy_helper.to_array(w, base_dir=str(base_dir or "")) for w in weights]  # (K, N_i) each
     combined = numpy_helper.from_array(np.concatenate(arrays, axis=1), f"{tag}/weight")  # (K, sum N_i)
     sizes = numpy_helper.from_array(np.array([a.shape[1] for a in arrays], np.int64), f"{tag}/sizes")
@@ -98,6 +102,7 @@ def _merge(graph: onnx.GraphProto, members: list[onnx.NodeProto], weights: list[
     for w in weights:
         graph.initializer.remove(w)
     graph.initializer.extend([combined, sizes])
+    return graph.initializer[-2]  # the proto's own copy (extend copied it)
 
 
 def simplify_reshapes(model: onnx.ModelProto) -> int:
@@ -267,7 +272,7 @@ def working_directory(path: Path) -> Iterator[None]:
 def _ort_fusion(class_name: str, op_type: str) -> Callable[[onnx.ModelProto, Any, Path], int]:
     """One of ONNX Runtime's fusion classes as a pass: run it, count the `op_type` nodes it added."""
 
-    def run(proto: onnx.ModelProto, model: Any, base_dir: Path) -> int:
+    def run(proto: onnx.ModelProto, model: Any, base_dir: Path, store: WeightStore | None = None) -> int:
         from onnxruntime.transformers import fusion_rotary_attention, fusion_simplified_layernorm
         from onnxruntime.transformers.fusion_utils import FusionUtils
         from onnxruntime.transformers.onnx_model import OnnxModel
@@ -289,7 +294,7 @@ def _ort_fusion(class_name: str, op_type: str) -> Callable[[onnx.ModelProto, Any
     return run
 
 
-def _gpt2_optimizer(proto: onnx.ModelProto, model: Any, base_dir: Path) -> int:
+def _gpt2_optimizer(proto: onnx.ModelProto, model: Any, base_dir: Path, store: WeightStore | None = None) -> int:
     """ORT's GPT-2 optimizer reads the weights it fuses (attention's q/k/v): they are loaded for it."""
     from onnx.external_data_helper import load_external_data_for_model
     from onnxruntime.transformers.optimizer import optimize_by_fusion
@@ -304,11 +309,11 @@ def _gpt2_optimizer(proto: onnx.ModelProto, model: Any, base_dir: Path) -> int:
     return fused
 
 
-FUSIONS: dict[str, Callable[[onnx.ModelProto, Any, Path], int]] = {  # (graph, model, weights folder)
-    "shared_input_matmuls": lambda proto, model, base_dir: fuse_shared_input_matmuls(
-        proto, vocab_size=model.config.vocab_size, base_dir=base_dir),
-    "static_reshapes": lambda proto, model, base_dir: simplify_reshapes(proto),
-    "packed_qkv": lambda proto, model, base_dir: pack_qkv(proto),
+FUSIONS: dict[str, Callable[..., int]] = {  # (graph, model, weights folder[, store for what a fusion makes])
+    "shared_input_matmuls": lambda proto, model, base_dir, store=None: fuse_shared_input_matmuls(
+        proto, vocab_size=model.config.vocab_size, base_dir=base_dir, store=store),
+    "static_reshapes": lambda proto, model, base_dir, store=None: simplify_reshapes(proto),
+    "packed_qkv": lambda proto, model, base_dir, store=None: pack_qkv(proto),
     "simplified_layer_norm": _ort_fusion("FusionSimplifiedLayerNormalization", "SimplifiedLayerNormalization"),
     "skip_simplified_layer_norm": _ort_fusion("FusionSkipSimplifiedLayerNormalization",
                                               "SkipSimplifiedLayerNormalization"),
@@ -326,7 +331,7 @@ def apply_fusions(path: Path, names: Sequence[str], *, model: Any, store: Weight
     proto = load_lean(path)
     counts = {}
     for name in names:
-        counts[name] = FUSIONS[name](proto, model, store.directory)
+        counts[name] = FUSIONS[name](proto, model, store.directory, store)
         store.externalize(proto)  # what it made goes to disk now: the next pass copies a lean graph
     save_lean(proto, path, store)
     return counts

@@ -100,14 +100,20 @@ class WeightStore:
                     _inline(tensor, base_dir)
                     continue
                 data = _read_external(tensor, base_dir)
+                offset, length = self.put(data, tensor.data_type, tensor.dims)
+                del data
+                point_at(tensor, self.name, offset, length)
             else:
-                data = tensor_bytes(tensor)
-                if len(data) <= INLINE_LIMIT:
-                    continue
+                self.take(tensor)
+        self.flush()
+
+    def take(self, tensor: TensorProto) -> None:
+        """Move a tensor held in the proto into the store (one at most `INLINE_LIMIT` bytes stays)."""
+        data = tensor_bytes(tensor)
+        if len(data) > INLINE_LIMIT:
             offset, length = self.put(data, tensor.data_type, tensor.dims)
             del data
             point_at(tensor, self.name, offset, length)
-        self.flush()
 
     def flush(self) -> None:
         self._file.flush()
