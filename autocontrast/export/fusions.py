@@ -76,20 +76,22 @@ def fuse_shared_input_matmuls(model: onnx.ModelProto, *, vocab_size: int | None 
     merged = 0
     for members in (m for m in groups.values() if len(m) > 1):
         # named after the first member, so passes that read module paths (attention_bits) still see them
-        combined = _merge(graph, members, [inits[n.input[1]] for n in members],
-                          tag=f"{members[0].name}/merged{len(members)}", base_dir=base_dir)
-        if store is not None:
-            store.take(combined)
+        _merge(graph, members, [inits[n.input[1]] for n in members],
+               tag=f"{members[0].name}/merged{len(members)}", base_dir=base_dir, store=store)
         merged += 1
     return merged
 
 
 def _merge(graph: onnx.GraphProto, members: list[onnx.NodeProto], weights: list[onnx.TensorProto], *,
-           tag: str, base_dir: Path | None) -> onnx.TensorProto:
-    """Replace `members` by one MatMul over their concatenated weights and a Split; returns that weight."""
+           tag: str, base_dir: Path | None, store: WeightStore | None) -> None:
+    """Replace `members` by one MatMul over their concatenated weights (written to `store` where given:
+    bytes set on a graph's proto stay in its arena until the whole graph is freed) and a Split."""
     arrays = [numpy_helper.to_array(w, base_dir=str(base_dir or "")) for w in weights]  # (K, N_i) each
-    combined = numpy_helper.from_array(np.concatenate(arrays, axis=1), f"{tag}/weight")  # (K, sum N_i)
+    merged = np.concatenate(arrays, axis=1)  # (K, sum N_i)
+    name = f"{tag}/weight"
+    combined = numpy_helper.from_array(merged, name) if store is None else store.external(merged, name)
     sizes = numpy_helper.from_array(np.array([a.shape[1] for a in arrays], np.int64), f"{tag}/sizes")
+    del arrays, merged
     product = f"{tag}/output"
     new = [helper.make_node("MatMul", [members[0].input[0], combined.name], [product], name=f"{tag}/MatMul"),
            helper.make_node("Split", [product, sizes.name], [n.output[0] for n in members], axis=-1,
@@ -102,7 +104,6 @@ def _merge(graph: onnx.GraphProto, members: list[onnx.NodeProto], weights: list[
     for w in weights:
         graph.initializer.remove(w)
     graph.initializer.extend([combined, sizes])
-    return graph.initializer[-2]  # the proto's own copy (extend copied it)
 
 
 def simplify_reshapes(model: onnx.ModelProto) -> int:

@@ -22,13 +22,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper
 
 from autocontrast.errors import ExportError
-from autocontrast.export.weights import INLINE_LIMIT, WeightStore, point_at
+from autocontrast.export.weights import WeightStore
 
 
 @contextlib.contextmanager
@@ -71,7 +69,7 @@ def export_lean(module: torch.nn.Module, args: tuple, target: Path, store: Weigh
     kept = [value for value in graph.input if value.name not in params]
     taken = [value.name for value in graph.input if value.name in params]
     for name in taken:
-        graph.initializer.append(_initializer(name, params.pop(name), store))
+        graph.initializer.append(store.external(params.pop(name).detach().contiguous().numpy(), name))
     params.clear()  # the folded constants: written, no longer needed
     del graph.input[:]
     graph.input.extend(kept)
@@ -79,14 +77,3 @@ def export_lean(module: torch.nn.Module, args: tuple, target: Path, store: Weigh
     onnx.save_model(model, str(target))
     return target
 
-
-def _initializer(name: str, value: torch.Tensor, store: WeightStore) -> onnx.TensorProto:
-    """`value` as an initializer named `name`: inline when small, else stored once in `store`."""
-    array = value.detach().contiguous().numpy()
-    if array.nbytes <= INLINE_LIMIT:
-        return numpy_helper.from_array(array, name)
-    tensor = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype),
-                              dims=array.shape)
-    offset, length = store.put(memoryview(np.ascontiguousarray(array)).cast("B"), tensor.data_type, tensor.dims)
-    point_at(tensor, store.name, offset, length)
-    return tensor

@@ -115,6 +115,19 @@ class WeightStore:
             del data
             point_at(tensor, self.name, offset, length)
 
+    def external(self, array: np.ndarray, name: str) -> TensorProto:
+        """A tensor named `name` holding `array`: inline when small, else stored here and pointing here.
+
+        Build it before adding it to a graph: bytes set on a message inside a graph stay in the graph's
+        protobuf arena (clearing the field later does not free them) until the whole graph is freed.
+        """
+        array = np.ascontiguousarray(array)
+        if array.nbytes <= INLINE_LIMIT:
+            return numpy_helper.from_array(array, name)
+        tensor = TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        point_at(tensor, self.name, *self.put(memoryview(array).cast("B"), tensor.data_type, tensor.dims))
+        return tensor
+
     def flush(self) -> None:
         self._file.flush()
 
