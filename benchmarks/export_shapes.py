@@ -50,6 +50,8 @@ def main() -> int:
     parser.add_argument("--shapes", required=True, help="comma-separated acd-random-model names or real:DIR")
     parser.add_argument("--optimum", default="", help="shapes (as named in --shapes) to export with optimum-cli too")
     parser.add_argument("--acd-args", default="", help="extra acd-export arguments for real:DIR checkpoints")
+    parser.add_argument("--export-args", default="", help="extra acd-export arguments for every shape "
+                        "(for example --no-memory-check)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/autocontrast-shapes"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -66,7 +68,8 @@ def main() -> int:
         bundle = args.work / f"bundle-{folder.name}"
         shutil.rmtree(bundle, ignore_errors=True)
         print(f"== acd-export {shape}", file=sys.stderr, flush=True)
-        row["acd_export"] = timed([str(BIN / "acd-export"), str(folder), str(bundle), *extra])
+        row["acd_export"] = timed([str(BIN / "acd-export"), str(folder), str(bundle), *extra,
+                                   *args.export_args.split()])
         shutil.rmtree(bundle, ignore_errors=True)
         if shape in args.optimum.split(","):
             target = args.work / f"optimum-{folder.name}"

@@ -8,6 +8,7 @@
 #
 #   scripts/build_genai_models.sh            # folders land in $AUTOCONTRAST_CACHE/genai/smollm2-135m-instruct-{fp32,int4}
 #   GENAI_VENV=/tmp/genai-venv PRECISIONS="int4" scripts/build_genai_models.sh
+#   PRECISIONS=fp32 scripts/build_genai_models.sh /tmp/shapes/llama-3.2-1b   # any HF folder (acd-random-model's)
 set -euo pipefail
 
 CACHE=${AUTOCONTRAST_CACHE:-$HOME/.cache/autocontrast}
@@ -15,10 +16,15 @@ VENV=${GENAI_VENV:-$CACHE/genai-venv}
 PRECISIONS=${PRECISIONS:-fp32 int4}
 # torch only loads the HF weights; on a machine with no GPU, a CPU build of torch is enough
 BUILDER_PACKAGES=${BUILDER_PACKAGES:-onnxruntime-genai==0.18.0 transformers>=5 onnx onnx-ir torch==2.13.0}
-SOURCE=$CACHE/models/smollm2-135m-instruct
+SOURCE=${1:-$CACHE/models/smollm2-135m-instruct}
+NAME=$(basename "$SOURCE")
 
 if [ ! -f "$SOURCE/config.json" ]; then
-    echo "no converted SmolLM2 at $SOURCE: run acd-prepare-smollm2 first (with the same AUTOCONTRAST_CACHE)" >&2
+    if [ $# -gt 0 ]; then
+        echo "$SOURCE is not a Hugging Face model folder (no config.json)" >&2
+    else
+        echo "no converted SmolLM2 at $SOURCE: run acd-prepare-smollm2 first (with the same AUTOCONTRAST_CACHE)" >&2
+    fi
     exit 2
 fi
 if [ ! -x "$VENV/bin/python" ]; then
@@ -27,7 +33,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$VENV/bin/python" -m pip install $BUILDER_PACKAGES
 fi
 for precision in $PRECISIONS; do
-    out=$CACHE/genai/smollm2-135m-instruct-$precision
+    out=$CACHE/genai/$NAME-$precision
     if [ -f "$out/genai_config.json" ]; then
         echo "$out exists"
         continue

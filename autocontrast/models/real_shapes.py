@@ -50,6 +50,8 @@ REAL_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
                                    max_position_embeddings=131072, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
                                    rms_norm_eps=1e-5, tie_word_embeddings=True)),
 }
+# the class a real checkpoint's config.json names (tools such as onnxruntime-genai's model builder read it)
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SHARD_BYTES = 2 * 1024**3
 INIT_STD = 0.02  # as the configs' initializer_range
 
@@ -62,7 +64,8 @@ def shape_config(name: str, *, dtype: str = "float32") -> Any:
         raise ConfigurationError(f"unknown shape {name!r}; known: {', '.join(REAL_SHAPES)}")
     model_type, fields = REAL_SHAPES[name]
     return AutoConfig.for_model(model_type, **fields, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                                initializer_range=INIT_STD, torch_dtype=dtype)
+                                initializer_range=INIT_STD, torch_dtype=dtype,
+                                architectures=[ARCHITECTURES[model_type]])
 
 
 def parameter_count(name: str) -> int:
