@@ -289,16 +289,22 @@ def _load(source: str, options: ExportOptions) -> _Loaded:
         require_weights,
         unreadable_weight_errors,
     )
-    from autocontrast.export.memory import check_memory, checkpoint_float32_bytes, estimate_export_bytes
+    from autocontrast.export.memory import (
+        check_memory,
+        checkpoint_float32_bytes,
+        embedding_float32_bytes,
+        estimate_export_bytes,
+    )
     from autocontrast.models.auto import AutoMultiExitModel
     from autocontrast.models.families import family_for
 
     config = model_config(source)
+    family = family_for(config)
     weight_bytes = checkpoint_float32_bytes(source, config)
     if options.memory_check and weight_bytes is not None:
-        check_memory(estimate_export_bytes(weight_bytes), what=f"exporting {source} ({weight_bytes / 1e9:.1f} GB of "
-                     "float32 weights)")
-    if family_for(config).is_encoder_decoder:
+        estimate = estimate_export_bytes(weight_bytes, embedding_float32_bytes(config, family.hidden_size(config)))
+        check_memory(estimate, what=f"exporting {source} ({weight_bytes / 1e9:.1f} GB of float32 weights)")
+    if family.is_encoder_decoder:
         from autocontrast.export.t5 import check_options
 
         check_options(options)

@@ -84,12 +84,30 @@ def test_an_export_the_machine_cannot_hold_is_refused_before_loading_with_its_fi
                   options=ExportOptions(exits=(2, 1), memory_check=False, score_graph=False))
 
 
-@pytest.mark.parametrize("weights,measured", [(0.54e9, 3.09e9), (1.45e9, 6.93e9), (4.94e9, 12.72e9)])
-def test_the_estimate_bounds_the_measured_peaks_from_above_by_at_most_a_fifth(weights, measured):
-    """The README's measured export peaks (SmolLM2-135M, SmolLM2-360M and Llama-3.2-1B shapes)."""
+# benchmarks/results/export-shapes-2026-12-06.json (and -3b-): float32 weights, embedding, measured peak
+MEASURED_PEAKS = {"SmolLM2-135M": (538_090_408, 113_246_208, 1.751e9),
+                  "SmolLM2-360M shape": (1_447_317_080, 188_743_680, 3.697e9),
+                  "Llama-3.2-1B shape": (4_943_274_256, 1_050_673_152, 9.293e9),
+                  "Qwen2.5-1.5B shape": (6_174_895_328, 933_494_784, 10.303e9),
+                  "SmolLM2-1.7B shape": (6_845_530_480, 402_653_184, 10.464e9)}
+
+
+@pytest.mark.parametrize("model", MEASURED_PEAKS)
+def test_the_estimate_bounds_the_measured_peaks_from_above_by_at_most_a_fifth(model):
+    """The README's measured export peaks, from the real SmolLM2-135M to the Llama-3.2-3B shape."""
     from autocontrast.export.memory import estimate_export_bytes
 
-    assert measured <= estimate_export_bytes(int(weights)) <= 1.2 * measured
+    weights, embedding, measured = MEASURED_PEAKS[model]
+    assert measured <= estimate_export_bytes(weights, embedding) <= 1.2 * measured
+
+
+def test_the_estimate_does_not_refuse_the_3b_shape_that_exported_on_a_24_gb_machine():
+    """Llama-3.2-3B shape (12.85 GB float32): exported with 24.1 GB available; its resident peak (24.6 GB) was
+    mostly memory-mapped weight pages the kernel reclaimed as it went (anonymous peak 4.6 GB), so it bounds
+    nothing; a refusal there would turn a user away from an export that works."""
+    from autocontrast.export.memory import estimate_export_bytes
+
+    assert estimate_export_bytes(12_850_000_000, 1_576_009_728) < 24.0e9
 
 
 def test_a_failed_export_leaves_no_sampling_thread_behind(tmp_path):
