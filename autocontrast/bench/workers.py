@@ -69,7 +69,12 @@ class Worker:
             self.skipped = f"did not load within {timeout:.0f} s"
             self.close()
             return
-        status, detail = self._conn.recv()
+        try:
+            status, detail = self._conn.recv()
+        except EOFError:  # the process died without a word: killed (the OOM killer) or crashed in native code
+            self.skipped = f"its worker died while loading ({self._died()})"
+            self.close()
+            return
         if status == "skip":
             self.skipped = detail
             self.close()
@@ -80,8 +85,20 @@ class Worker:
         if not self._conn.poll(timeout):
             self.close()
             return f"run did not finish within {timeout:.0f} s"
-        status, detail = self._conn.recv()
+        try:
+            status, detail = self._conn.recv()
+        except EOFError:
+            return f"its worker died during the run ({self._died()})"
         return detail if status == "ok" else str(detail)
+
+    def _died(self) -> str:
+        """Why the worker process ended, in words (its exit status; a kill names the likely killer)."""
+        self._process.join(timeout=10)
+        code = self._process.exitcode
+        if code == -9:
+            return ("killed by SIGKILL, most likely the kernel's OOM killer: each system holds its own "
+                    "weights, so benchmark fewer systems at once or add --share-weights")
+        return f"exit status {code}"
 
     def close(self) -> None:
         if self._process.is_alive():

@@ -188,3 +188,45 @@ def test_optimum_exports_are_cached_per_model_not_per_folder_name(tmp_path):
     assert model_identity(first) != model_identity(second)  # same name, another model: another export
     (second / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
     assert model_identity(first) == model_identity(second)
+
+
+def _killed_while_loading(spec):
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does to a system too large for the machine
+
+
+class _DiesWhenRun:
+    def skip_reason(self):
+        return None
+
+    def load(self):
+        pass
+
+    def generate(self, prompts, new_tokens):
+        import os
+
+        os._exit(3)
+
+
+def _dies_when_run(spec):
+    return _DiesWhenRun()
+
+
+def test_a_worker_killed_while_loading_is_skipped_with_the_likely_cause():
+    from autocontrast.bench.workers import Worker
+
+    worker = Worker("big-system", _killed_while_loading)
+    worker.wait_ready(60)
+    assert "SIGKILL" in worker.skipped and "OOM killer" in worker.skipped and "--share-weights" in worker.skipped
+
+
+def test_a_worker_that_dies_during_a_run_is_a_failed_run_not_a_crash():
+    from autocontrast.bench.workers import Worker
+
+    worker = Worker("fragile", _dies_when_run)
+    worker.wait_ready(60)
+    assert worker.skipped is None
+    assert worker.run([[1, 2]], 4, timeout=60) == "its worker died during the run (exit status 3)"
+    worker.close()
