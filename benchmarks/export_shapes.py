@@ -38,11 +38,10 @@ def timed(command: list[str]) -> dict[str, object]:
 
 
 def weight_bytes(folder: Path) -> int:
-    from transformers import AutoConfig
-
+    from autocontrast.export.checkpoint import model_config
     from autocontrast.export.memory import checkpoint_float32_bytes
 
-    return checkpoint_float32_bytes(str(folder), AutoConfig.from_pretrained(folder))
+    return checkpoint_float32_bytes(str(folder), model_config(str(folder)))
 
 
 def main() -> int:

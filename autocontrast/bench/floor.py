@@ -43,6 +43,7 @@ class MatMulFloorSystem:
         from onnx import TensorProto, helper
 
         from autocontrast.bundle import read_manifest
+        from autocontrast.export.weights import point_at
 
         k = read_manifest(self.bundle).hidden_size
         n = max(1, weight_bytes(self.bundle) // (4 * k))
@@ -56,9 +57,8 @@ class MatMulFloorSystem:
             weight.tofile(Path(folder) / "w.bin")
             self.rows, self.weight_bytes = k, weight.nbytes
             del weight
-            w = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[k, n], data_location=TensorProto.EXTERNAL)
-            for key, value in (("location", "w.bin"), ("offset", "0"), ("length", str(self.weight_bytes))):
-                w.external_data.add(key=key, value=value)
+            w = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[k, n])
+            point_at(w, "w.bin", 0, self.weight_bytes)
             graph = helper.make_graph(
                 [helper.make_node("MatMul", ["x", "w"], ["y"])], "floor",
                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],

@@ -94,7 +94,7 @@ MEASURED_PEAKS = {"SmolLM2-135M": (538_090_408, 113_246_208, 1.751e9),
 
 @pytest.mark.parametrize("model", MEASURED_PEAKS)
 def test_the_estimate_bounds_the_measured_peaks_from_above_by_at_most_a_fifth(model):
-    """The README's measured export peaks, from the real SmolLM2-135M to the Llama-3.2-3B shape."""
+    """The README's measured export peaks, from the real SmolLM2-135M to the SmolLM2-1.7B shape."""
     from autocontrast.export.memory import estimate_export_bytes
 
     weights, embedding, measured = MEASURED_PEAKS[model]
