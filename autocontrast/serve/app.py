@@ -33,10 +33,12 @@ from autocontrast.runtime.generator import Generator
 from autocontrast.runtime.stepper import TokenEvent
 from autocontrast.serve.metrics import CONTENT_TYPE, Metrics
 from autocontrast.serve.protocol import (
+    MAX_JSON_DEPTH,
     Limits,
     OpenAIError,
     RequestSpec,
     bad_request,
+    check_depth,
     chunk_body,
     completion_body,
     new_id,
@@ -196,9 +198,13 @@ class _Server:
             if len(data) > limit:
                 raise OpenAIError(413, f"request body exceeds the limit of {limit} bytes")
         try:
-            return json.loads(data)
+            body = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise bad_request(f"the request body is not valid JSON: {err}") from None
+        except RecursionError:  # the parser's own bound, far below the size limit's worst case
+            raise bad_request(f"the request body nests deeper than {MAX_JSON_DEPTH} levels") from None
+        check_depth(body)
+        return body
 
     def _submit(self, spec: RequestSpec, body: dict[str, Any], *, chat: bool) -> Job:
         if spec.model is not None and spec.model != self.config.model_name:

@@ -28,7 +28,23 @@ MULTI_EXIT_FIELDS = ("use_original_head", "output_layer_index", "contrast_layer_
 UNSUPPORTED = {"logprobs": "logprobs are not returned by this server", "echo": "echo is not supported",
                "suffix": "suffix is not supported", "tools": "tool calls are not supported",
                "functions": "function calls are not supported", "logit_bias": "logit_bias is not supported",
-               "top_logprobs": "top_logprobs are not returned by this server"}
+               "top_logprobs": "top_logprobs are not returned by this server",
+               "audio": "audio output is not supported", "prediction": "predicted outputs are not supported",
+               "web_search_options": "web search is not supported",
+               "reasoning_effort": "this model does not reason in separate steps",
+               "verbosity": "verbosity is not supported: bound the answer with max_tokens"}
+EMPTY_ASKS = {"web_search_options"}  # an empty object turns web search on (elsewhere, empty means none)
+# fields OpenAI documents that change nothing here, accepted with these values only (any other value
+# asks for something the server does not do, and is refused like the fields above)
+ACCEPTED_ONLY_AS = {"response_format": ({"type": "text"},), "modalities": (["text"],), "store": (False,),
+                    "tool_choice": ("none",), "function_call": ("none",), "service_tier": ("auto", "default")}
+# fields OpenAI documents as hints or labels: taken and ignored, as OpenAI's own API may
+HINTS = ("user", "metadata", "parallel_tool_calls", "prompt_cache_key", "safety_identifier")
+# fields `parse_request` reads (n, best_of and the penalties only at their defaults; a test holds every field
+# OpenAI documents to one of these tables)
+READ = ("model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
+        "stream", "stream_options", "n", "best_of", "presence_penalty", "frequency_penalty")
+MAX_JSON_DEPTH = 32  # deeper request bodies are refused before anything walks them
 FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "length": "length"}
 # our parameter names in error messages -> the OpenAI field the client sent
 PARAM_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "stop_strings": "stop",
@@ -155,13 +171,33 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
+_WHY_REFUSED = {"response_format": ": structured output is not enforced yet, and an answer that merely might be "
+                                   "JSON is not what a client asking for JSON can rely on"}
+
+
+def check_depth(body: Any, limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse a parsed body whose arrays/objects nest deeper than `limit` (walked without recursion)."""
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                raise bad_request(f"the request body nests deeper than {limit} levels")
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+
+
 def parse_request(body: Any, *, chat: bool, limits: Limits) -> RequestSpec:
     """A request body (parsed JSON) to a `RequestSpec`; anything wrong is a 400 naming the field."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     for name, why in UNSUPPORTED.items():
-        if body.get(name) not in (None, False, {}, []):
+        if body.get(name) is not None and (body[name] not in (False, {}, []) or name in EMPTY_ASKS):
             raise bad_request(f"'{name}': {why}", name, "unsupported_parameter")
+    for name, allowed in ACCEPTED_ONLY_AS.items():
+        if body.get(name) is not None and body[name] not in allowed:
+            raise bad_request(f"'{name}': {body[name]!r} is not supported by this server (only "
+                              f"{' or '.join(map(repr, allowed))}){_WHY_REFUSED.get(name, '')}", name,
+                              "unsupported_parameter")
     if _number(body, "n", 1, integer=True) != 1 or _number(body, "best_of", 1, integer=True) != 1:
         raise bad_request("only n=1 (and best_of=1) is supported: send several requests instead", "n")
     for name in ("presence_penalty", "frequency_penalty"):

@@ -244,3 +244,59 @@ def test_a_server_sharing_one_copy_of_the_weights_answers_every_mode_as_the_gene
             assert out.choices[0].text == _alone(generator, PROMPTS[5], config), fields
     finally:
         process.stop()
+
+
+# every request field of OpenAI's API reference (2026-12), per endpoint
+COMPLETION_FIELDS = ("model", "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens",
+                     "n", "presence_penalty", "seed", "stop", "stream", "stream_options", "suffix", "temperature",
+                     "top_p", "user")
+CHAT_FIELDS = ("messages", "model", "audio", "frequency_penalty", "function_call", "functions", "logit_bias",
+               "logprobs", "max_completion_tokens", "max_tokens", "metadata", "modalities", "n",
+               "parallel_tool_calls", "prediction", "presence_penalty", "prompt_cache_key", "reasoning_effort",
+               "response_format", "safety_identifier", "seed", "service_tier", "stop", "store", "stream",
+               "stream_options", "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user", "verbosity",
+               "web_search_options")
+# a value asking for something: what a client sends when it wants the feature
+ASKING = {"audio": {"voice": "alloy", "format": "wav"}, "function_call": "auto",
+          "functions": [{"name": "f", "parameters": {}}], "tools": [{"type": "function", "function": {"name": "f"}}],
+          "logit_bias": {"5": 10}, "logprobs": True, "top_logprobs": 2, "echo": True, "suffix": "end",
+          "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"},
+          "reasoning_effort": "high", "verbosity": "low", "web_search_options": {},
+          "response_format": {"type": "json_object"}, "store": True, "tool_choice": "auto", "service_tier": "flex"}
+
+
+def test_every_documented_field_is_honoured_or_refused_never_ignored():
+    from autocontrast.serve.protocol import ACCEPTED_ONLY_AS, HINTS, READ, UNSUPPORTED
+
+    tables = set(READ) | set(HINTS) | set(UNSUPPORTED) | set(ACCEPTED_ONLY_AS)
+    assert set(COMPLETION_FIELDS + CHAT_FIELDS) - tables == set()
+    assert set(UNSUPPORTED) | set(ACCEPTED_ONLY_AS) <= set(ASKING)
+
+
+@pytest.mark.parametrize("field", sorted(ASKING))
+def test_a_field_the_server_cannot_honour_is_400_naming_it(client, generator, field):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=generator.bundle_dir.name, messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=2, extra_body={field: ASKING[field]})
+    assert caught.value.body["param"] == field and caught.value.body["code"] == "unsupported_parameter"
+
+
+def test_json_object_is_refused_not_answered_with_prose(client, generator):
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=generator.bundle_dir.name, max_tokens=8,
+                                       messages=[{"role": "user", "content": "Give me JSON"}],
+                                       response_format={"type": "json_object"})
+    assert "structured output" in caught.value.body["message"]
+    text = client.chat.completions.create(model=generator.bundle_dir.name, max_tokens=2,
+                                          messages=[{"role": "user", "content": "Hi"}],
+                                          response_format={"type": "text"}).choices[0].message.content
+    assert isinstance(text, str)
+
+
+@pytest.mark.parametrize("depth", [33, 100_000])
+def test_a_deeply_nested_body_is_400_and_the_server_goes_on(server, client, generator, depth):
+    body = b'{"prompt": "Hi", "metadata": ' + b"[" * depth + b"]" * depth + b"}"
+    response = httpx.post(f"{server.base}/v1/completions", content=body,
+                          headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 400 and "nests deeper than 32" in response.json()["error"]["message"]
+    assert client.completions.create(model=generator.bundle_dir.name, prompt="Hi", max_tokens=2).choices
