@@ -78,14 +78,43 @@ class DecodeState:
         self.next_position = np.concatenate([self.next_position, positions[:, -1] + 1])
         return out
 
+    @classmethod
+    def seeded(cls, session: ExitSession, entries: Sequence[np.ndarray], *, pad_token_id: int = 0) -> DecodeState:
+        """A one-row state whose cache already holds `entries` ([(length, kv_heads, head_dim)] in graph order,
+        as `entries()` gives them): a prompt's prefix computed before, fed on with `feed`."""
+        state = cls(session, pad_token_id=pad_token_id)
+        length = entries[0].shape[0]
+        state.cache = KVCache(session.kv, 1)
+        state.cache.load([np.ascontiguousarray(e.transpose(1, 0, 2)[None]) for e in entries], length)
+        state.mask = np.ones((1, length), dtype=np.int64)
+        state.next_position = np.array([length], dtype=np.int64)
+        return state
+
     def advance(self, tokens: np.ndarray) -> StepOutput:
         """Feed one token per row: tokens (batch,) int. Returns (batch, n_exits, vocab) outputs."""
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(self.batch, 1)  # (batch, 1)
-        mask = np.concatenate([self.mask, np.ones((self.batch, 1), dtype=np.int64)], axis=1)  # (batch, past + 1)
-        out = self.session.step(tokens, mask, self.next_position[:, None], self.cache)
+        return self.feed(np.asarray(tokens, dtype=np.int64).reshape(self.batch, 1))
+
+    def feed(self, tokens: np.ndarray) -> StepOutput:
+        """Feed the same number of tokens to every row: tokens (batch, n) int (a prompt's next chunk, or
+        one token each). Returns the last position's outputs: (batch, n_exits, vocab)."""
+        tokens = np.asarray(tokens, dtype=np.int64)  # (batch, n)
+        count = tokens.shape[1]
+        mask = np.concatenate([self.mask, np.ones((self.batch, count), dtype=np.int64)], axis=1)  # (batch, past + n)
+        positions = self.next_position[:, None] + np.arange(count)  # (batch, n)
+        out = self.session.step(tokens, mask, positions, self.cache)
         self.mask = mask
-        self.next_position = self.next_position + 1
+        self.next_position = self.next_position + count
         return out
+
+    def absorb(self, other: DecodeState) -> None:
+        """Add `other`'s rows (a state over the same graph) after this batch's rows; `other` is spent."""
+        if self.batch == 0:
+            self.cache, self.mask, self.next_position = other.cache, other.mask, other.next_position
+            return
+        self.cache.append_rows(other.cache)
+        columns = max(self.mask.shape[1], other.mask.shape[1])
+        self.mask = np.concatenate([_left_pad(self.mask, columns), _left_pad(other.mask, columns)])
+        self.next_position = np.concatenate([self.next_position, other.next_position])
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only `rows` (indices into the batch, in that order); columns no kept row uses are dropped."""

@@ -37,12 +37,13 @@ from autocontrast.errors import (
     RuntimeOptionError,
     UnknownExitError,
 )
-from autocontrast.runtime.decode_state import DecodeState, open_decode_state
+from autocontrast.runtime.batch_state import BatchState
+from autocontrast.runtime.decode_state import open_decode_state
 from autocontrast.runtime.encoder import EncoderSession, open_encoder
 from autocontrast.runtime.encoder_decoder_state import EncoderDecoderState
-from autocontrast.runtime.inplace_state import InPlaceDecodeState
 from autocontrast.runtime.modes import DecodeMode, graph_with_exits, resolve_mode
 from autocontrast.runtime.params import GenerationParams
+from autocontrast.runtime.prefix_cache import PrefixCache
 from autocontrast.runtime.session import ExitSession, open_session, shared_file_session
 from autocontrast.runtime.stepper import Stepper
 from autocontrast.runtime.text import chat_template, load_tokenizer, render_chat
@@ -122,7 +123,7 @@ class Generator:
                                                           session=shared_file_session(self._sessions.values(), graph))
             return self._sessions[graph.name]
 
-    def decode_state(self, graph: GraphSpec) -> DecodeState | InPlaceDecodeState | EncoderDecoderState:
+    def decode_state(self, graph: GraphSpec) -> BatchState:
         """A new, empty batch state over one decode graph (an encoder-decoder bundle's runs its encoder too)."""
         spec = self.manifest.encoder_decoder
         if spec is None:
@@ -142,8 +143,12 @@ class Generator:
     def mode(self, multi_exit: MultiExitConfiguration | None = None, *, fused: bool = True) -> DecodeMode:
         return resolve_mode(self.manifest, multi_exit or MultiExitConfiguration(), fused=fused)
 
-    def stepper(self, multi_exit: MultiExitConfiguration | None = None, *, fused_contrast: bool = True) -> Stepper:
+    def stepper(self, multi_exit: MultiExitConfiguration | None = None, *, fused_contrast: bool = True,
+                max_step_tokens: int | None = None, prefix_cache: PrefixCache | None = None) -> Stepper:
         """A new stepping engine on the graph of `multi_exit`'s mode (default: the original head).
+
+        `max_step_tokens`: prompts join in chunks so that a step feeds about that many tokens (None:
+        whole prompts); `prefix_cache`: joining prompts start from the longest prefix stored there.
 
         >>> stepper = gen.stepper(acd)  # doctest: +SKIP
         >>> row = stepper.add("The history of Paris", max_new_tokens=8)  # doctest: +SKIP
@@ -151,7 +156,8 @@ class Generator:
         ...     for event in stepper.step():
         ...         print(event.text, end="")
         """
-        return Stepper(self, self.mode(multi_exit, fused=fused_contrast))
+        return Stepper(self, self.mode(multi_exit, fused=fused_contrast), max_step_tokens=max_step_tokens,
+                       prefix_cache=prefix_cache)
 
     def encode(self, prompt: Prompt, *, chat: bool = False) -> list[int]:
         """Token ids of a prompt (text through the tokenizer, optionally the chat template; ids as given)."""

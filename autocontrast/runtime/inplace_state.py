@@ -68,16 +68,42 @@ class InPlaceDecodeState:
         self._lengths = np.concatenate([self._lengths, lengths])
         return out
 
+    @classmethod
+    def seeded(cls, session: ExitSession, entries: Sequence[np.ndarray], *,
+               pad_token_id: int = 0) -> InPlaceDecodeState:
+        """A one-row state whose buffer already holds `entries` ([(length, kv_heads, head_dim)] of the live
+        layers in graph order, as `entries()` gives them): a prompt's prefix computed before, fed on with `feed`."""
+        state = cls(session, pad_token_id=pad_token_id)
+        length = entries[0].shape[0]
+        state.cache = state._buffer(1, capacity_for(length + 1))
+        state.cache.load([e.transpose(1, 0, 2)[None] for e in entries])
+        state._lengths = np.array([length], dtype=np.int64)
+        return state
+
     def advance(self, tokens: np.ndarray) -> StepOutput:
         """Feed one token per row: tokens (batch,) int. Returns (batch, n_exits, vocab) outputs."""
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(self.batch, 1)  # (batch, 1)
-        after = self._lengths + 1
+        return self.feed(np.asarray(tokens, dtype=np.int64).reshape(self.batch, 1))
+
+    def feed(self, tokens: np.ndarray) -> StepOutput:
+        """Feed the same number of tokens to every row: tokens (batch, n) int (a prompt's next chunk, or
+        one token each). Returns the last position's outputs: (batch, n_exits, vocab)."""
+        tokens = np.asarray(tokens, dtype=np.int64)  # (batch, n)
+        after = self._lengths + tokens.shape[1]
         width = int(after.max())
         self.cache.reserve(width)
         mask = (np.arange(width)[None, :] < after[:, None]).astype(np.int64)  # (batch, width)
-        out = self.session.step(tokens, mask, self._lengths[:, None].copy(), self.cache)
+        positions = self._lengths[:, None] + np.arange(tokens.shape[1])  # (batch, n)
+        out = self.session.step(tokens, mask, positions, self.cache)
         self._lengths = after
         return out
+
+    def absorb(self, other: InPlaceDecodeState) -> None:
+        """Add `other`'s rows (a state over the same graph) after this batch's rows; `other` is spent."""
+        if self.batch == 0:
+            self.cache = other.cache
+        else:
+            self.cache.append_rows(other.cache)
+        self._lengths = np.concatenate([self._lengths, other._lengths])
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only `rows` (indices into the batch, in that order)."""

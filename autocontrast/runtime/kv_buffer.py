@@ -82,6 +82,10 @@ class KVBuffer:
             grown = capacity_for(max(columns, 2 * self.capacity))
             self._set([np.pad(a, ((0, 0), (0, 0), (0, grown - a.shape[2]), (0, 0))) for a in self.arrays()])
 
+    def load(self, arrays: list[np.ndarray]) -> None:
+        """Hold `arrays` (the live buffers' first columns: (batch, kv_heads, columns, head_dim), graph order)."""
+        self._set(_widen(arrays, self.capacity))
+
     def select(self, rows: Sequence[int]) -> None:
         """Keep only `rows`, in that order (copies)."""
         index = np.asarray(rows, dtype=np.int64)

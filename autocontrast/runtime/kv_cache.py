@@ -82,6 +82,10 @@ class KVCache:
         self._set([np.concatenate([a, b], axis=0) for a, b in zip(mine, theirs, strict=True)], width)
         self.batch += other.batch
 
+    def load(self, arrays: list[np.ndarray], length: int) -> None:
+        """Hold `arrays` ([(batch, kv_heads, length, head_dim)] in graph order) as the past."""
+        self._set(arrays, length)
+
     def _set(self, arrays: list[np.ndarray], length: int) -> None:
         self._values = [np.ascontiguousarray(a) for a in arrays]
         self.length = length

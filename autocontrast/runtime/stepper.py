@@ -6,6 +6,11 @@ exit and the scores of each row's mode. Rows have their own generation parameter
 stepper's graph), random generator and stop rules; each finishes on its own, and rows may be
 added or dropped between any two steps (continuous batching).
 
+Each step runs a `StepPlan` (`autocontrast.runtime.step_plan`): every decoding row gets one token,
+then joining rows get prompt chunks within `max_step_tokens` (None: whole prompts, together). A row
+whose prompt is chunked is prefilled in a state of its own over several steps and joins the batch
+when its prompt is in; with a `PrefixCache` it starts from the longest stored prefix of its prompt.
+
 >>> from autocontrast.config import MultiExitConfiguration
 >>> from autocontrast.runtime import Generator
 >>> gen = Generator("smollm2-acd")  # doctest: +SKIP
@@ -27,10 +32,13 @@ import numpy as np
 from autocontrast.config import Exit, MultiExitConfiguration
 from autocontrast.errors import GenerationParameterError, RowError, UnknownExitError
 from autocontrast.runtime import sampling
+from autocontrast.runtime.batch_state import BatchState, ChunkedState
 from autocontrast.runtime.detokenizer import StreamDecoder
 from autocontrast.runtime.modes import DecodeMode, checked_scores, mode_on_graph
 from autocontrast.runtime.params import GenerationParams
+from autocontrast.runtime.prefix_cache import PrefixCache
 from autocontrast.runtime.session import StepOutput
+from autocontrast.runtime.step_plan import Pending, PromptChunk, StepPlan, plan_step
 from autocontrast.runtime.stopping import finish_reason
 
 if TYPE_CHECKING:
@@ -45,6 +53,17 @@ class TokenEvent:
     token: int
     text: str  # the new text (whole characters, held back before a possible stop string; may be '')
     finish_reason: str | None  # 'eos', 'stop_string', 'length' or None (goes on)
+
+
+@dataclasses.dataclass(eq=False)
+class _Prefill:
+    """A joining row's prompt (token ids to put in the cache) and how far it is in."""
+
+    ids: list[int]
+    done: int = 0
+    state: ChunkedState | None = None  # the row's own state while its prompt is chunked
+    looked_up: bool = False  # the prefix cache was asked
+    seed: list[np.ndarray] | None = None  # entries of a stored prefix to start from (`done` of them)
 
 
 class Row:
@@ -88,14 +107,23 @@ class Row:
 class Stepper:
     """The stepping engine over one decode graph. Create with `Generator.stepper(...)`. Not thread-safe."""
 
-    def __init__(self, generator: Generator, mode: DecodeMode) -> None:
+    def __init__(self, generator: Generator, mode: DecodeMode, *, max_step_tokens: int | None = None,
+                 prefix_cache: PrefixCache | None = None) -> None:
+        if max_step_tokens is not None and (not isinstance(max_step_tokens, int) or max_step_tokens < 1):
+            raise GenerationParameterError(f"max_step_tokens ({max_step_tokens!r}) must be a positive integer "
+                                           "or None (whole prompts)")
         self.generator = generator
         self.default_mode = mode
         self.graph = mode.graph
-        self.state = generator.decode_state(self.graph)  # a DecodeState, or an EncoderDecoderState (T5)
+        self.state: BatchState = generator.decode_state(self.graph)
+        # chunks and stored prefixes need a state that takes chunks (an encoder-decoder's prompt is one pass)
+        self.chunked = isinstance(self.state, ChunkedState) and (max_step_tokens is not None or
+                                                                  prefix_cache is not None)
+        self.max_step_tokens = max_step_tokens if self.chunked else None
+        self.prefix_cache = prefix_cache if self.chunked else None
         self._rows: dict[int, Row] = {}
         self._batch: list[int] = []  # row ids in the order of the state's batch
-        self._joining: list[tuple[int, list[int]]] = []  # (row id, ids to prefill) before the next step
+        self._prefills: dict[int, _Prefill] = {}  # joining rows, in the order they joined
         self._last: StepOutput | None = None
         self._last_rows: list[int] = []
         self._next_id = 0
@@ -110,12 +138,17 @@ class Stepper:
     @property
     def done(self) -> bool:
         """No row is running or waiting to join."""
-        return not self._joining and all(self._rows[r].done for r in self._batch)
+        return not self._prefills and all(self._rows[r].done for r in self._batch)
 
     @property
     def running(self) -> list[int]:
-        """Rows that will gain a token at the next step (joining rows included)."""
-        return [r for r in self._batch if not self._rows[r].done] + [r for r, _ in self._joining]
+        """Rows that are decoding or joining (a joining row gains its first token once its prompt is in)."""
+        return [r for r in self._batch if not self._rows[r].done] + list(self._prefills)
+
+    @property
+    def prefilling(self) -> list[int]:
+        """Joining rows: their prompt is not (wholly) in the cache yet."""
+        return list(self._prefills)
 
     def row(self, row_id: int) -> Row:
         try:
@@ -144,7 +177,7 @@ class Stepper:
             row.decoder_start_token_id = gen.manifest.encoder_decoder.decoder_start_token_id
         self._next_id += 1
         self._rows[row.id] = row
-        self._joining.append((row.id, ids))
+        self._prefills[row.id] = _Prefill(ids)
         return row.id
 
     def _mode_for(self, config: MultiExitConfiguration, fused: bool) -> DecodeMode:
@@ -163,7 +196,8 @@ class Stepper:
         """Remove several rows at once: one reshaping of the batch's cache, however many leave."""
         rows = [self.row(r) for r in row_ids]
         leaving = set(row_ids)
-        self._joining = [(r, ids) for r, ids in self._joining if r not in leaving]
+        for row_id in leaving:
+            self._prefills.pop(row_id, None)
         if leaving & set(self._batch):
             self._keep([i for i, r in enumerate(self._batch) if r not in leaving])
         for row_id in leaving:
@@ -190,28 +224,73 @@ class Stepper:
         if row_id in self._batch and not self.state.rewind_row(self._batch.index(row_id), length - 1):
             index = self._batch.index(row_id)  # an encoder-decoder's prompt changed: prefill the row anew
             self._keep([i for i in range(len(self._batch)) if i != index])
-        if row_id not in self._batch:
-            self._joining = [(r, i) for r, i in self._joining if r != row_id] + [(row_id, ids)]
+        if row_id not in self._batch:  # prefilled again from the start (a chunked one's partial cache is dropped)
+            self._prefills.pop(row_id, None)
+            self._prefills[row_id] = _Prefill(ids)
 
     # -- stepping --------------------------------------------------------------------------------
 
     def step(self) -> list[TokenEvent]:
-        """Give every running row one more token. Finished rows leave the batch at the next step."""
+        """Give every decoding row one more token and joining rows their prompt (or its next chunk); a
+        joining row gets its first token in the step its prompt is in. Finished rows leave at the next step."""
+        return self.run(self.plan())
+
+    def plan(self) -> StepPlan:
+        """The next step's plan (finished rows leave the batch first)."""
         if any(self._rows[r].done for r in self._batch):
             self._keep([i for i, r in enumerate(self._batch) if not self._rows[r].done])
-        parts = []
-        if self._batch:
+        if self.prefix_cache is not None:
+            for prefill in self._prefills.values():
+                if not prefill.looked_up:
+                    prefill.looked_up = True
+                    prefill.done, prefill.seed = self.prefix_cache.lookup(prefill.ids)
+        pending = [Pending(r, p.done, len(p.ids)) for r, p in self._prefills.items()]
+        return plan_step(self._batch, pending, self.max_step_tokens)
+
+    def run(self, plan: StepPlan) -> list[TokenEvent]:
+        """Run a plan made by `plan()` (nothing changed since); the tokens chosen."""
+        parts, joined = [], []
+        if plan.decode:
             pending = np.array([self._rows[r].all_ids[-1] for r in self._batch], dtype=np.int64)  # (batch,)
             parts.append(self.state.advance(pending))
-        if self._joining:
-            joining, self._joining = self._joining, []
-            parts.append(self.state.extend([ids for _, ids in joining],
-                                           prompt_lengths=[len(self._rows[r].prompt_ids) for r, _ in joining]))
-            self._batch += [r for r, _ in joining]
+        if self.chunked:
+            for chunk in plan.chunks:
+                out = self._prefill(chunk)
+                if chunk.final:
+                    parts.append(out)
+                    joined.append(chunk.row)
+            for row in joined:
+                self._join(self._prefills.pop(row))
+        elif plan.chunks:  # whole prompts, together
+            joined = [c.row for c in plan.chunks]
+            parts.append(self.state.extend([self._prefills.pop(r).ids for r in joined],
+                                           prompt_lengths=[len(self._rows[r].prompt_ids) for r in joined]))
+        self._batch += joined
         if not parts:
             return []
         self._last, self._last_rows = StepOutput.concat(parts), list(self._batch)
         return self._choose()
+
+    def _prefill(self, chunk: PromptChunk) -> StepOutput:
+        """Put one chunk of a joining row's prompt into the row's own state; the chunk's last outputs."""
+        prefill = self._prefills[chunk.row]
+        tokens = np.array([prefill.ids[chunk.start:chunk.stop]], dtype=np.int64)  # (1, n)
+        kind = type(self.state)
+        if prefill.state is None and prefill.seed is not None:
+            prefill.state = kind.seeded(self.state.session, prefill.seed, pad_token_id=self.generator.pad_token_id)
+            prefill.seed = None
+        elif prefill.state is None:
+            prefill.state = kind(self.state.session, pad_token_id=self.generator.pad_token_id)
+            prefill.done = chunk.stop
+            return prefill.state.extend(tokens)
+        prefill.done = chunk.stop
+        return prefill.state.feed(tokens)
+
+    def _join(self, prefill: _Prefill) -> None:
+        """A row whose prompt is in: store its prompt's cache for later prompts, then move it into the batch."""
+        if self.prefix_cache is not None and self.prefix_cache.max_bytes:
+            self.prefix_cache.put(prefill.ids, prefill.state.entries())
+        self.state.absorb(prefill.state)
 
     def _keep(self, indices: list[int]) -> None:
         self.state.keep(indices)

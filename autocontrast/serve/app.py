@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP app (Starlette): routes, auth, limits, streaming, errors.
 
-Thin over the scheduler: a request is parsed (`protocol`), encoded and submitted as a `Job`; its
-`TokenEvent`s come back from the scheduler thread through an asyncio queue and go out as one JSON
+Thin over the scheduler: a request is parsed (`protocol`), encoded and submitted as one
+`autocontrast.serve.request.Request` (here `Generation`, beside Starlette's HTTP `Request`); its
+`TokenEvent`s come back from the scheduler thread through its sink, an asyncio queue, and go out as one JSON
 body or as server-sent events. A client that disconnects has its job cancelled (its row leaves the
 batch before the next step). Every error is OpenAI's error body; the server keeps serving.
 
@@ -45,7 +46,14 @@ from autocontrast.serve.protocol import (
     parse_request,
     usage_chunk,
 )
-from autocontrast.serve.scheduler import Job, QueueFullError, Scheduler, SchedulerStoppedError
+from autocontrast.serve.request import Request as Generation
+from autocontrast.serve.scheduler import (
+    DEFAULT_MAX_STEP_TOKENS,
+    DEFAULT_PREFIX_CACHE_BYTES,
+    QueueFullError,
+    Scheduler,
+    SchedulerStoppedError,
+)
 
 log = logging.getLogger("autocontrast.serve")
 
@@ -60,11 +68,16 @@ class ServerConfig:
     limits: Limits = dataclasses.field(default_factory=Limits)
     max_body_bytes: int = 1 << 20
     retry_after_s: int = 1
+    max_step_tokens: int | None = DEFAULT_MAX_STEP_TOKENS  # None: whole prompts join in one step
+    prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES  # 0: no prefix reuse
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 0 or self.max_body_bytes < 1:
             raise ConfigurationError(f"max_batch ({self.max_batch}) must be >= 1, max_queue ({self.max_queue}) >= 0 "
                                      f"and max_body_bytes ({self.max_body_bytes}) >= 1")
+        if (self.max_step_tokens is not None and self.max_step_tokens < 1) or self.prefix_cache_bytes < 0:
+            raise ConfigurationError(f"max_step_tokens ({self.max_step_tokens}) must be >= 1 (or None) and "
+                                     f"prefix_cache_bytes ({self.prefix_cache_bytes}) >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +106,9 @@ def build_app(spec: AppSpec) -> Starlette:
 def create_app(generator: Generator, config: ServerConfig) -> Starlette:
     """The ASGI app serving `generator` under `config` (run it with uvicorn)."""
     metrics = Metrics()
-    scheduler = Scheduler(generator, max_batch=config.max_batch, max_queue=config.max_queue, observe=metrics.observe)
+    scheduler = Scheduler(generator, max_batch=config.max_batch, max_queue=config.max_queue,
+                          max_step_tokens=config.max_step_tokens, prefix_cache_bytes=config.prefix_cache_bytes,
+                          observe=metrics.observe)
     generator.mode(config.default_mode)  # a default mode the bundle cannot serve fails at start, not per request
     server = _Server(generator, config, scheduler, metrics)
 
@@ -175,7 +190,7 @@ class _Server:
         try:
             body = await self._read_json(request)
             spec = parse_request(body, chat=chat, limits=self.config.limits)
-            job = self._submit(spec, body, chat=chat)
+            job = self._submit(spec, body, chat=chat)  # the request, as one object from here on
         except OpenAIError as err:
             self._count(route, err.status)
             raise
@@ -206,7 +221,7 @@ class _Server:
         check_depth(body)
         return body
 
-    def _submit(self, spec: RequestSpec, body: dict[str, Any], *, chat: bool) -> Job:
+    def _submit(self, spec: RequestSpec, body: dict[str, Any], *, chat: bool) -> Generation:
         if spec.model is not None and spec.model != self.config.model_name:
             raise OpenAIError(404, f"the model {spec.model!r} does not exist; this server serves "
                               f"{self.config.model_name!r}", param="model", code="model_not_found")
@@ -219,11 +234,8 @@ class _Server:
                 params = dataclasses.replace(params, max_new_tokens=max(1, min(params.max_new_tokens, room)))
             gen.check_length(len(ids), params.max_new_tokens)
             params.check_vocabulary(gen.manifest.vocab_size)
-            loop = asyncio.get_running_loop()
-            events: asyncio.Queue = asyncio.Queue()
-            job = Job(ids, params, spec.multi_exit or self.config.default_mode,
-                      on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
-            job.channel = events
+            job = Generation(ids, params, spec.multi_exit or self.config.default_mode,
+                             sink=_QueueSink(asyncio.get_running_loop()))
             self.scheduler.submit(job)
         except QueueFullError as err:
             raise OpenAIError(429, f"{err}; retry after {self.config.retry_after_s} s", type="rate_limit_error",
@@ -237,9 +249,10 @@ class _Server:
             raise bad_request(str(err), param) from None
         return job
 
-    async def _next(self, request: Request, job: Job, watcher: asyncio.Task) -> TokenEvent | BaseException | None:
+    async def _next(self, request: Request, job: Generation, watcher: asyncio.Task) -> TokenEvent | BaseException | None:
         """The job's next event, or None if the client has gone (then the job is cancelled)."""
-        getter = asyncio.ensure_future(job.channel.get())
+        assert isinstance(job.sink, _QueueSink)  # what `_submit` gave it
+        getter = asyncio.ensure_future(job.sink.events.get())
         done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if getter in done:
             return getter.result()
@@ -248,7 +261,7 @@ class _Server:
         log.info("client left; request cancelled after %d token(s)", job.generated)
         return None
 
-    async def _whole(self, request: Request, job: Job, *, chat: bool, request_id: str) -> Response:
+    async def _whole(self, request: Request, job: Generation, *, chat: bool, request_id: str) -> Response:
         watcher = asyncio.ensure_future(_disconnected(request))
         pieces = []
         try:
@@ -267,7 +280,7 @@ class _Server:
                                             text="".join(pieces), finish_reason=event.finish_reason,
                                             prompt_tokens=len(job.prompt_ids), completion_tokens=job.generated))
 
-    async def _events(self, request: Request, job: Job, spec: RequestSpec, *, chat: bool,
+    async def _events(self, request: Request, job: Generation, spec: RequestSpec, *, chat: bool,
                       request_id: str) -> AsyncIterator[str]:
         model = self.config.model_name
         watcher = asyncio.ensure_future(_disconnected(request))
@@ -294,6 +307,16 @@ class _Server:
         finally:
             watcher.cancel()
             job.cancel()  # a no-op once the job has finished; stops it if the stream was abandoned
+
+
+class _QueueSink:
+    """A request's sink in the app: each event crosses from the scheduler thread into the event loop's queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.events = loop, asyncio.Queue()
+
+    def __call__(self, event: TokenEvent | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 async def _disconnected(request: Request) -> None:

@@ -184,3 +184,18 @@ def test_t5_bundle_generates_without_torch(tiny_bundle):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["4"]
+
+
+def test_t5_prompts_join_whole_under_a_step_budget(t5_generator):
+    # an encoder reads its prompt in one pass: a budget or a prefix cache leaves a T5 stepper unchunked
+    from autocontrast.runtime.prefix_cache import PrefixCache
+
+    stepper = t5_generator.stepper(max_step_tokens=2, prefix_cache=PrefixCache(1 << 20))
+    assert not stepper.chunked and stepper.prefix_cache is None
+    rows = [stepper.add(p, max_new_tokens=NEW_TOKENS) for p in PROMPTS]
+    stepper.step()
+    assert not stepper.prefilling  # every prompt joined in the first step
+    while not stepper.done:
+        stepper.step()
+    for row, prompt in zip(rows, PROMPTS, strict=True):
+        assert stepper.row(row).token_ids == t5_generator.generate(prompt, max_new_tokens=NEW_TOKENS).token_ids[0]

@@ -1,0 +1,66 @@
+"""The interfaces the stepping engine drives: a batch's decode state, and one that takes prompt chunks.
+
+Three classes implement `BatchState`, one per layout: `DecodeState` (a concatenated KV cache,
+`CONCAT_LAYOUT`), `InPlaceDecodeState` (a KV buffer written in place, `BUFFER_LAYOUT`) and
+`EncoderDecoderState` (T5: an encoder pass, then a `DecodeState` over the decoder). The first two
+are also `ChunkedState`s: a row may be prefilled over several steps (`feed`), start from a prefix
+computed before (`seeded`) and then join a running batch (`absorb`). An encoder-decoder row cannot:
+its prompt is the encoder's, read in one pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from autocontrast.runtime.session import ExitSession, StepOutput
+
+
+@runtime_checkable
+class BatchState(Protocol):
+    """Rows of one batch over one decode graph: they join (`extend`), step (`advance`), leave (`keep`)."""
+
+    @property
+    def session(self) -> ExitSession: ...
+
+    @property
+    def batch(self) -> int: ...
+
+    def lengths(self) -> np.ndarray:
+        """(batch,) tokens in each row's cache."""
+        ...
+
+    def extend(self, rows: Sequence[Sequence[int]], *, prompt_lengths: Sequence[int] | None = None) -> StepOutput:
+        """Prefill `rows` and add them after the batch's rows; the new rows' outputs."""
+        ...
+
+    def advance(self, tokens: np.ndarray) -> StepOutput:
+        """One token per row: (batch,) ids; (batch, n_exits, vocab) outputs."""
+        ...
+
+    def keep(self, rows: Sequence[int]) -> None:
+        """Keep only `rows` (indices into the batch, in that order)."""
+        ...
+
+    def rewind_row(self, row: int, length: int) -> bool:
+        """Keep `length` of the row's tokens; False when the row must be prefilled anew."""
+        ...
+
+
+@runtime_checkable
+class ChunkedState(BatchState, Protocol):
+    """A batch state whose rows may be prefilled in chunks, from a stored prefix, then join another batch."""
+
+    def feed(self, tokens: np.ndarray) -> StepOutput:
+        """The same number of tokens to every row: (batch, n) ids; the last position's outputs."""
+        ...
+
+    def absorb(self, other: ChunkedState) -> None:
+        """Take `other`'s rows (same graph, same class) after this batch's rows."""
+        ...
+
+    def entries(self) -> list[np.ndarray]:
+        """Every row's cached entries, rows one after another: [(sum of lengths, kv_heads, head_dim)]."""
+        ...

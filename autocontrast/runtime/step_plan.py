@@ -1,0 +1,70 @@
+"""`StepPlan`: what one step computes, planned against a token budget before anything runs.
+
+Decode rows come first (one token each: a running stream never waits); the budget left goes to
+prompt chunks of joining rows, oldest first, so a long prompt joins over several steps while the
+running rows keep their pace (chunked prefill, as vLLM's and llama.cpp's servers schedule). With
+no budget every joining row is prefilled whole in the step it joins.
+
+>>> plan_step([0, 1, 2], [Pending(row=3, done=0, total=1900)], budget=64)
+StepPlan(decode=(0, 1, 2), chunks=(PromptChunk(row=3, start=0, stop=61, final=False),))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+MIN_CHUNK_TOKENS = 16  # prompt tokens a step gives joining rows even when decode rows fill the budget
+
+
+@dataclasses.dataclass(frozen=True)
+class Pending:
+    """A joining row: `done` of its `total` prompt tokens are in its cache."""
+
+    row: int
+    done: int
+    total: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptChunk:
+    """Prompt tokens [start, stop) of a joining row; `final`: the row's first token is chosen after it."""
+
+    row: int
+    start: int
+    stop: int
+    final: bool
+
+    @property
+    def tokens(self) -> int:
+        return self.stop - self.start
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    decode: tuple[int, ...]  # rows that get one token each
+    chunks: tuple[PromptChunk, ...]  # at most one per joining row
+
+    @property
+    def tokens(self) -> int:
+        """Tokens this step feeds the model."""
+        return len(self.decode) + sum(c.tokens for c in self.chunks)
+
+
+def plan_step(decode: Sequence[int], pending: Sequence[Pending], budget: int | None) -> StepPlan:
+    """The step's plan: every decode row, then chunks of `pending` rows (in order) within `budget` tokens.
+
+    `budget` None: every pending row whole. Otherwise prompts get what the decode rows leave, and at
+    least MIN_CHUNK_TOKENS, so joining rows progress however many rows decode.
+    """
+    chunks = []
+    left = None if budget is None else max(budget - len(decode), MIN_CHUNK_TOKENS)
+    for row in pending:
+        if left is not None and left <= 0:
+            break
+        remaining = row.total - row.done
+        take = remaining if left is None else min(remaining, left)
+        chunks.append(PromptChunk(row.row, row.done, row.done + take, final=take == remaining))
+        if left is not None:
+            left -= take
+    return StepPlan(tuple(decode), tuple(chunks))

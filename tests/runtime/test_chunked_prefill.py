@@ -1,0 +1,157 @@
+"""Prompts that join over several steps (a token budget per step) and prompts that start from a stored
+prefix give the PyTorch model's greedy tokens, in both KV layouts, while running rows keep decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from autocontrast.config import MultiExitConfiguration, VocabularyProjectionMode
+from autocontrast.errors import GenerationParameterError
+from autocontrast.models.auto import AutoMultiExitModel
+from autocontrast.runtime import Generator
+from autocontrast.runtime.prefix_cache import PrefixCache
+from autocontrast.runtime.step_plan import MIN_CHUNK_TOKENS, Pending, PromptChunk, plan_step
+from tests.runtime.conftest import CONTRAST
+
+DIRECT = VocabularyProjectionMode.SHARED_PROJECTION_DIRECT
+ACD = MultiExitConfiguration(use_original_head=False, contrast_layer_indices=CONTRAST)
+HEADER = "A few facts, one per line. The capital of France is Paris. The river of Paris is the Seine. " * 2
+PROMPTS = [HEADER + "The capital of Italy is", HEADER + "Once upon a time", "Hi there", HEADER]
+N = 8
+
+
+def _torch(checkpoint, config: MultiExitConfiguration, ids: list[int]) -> list[int]:
+    model = AutoMultiExitModel.from_pretrained(str(checkpoint), config.replace(vocab_projection_mode=DIRECT))
+    prompt = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=N, do_sample=False,
+                             eos_token_id=None, pad_token_id=2)
+    return out[0, len(ids):].tolist()
+
+
+def _run(stepper) -> None:
+    while not stepper.done:
+        stepper.step()
+
+
+# -- the plan -------------------------------------------------------------------------------------
+
+
+def test_decode_rows_come_first_and_prompts_get_what_the_budget_leaves():
+    plan = plan_step([0, 1, 2], [Pending(3, 0, 100), Pending(4, 0, 10)], budget=64)
+    assert plan.decode == (0, 1, 2)
+    assert plan.chunks == (PromptChunk(3, 0, 61, final=False),)
+    assert plan.tokens == 64
+    nxt = plan_step([0, 1, 2], [Pending(3, 61, 100), Pending(4, 0, 10)], budget=64)
+    assert nxt.chunks == (PromptChunk(3, 61, 100, final=True), PromptChunk(4, 0, 10, final=True))
+
+
+def test_joining_prompts_progress_however_many_rows_decode():
+    plan = plan_step(list(range(100)), [Pending(100, 0, 500)], budget=64)
+    assert plan.chunks == (PromptChunk(100, 0, MIN_CHUNK_TOKENS, final=False),)
+
+
+def test_no_budget_prefills_every_prompt_whole():
+    plan = plan_step([0], [Pending(1, 0, 5000), Pending(2, 3, 9)], budget=None)
+    assert plan.chunks == (PromptChunk(1, 0, 5000, final=True), PromptChunk(2, 3, 9, final=True))
+
+
+# -- the prefix cache -------------------------------------------------------------------------------
+
+
+def _entries(length: int, fill: float = 0.0) -> list[np.ndarray]:
+    return [np.full((length, 2, 4), fill, dtype=np.float32) for _ in range(4)]
+
+
+def test_lookup_returns_the_longest_shared_prefix_but_never_the_whole_prompt():
+    cache = PrefixCache(1 << 20, min_tokens=4)
+    cache.put(list(range(10)), _entries(10, 1.0))
+    cache.put(list(range(6)) + [99, 98], _entries(8, 2.0))
+    length, seed = cache.lookup(list(range(9)) + [50])
+    assert length == 9 and seed[0].shape == (9, 2, 4) and float(seed[0][0, 0, 0]) == 1.0
+    assert cache.lookup(list(range(10)))[0] == 9  # one token is left to compute the first token's logits
+    assert cache.lookup([7, 7, 7, 7, 7]) == (0, None)
+    assert cache.lookup(list(range(3)) + [42])[0] == 0  # below min_tokens
+    assert cache.stats.hits == 2 and cache.stats.misses == 2 and cache.stats.tokens_reused == 18
+
+
+def test_the_cache_stays_within_its_bytes_least_recently_used_out():
+    one = sum(e.nbytes for e in _entries(10))
+    cache = PrefixCache(2 * one, min_tokens=4)
+    cache.put([1] * 10, _entries(10))
+    cache.put([2] * 10, _entries(10))
+    cache.lookup([1] * 10 + [3])  # [1]*10 is now the most recently used
+    cache.put([3] * 10, _entries(10))
+    assert cache.bytes <= 2 * one and len(cache) == 2
+    assert cache.lookup([2] * 10 + [3]) == (0, None) and cache.lookup([1] * 10 + [3])[0] == 10
+
+
+def test_a_longer_prompt_replaces_the_stored_prefixes_it_covers():
+    cache = PrefixCache(1 << 20, min_tokens=4)
+    cache.put(list(range(8)), _entries(8))
+    cache.put(list(range(12)), _entries(12))
+    assert len(cache) == 1 and cache.bytes == sum(e.nbytes for e in _entries(12))
+
+
+# -- the stepper ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[None, "concat"], ids=["buffer", "concat"])
+def generator(request, tiny_bundle):
+    return Generator(tiny_bundle("llama", DIRECT, fuse_contrast=CONTRAST, kv_layout=request.param))
+
+
+@pytest.mark.parametrize("config", [MultiExitConfiguration(), ACD], ids=["original", "contrast"])
+@pytest.mark.parametrize("budget", [3, 16])
+def test_chunked_and_prefix_seeded_prompts_give_pytorchs_tokens(generator, plain_llama, config, budget):
+    cache = PrefixCache(64 << 20, min_tokens=8)
+    stepper = generator.stepper(config, max_step_tokens=budget, prefix_cache=cache)
+    assert stepper.chunked
+    ids = [generator.encode(p) for p in PROMPTS]
+    first = [stepper.add(i, max_new_tokens=N, ignore_eos=True) for i in ids]
+    _run(stepper)
+    again = [stepper.add(i, max_new_tokens=N, ignore_eos=True) for i in ids]  # the header is stored now
+    _run(stepper)
+    assert cache.stats.tokens_reused >= 3 * len(generator.encode(HEADER)) - 3
+    for prompt, a, b in zip(ids, first, again, strict=True):
+        want = _torch(plain_llama, config, prompt)
+        assert stepper.row(a).token_ids == want and stepper.row(b).token_ids == want
+
+
+def test_running_rows_gain_a_token_every_step_while_a_long_prompt_joins(generator):
+    stepper = generator.stepper(max_step_tokens=4)
+    runners = [stepper.add(p, max_new_tokens=40, ignore_eos=True) for p in ("Hi there", "One two")]
+    while stepper.prefilling:
+        stepper.step()
+    long_row = stepper.add(HEADER * 2, max_new_tokens=2, ignore_eos=True)
+    steps = 0
+    while long_row in stepper.prefilling:
+        plan = stepper.plan()
+        assert plan.tokens <= max(4, len(runners) + MIN_CHUNK_TOKENS)
+        events = stepper.run(plan)
+        assert set(runners) <= {e.row for e in events}  # no stream waits for the long prompt
+        steps += 1
+    assert steps > 1  # it joined over several steps
+    _run(stepper)
+    alone = generator.generate(HEADER * 2, max_new_tokens=2, ignore_eos=True).token_ids[0]
+    assert stepper.row(long_row).token_ids == alone
+
+
+def test_a_prompt_rewound_or_dropped_while_it_joins(generator):
+    stepper = generator.stepper(max_step_tokens=4)
+    row = stepper.add(PROMPTS[0], max_new_tokens=N, ignore_eos=True)
+    gone = stepper.add(PROMPTS[1], max_new_tokens=N, ignore_eos=True)
+    stepper.step()
+    assert row in stepper.prefilling and gone in stepper.prefilling
+    stepper.drop(gone)
+    stepper.rewind_to(row, 5)  # its partial cache is dropped; it prefills its first 5 tokens anew
+    _run(stepper)
+    ids = generator.encode(PROMPTS[0])[:5]
+    assert stepper.row(row).token_ids == generator.generate(ids, max_new_tokens=N, ignore_eos=True).token_ids[0]
+
+
+def test_a_budget_must_be_positive(generator):
+    with pytest.raises(GenerationParameterError, match="max_step_tokens"):
+        generator.stepper(max_step_tokens=0)
