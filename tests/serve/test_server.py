@@ -300,3 +300,42 @@ def test_a_deeply_nested_body_is_400_and_the_server_goes_on(server, client, gene
                           headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
     assert response.status_code == 400 and "nests deeper than 32" in response.json()["error"]["message"]
     assert client.completions.create(model=generator.bundle_dir.name, prompt="Hi", max_tokens=2).choices
+
+
+def test_a_chat_sharing_a_system_prompt_reuses_its_cache_and_answers_as_alone(server, client, generator):
+    system = "You answer in one short sentence. " + " ".join(f"Fact {i}: the number {i} is {i % 7}." for i in range(30))
+    before = httpx.get(f"{server.base}/health").json()["prefix_cache"]["tokens_reused"]
+    replies = []
+    for question in ("What is fact 3?", "What is fact 12?"):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        reply = client.chat.completions.create(model=generator.bundle_dir.name, messages=messages, max_tokens=8,
+                                               temperature=0)
+        replies.append(reply.choices[0].message.content)
+        ids = generator.encode_chat(messages)
+        assert replies[-1] == generator.generate(ids, max_new_tokens=8, multi_exit=ACD).text  # the server's default
+    shared = len(generator.encode_chat([{"role": "system", "content": system}]))
+    reused = httpx.get(f"{server.base}/health").json()["prefix_cache"]["tokens_reused"] - before
+    assert reused >= shared - 8  # the second chat prefilled (about) only its own question
+
+
+def test_a_long_prompt_joins_in_chunks_while_streams_keep_their_text(llama_bundle, generator):
+    # a budget of 8 tokens a step: the long prompt joins over many steps beside two running streams
+    process = ServerProcess(llama_bundle, "--max-step-tokens", "8")
+    try:
+        tiny = openai.OpenAI(base_url=f"{process.base}/v1", api_key="unused", max_retries=0, timeout=120)
+        long_prompt = " ".join(PROMPTS) * 6
+        jobs = [(PROMPTS[0], 60), (PROMPTS[1], 60), (long_prompt, 6)]
+
+        def run(job):
+            prompt, tokens = job
+            if prompt == long_prompt:
+                time.sleep(0.3)  # the streams are decoding when it arrives
+            return tiny.completions.create(model=llama_bundle.name, prompt=prompt, max_tokens=tokens, temperature=0,
+                                           extra_body={"ignore_eos": True}).choices[0].text
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            texts = list(pool.map(run, jobs))
+        assert texts == [generator.generate(p, max_new_tokens=n, ignore_eos=True, multi_exit=ACD).text for p, n in jobs]
+        assert httpx.get(f"{process.base}/health").json()["max_step_tokens"] == 8
+    finally:
+        process.stop()
