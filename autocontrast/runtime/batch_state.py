@@ -61,6 +61,6 @@ class ChunkedState(BatchState, Protocol):
         """Take `other`'s rows (same graph, same class) after this batch's rows."""
         ...
 
-    def entries(self) -> list[np.ndarray]:
-        """Every row's cached entries, rows one after another: [(sum of lengths, kv_heads, head_dim)]."""
+    def prefix(self) -> list[np.ndarray]:
+        """A one-row state's cache: [(kv_heads, length, head_dim)] per cache input, what `seeded` takes."""
         ...

@@ -78,7 +78,16 @@ def _whole_pages(start: int, end: int) -> tuple[int, int]:
 def empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """`np.empty`, its whole 2 MiB pages marked for huge pages before anything touches them (so the
     first write faults in huge pages, nothing is copied); where that is off or refused, plain memory."""
-    array = np.empty(shape, dtype)
+    return _advised(np.empty(shape, dtype))
+
+
+def zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """`np.zeros` marked as `empty` is: a large one is fresh zero pages (calloc maps them, nothing is
+    written), so only what is written later becomes resident."""
+    return _advised(np.zeros(shape, dtype))
+
+
+def _advised(array: np.ndarray) -> np.ndarray:
     if enabled() and array.nbytes >= 2 * HUGE_PAGE:
         first, last = _whole_pages(array.ctypes.data, array.ctypes.data + array.nbytes)
         _madvise()(first, last - first, MADV_HUGEPAGE)

@@ -71,12 +71,12 @@ class InPlaceDecodeState:
     @classmethod
     def seeded(cls, session: ExitSession, entries: Sequence[np.ndarray], *,
                pad_token_id: int = 0) -> InPlaceDecodeState:
-        """A one-row state whose buffer already holds `entries` ([(length, kv_heads, head_dim)] of the live
-        layers in graph order, as `entries()` gives them): a prompt's prefix computed before, fed on with `feed`."""
+        """A one-row state whose buffer already holds `entries` ([(kv_heads, length, head_dim)] of the live
+        layers in graph order, as `prefix()` gives them): a prompt's prefix computed before, fed on with `feed`."""
         state = cls(session, pad_token_id=pad_token_id)
-        length = entries[0].shape[0]
+        length = entries[0].shape[1]
         state.cache = state._buffer(1, capacity_for(length + 1))
-        state.cache.load([e.transpose(1, 0, 2)[None] for e in entries])
+        state.cache.load([e[None] for e in entries])
         state._lengths = np.array([length], dtype=np.int64)
         return state
 
@@ -108,8 +108,8 @@ class InPlaceDecodeState:
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only `rows` (indices into the batch, in that order)."""
         index = np.asarray(rows, dtype=np.int64)
-        self.cache.select(index)
         self._lengths = self._lengths[index]
+        self.cache.select(index, columns=int(self._lengths.max()) if len(index) else 0)
 
     def rewind_row(self, row: int, length: int) -> bool:
         """Keep the first `length` cache entries of `row` (its next token goes at position `length`).
@@ -121,6 +121,13 @@ class InPlaceDecodeState:
             raise ValueError(f"cannot rewind a row of {have} cached tokens to {length}")
         self._lengths[row] = length
         return True
+
+    def prefix(self) -> list[np.ndarray]:
+        """A one-row state's cache, [(kv_heads, length, head_dim)] per live cache input: views of its buffer
+        (the state is spent after; whoever keeps them keeps that buffer)."""
+        if self.batch != 1:
+            raise ValueError(f"prefix() reads a one-row state; this one has {self.batch} rows")
+        return [a[0, :, :int(self._lengths[0])] for a in self.cache._sources()]
 
     def entries(self) -> list[np.ndarray]:
         """Every row's cached entries, rows one after another: [(sum of lengths, kv_heads, head_dim)] in graph order."""

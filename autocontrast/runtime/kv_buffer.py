@@ -44,8 +44,8 @@ class KVBuffer:
         # buffers the graph writes: a switched graph's early exit passes the layers above it through
         # untouched, so theirs are bound but never written, copied or read (on CPU: never resident)
         self.live = len(self.input_names) if live_layers is None else 2 * live_layers
-        shape = (batch, spec.num_kv_heads, capacity, spec.head_dim)
-        self._set([np.zeros(shape, dtype=np.dtype(spec.dtype)) for _ in range(self.live)])
+        self._set(huge_pages.zeros((len(self.input_names), batch, spec.num_kv_heads, capacity, spec.head_dim),
+                                   np.dtype(spec.dtype)))
 
     @property
     def capacity(self) -> int:
@@ -76,35 +76,50 @@ class KVBuffer:
         device): all of them, or the first 2 * `live_layers`."""
         return [v.numpy() for v in self._values[:self.live]]
 
+    def _sources(self) -> list[np.ndarray]:
+        """The live buffers to copy from: on CPU the block's own views (no copy), else host copies."""
+        return self._host[:self.live] if self._host else self.arrays()
+
     def reserve(self, columns: int) -> None:
         """Make room for `columns` entries per row (copies when the capacity grows)."""
         if columns > self.capacity:
-            grown = capacity_for(max(columns, 2 * self.capacity))
-            self._set([np.pad(a, ((0, 0), (0, 0), (0, grown - a.shape[2]), (0, 0))) for a in self.arrays()])
+            self._rebuild([(self._sources(), np.arange(self.batch))], capacity_for(max(columns, 2 * self.capacity)))
 
     def load(self, arrays: list[np.ndarray]) -> None:
         """Hold `arrays` (the live buffers' first columns: (batch, kv_heads, columns, head_dim), graph order)."""
-        self._set(_widen(arrays, self.capacity))
+        self._rebuild([(arrays, np.arange(arrays[0].shape[0]))], self.capacity)
 
-    def select(self, rows: Sequence[int]) -> None:
-        """Keep only `rows`, in that order (copies)."""
+    def select(self, rows: Sequence[int], *, columns: int | None = None) -> None:
+        """Keep only `rows`, in that order (one copy); `columns`: the entries the kept rows hold, so the
+        capacity may shrink to fit them (default: keep it)."""
         index = np.asarray(rows, dtype=np.int64)
-        self._set([a[index] for a in self.arrays()])
-        self.batch = len(index)
+        capacity = self.capacity if columns is None else min(self.capacity, capacity_for(columns + 1))
+        self._rebuild([(self._sources(), index)], capacity)
 
     def append_rows(self, other: KVBuffer) -> None:
-        """Add `other`'s rows after this buffer's, at the larger capacity (copies)."""
-        columns = max(self.capacity, other.capacity)
-        mine, theirs = (_widen(b.arrays(), columns) for b in (self, other))
-        self._set([np.concatenate([a, b]) for a, b in zip(mine, theirs, strict=True)])
-        self.batch += other.batch
+        """Add `other`'s rows after this buffer's, at the larger capacity (one copy of each)."""
+        self._rebuild([(self._sources(), np.arange(self.batch)), (other._sources(), np.arange(other.batch))],
+                      max(self.capacity, other.capacity))
 
-    def _set(self, arrays: list[np.ndarray]) -> None:
+    def _rebuild(self, sources: list[tuple[list[np.ndarray], np.ndarray]], capacity: int) -> None:
+        """New buffers of `capacity` columns holding the chosen rows of each source in turn, each value copied
+        once; the rest are fresh zero pages, never touched until a step writes them."""
+        batch = sum(len(rows) for _, rows in sources)
+        first = sources[0][0][0]
+        block = huge_pages.zeros((len(self.input_names), batch, first.shape[1], capacity, first.shape[3]), first.dtype)
+        at = 0
+        for arrays, rows in sources:
+            for live, array in zip(block, arrays, strict=False):  # inputs past the live ones stay unwritten
+                width = min(array.shape[2], capacity)
+                for j, row in enumerate(rows):
+                    live[at + j, :, :width] = array[row, :, :width]
+            at += len(rows)
+        self.batch = batch
+        self._set(block)
+
+    def _set(self, block: np.ndarray) -> None:
         # one block for every layer, in huge pages where the system allows (a long context's step reads
-        # all of it); on CPU the OrtValues share these arrays. `arrays`: the live buffers' contents.
-        block = huge_pages.empty((len(self.input_names), *arrays[0].shape), arrays[0].dtype)
-        for row, array in zip(block, arrays, strict=False):  # rows past the live ones stay unwritten
-            row[...] = array
+        # all of it); on CPU the OrtValues share these arrays
         self._host = list(block)
         self._values = [ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id) for a in self._host]
         self._binding: tuple[ort.InferenceSession, ort.IOBinding] | None = None  # bound to the old buffers
@@ -112,7 +127,3 @@ class KVBuffer:
             self._host = []  # the device holds its own copy
 
 
-def _widen(arrays: list[np.ndarray], columns: int) -> list[np.ndarray]:
-    """(batch, kv_heads, capacity, head_dim) -> (batch, kv_heads, columns, head_dim): zero columns after."""
-    return [a if a.shape[2] == columns else np.pad(a, ((0, 0), (0, 0), (0, columns - a.shape[2]), (0, 0)))
-            for a in arrays]

@@ -1,8 +1,9 @@
 """`PrefixCache`: the KV entries of prompts already prefilled, so a prompt that starts the same way
 (a chat's system prompt, a few-shot header) prefills only what differs.
 
-Entries are host copies of one row's cache after its prompt was prefilled ([(length, kv_heads,
-head_dim)] per cache input, graph order), keyed by the prompt's token ids. `lookup` finds the
+Entries are host arrays of one row's cache after its prompt was prefilled ([(kv_heads, length,
+head_dim)] per cache input, graph order; views of that row's own buffer, which nothing else
+writes again), keyed by the prompt's token ids. `lookup` finds the
 stored prompt sharing the longest prefix with a new one and returns that many entries (at most all
 but the new prompt's last token: a step must compute something to give the first token's logits).
 Bounded by bytes, least recently used first out; one per stepper (the entries are one graph's).
@@ -59,12 +60,12 @@ class PrefixCache:
         self._entries.move_to_end(best_key)
         self.stats.hits += 1
         self.stats.tokens_reused += best
-        return best, [e[:best] for e in self._entries[best_key]]
+        return best, [e[:, :best] for e in self._entries[best_key]]
 
     def put(self, ids: Sequence[int], entries: list[np.ndarray]) -> None:
         """Keep `entries` (host arrays this cache may hold on to) as the cache of prompt `ids`."""
         key = tuple(int(i) for i in ids)
-        size = sum(e.nbytes for e in entries)
+        size = held_bytes(entries)
         if len(key) < self.min_tokens or size > self.max_bytes:
             return
         covered = [k for k in self._entries if len(k) <= len(key) and key[:len(k)] == k]  # prefixes of this one
@@ -76,7 +77,18 @@ class PrefixCache:
             self._forget(next(iter(self._entries)))
 
     def _forget(self, key: tuple[int, ...]) -> None:
-        self.bytes -= sum(e.nbytes for e in self._entries.pop(key))
+        self.bytes -= held_bytes(self._entries.pop(key))
+
+
+def held_bytes(arrays: list[np.ndarray]) -> int:
+    """Bytes that keeping `arrays` keeps alive: a view counts the storage it is cut from, once."""
+    bases = {}
+    for a in arrays:
+        root = a
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        bases[id(root)] = root.nbytes
+    return sum(bases.values())
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:

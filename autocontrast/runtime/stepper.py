@@ -259,18 +259,18 @@ class Stepper:
                 if chunk.final:
                     parts.append(out)
                     joined.append(chunk.row)
-            for row in joined:
-                self._join(self._prefills.pop(row))
-        elif plan.chunks:  # whole prompts, together
-            joined = [c.row for c in plan.chunks]
-            parts.append(self.state.extend([self._prefills.pop(r).ids for r in joined],
-                                           prompt_lengths=[len(self._rows[r].prompt_ids) for r in joined]))
-        self._batch += joined
+        elif plan.chunks:  # whole prompts, together, straight into the batch
+            whole = [c.row for c in plan.chunks]
+            parts.append(self.state.extend([self._prefills.pop(r).ids for r in whole],
+                                           prompt_lengths=[len(self._rows[r].prompt_ids) for r in whole]))
+            self._batch += whole
         if not parts:
             return []
-        self._last, self._last_rows = StepOutput.concat(parts), list(self._batch)
-        return self._choose()
-
+        self._last, self._last_rows = StepOutput.concat(parts), self._batch + joined
+        events = self._choose()
+        for row in joined:  # prompts that are in: into the batch, unless their first token ended them
+            self._join(row, self._prefills.pop(row))
+        return events
     def _prefill(self, chunk: PromptChunk) -> StepOutput:
         """Put one chunk of a joining row's prompt into the row's own state; the chunk's last outputs."""
         prefill = self._prefills[chunk.row]
@@ -286,11 +286,14 @@ class Stepper:
         prefill.done = chunk.stop
         return prefill.state.feed(tokens)
 
-    def _join(self, prefill: _Prefill) -> None:
-        """A row whose prompt is in: store its prompt's cache for later prompts, then move it into the batch."""
+    def _join(self, row: int, prefill: _Prefill) -> None:
+        """A row whose prompt is in: store its prompt's cache for later prompts, then move it into the batch
+        (a row that ended at its first token never joins: nothing of the batch is copied for it)."""
         if self.prefix_cache is not None and self.prefix_cache.max_bytes:
-            self.prefix_cache.put(prefill.ids, prefill.state.entries())
-        self.state.absorb(prefill.state)
+            self.prefix_cache.put(prefill.ids, prefill.state.prefix())
+        if not self._rows[row].done:
+            self.state.absorb(prefill.state)
+            self._batch.append(row)
 
     def _keep(self, indices: list[int]) -> None:
         self.state.keep(indices)

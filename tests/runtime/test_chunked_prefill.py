@@ -62,7 +62,7 @@ def test_no_budget_prefills_every_prompt_whole():
 
 
 def _entries(length: int, fill: float = 0.0) -> list[np.ndarray]:
-    return [np.full((length, 2, 4), fill, dtype=np.float32) for _ in range(4)]
+    return [np.full((2, length, 4), fill, dtype=np.float32) for _ in range(4)]  # (kv_heads, length, head_dim)
 
 
 def test_lookup_returns_the_longest_shared_prefix_but_never_the_whole_prompt():
@@ -70,7 +70,7 @@ def test_lookup_returns_the_longest_shared_prefix_but_never_the_whole_prompt():
     cache.put(list(range(10)), _entries(10, 1.0))
     cache.put(list(range(6)) + [99, 98], _entries(8, 2.0))
     length, seed = cache.lookup(list(range(9)) + [50])
-    assert length == 9 and seed[0].shape == (9, 2, 4) and float(seed[0][0, 0, 0]) == 1.0
+    assert length == 9 and seed[0].shape == (2, 9, 4) and float(seed[0][0, 0, 0]) == 1.0
     assert cache.lookup(list(range(10)))[0] == 9  # one token is left to compute the first token's logits
     assert cache.lookup([7, 7, 7, 7, 7]) == (0, None)
     assert cache.lookup(list(range(3)) + [42])[0] == 0  # below min_tokens
@@ -86,6 +86,13 @@ def test_the_cache_stays_within_its_bytes_least_recently_used_out():
     cache.put([3] * 10, _entries(10))
     assert cache.bytes <= 2 * one and len(cache) == 2
     assert cache.lookup([2] * 10 + [3]) == (0, None) and cache.lookup([1] * 10 + [3])[0] == 10
+
+
+def test_views_are_counted_by_the_storage_they_keep_alive():
+    cache = PrefixCache(1 << 20, min_tokens=4)
+    block = np.zeros((4, 2, 64, 4), dtype=np.float32)  # a row's buffer of 64 columns, 10 of them used
+    cache.put(list(range(10)), [a[:, :10] for a in block])
+    assert cache.bytes == block.nbytes
 
 
 def test_a_longer_prompt_replaces_the_stored_prefixes_it_covers():
