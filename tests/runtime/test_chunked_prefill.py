@@ -12,7 +12,7 @@ from autocontrast.errors import GenerationParameterError
 from autocontrast.models.auto import AutoMultiExitModel
 from autocontrast.runtime import Generator
 from autocontrast.runtime.prefix_cache import PrefixCache
-from autocontrast.runtime.step_plan import MIN_CHUNK_TOKENS, Pending, PromptChunk, plan_step
+from autocontrast.runtime.step_plan import IDLE_STEP_TOKENS, MIN_CHUNK_TOKENS, Pending, PromptChunk, plan_step
 from tests.runtime.conftest import CONTRAST
 
 DIRECT = VocabularyProjectionMode.SHARED_PROJECTION_DIRECT
@@ -36,6 +36,11 @@ def _run(stepper) -> None:
         stepper.step()
 
 
+def _run_rows(stepper, rows: list[int]) -> None:
+    while not all(stepper.row(r).done for r in rows):
+        stepper.step()
+
+
 # -- the plan -------------------------------------------------------------------------------------
 
 
@@ -51,6 +56,11 @@ def test_decode_rows_come_first_and_prompts_get_what_the_budget_leaves():
 def test_joining_prompts_progress_however_many_rows_decode():
     plan = plan_step(list(range(100)), [Pending(100, 0, 500)], budget=64)
     assert plan.chunks == (PromptChunk(100, 0, MIN_CHUNK_TOKENS, final=False),)
+
+
+def test_with_no_row_decoding_prompts_get_the_idle_budget():
+    plan = plan_step([], [Pending(0, 0, 5000)], budget=64)
+    assert plan.chunks == (PromptChunk(0, 0, IDLE_STEP_TOKENS, final=False),)
 
 
 def test_no_budget_prefills_every_prompt_whole():
@@ -116,11 +126,15 @@ def test_chunked_and_prefix_seeded_prompts_give_pytorchs_tokens(generator, plain
     cache = PrefixCache(64 << 20, min_tokens=8)
     stepper = generator.stepper(config, max_step_tokens=budget, prefix_cache=cache)
     assert stepper.chunked
+    runner = stepper.add("Hi there", max_new_tokens=400, ignore_eos=True)  # decoding: the budget applies
+    stepper.step()
     ids = [generator.encode(p) for p in PROMPTS]
     first = [stepper.add(i, max_new_tokens=N, ignore_eos=True) for i in ids]
-    _run(stepper)
+    assert stepper.plan().chunks[0].stop < len(ids[0])  # the first prompt joins in chunks
+    _run_rows(stepper, first)
     again = [stepper.add(i, max_new_tokens=N, ignore_eos=True) for i in ids]  # the header is stored now
-    _run(stepper)
+    _run_rows(stepper, again)
+    assert not stepper.row(runner).done
     assert cache.stats.tokens_reused >= 3 * len(generator.encode(HEADER)) - 3
     for prompt, a, b in zip(ids, first, again, strict=True):
         want = _torch(plain_llama, config, prompt)
@@ -148,6 +162,8 @@ def test_running_rows_gain_a_token_every_step_while_a_long_prompt_joins(generato
 
 def test_a_prompt_rewound_or_dropped_while_it_joins(generator):
     stepper = generator.stepper(max_step_tokens=4)
+    stepper.add("Hi there", max_new_tokens=4 * N, ignore_eos=True)  # a decoding row: the budget applies
+    stepper.step()
     row = stepper.add(PROMPTS[0], max_new_tokens=N, ignore_eos=True)
     gone = stepper.add(PROMPTS[1], max_new_tokens=N, ignore_eos=True)
     stepper.step()

@@ -320,22 +320,31 @@ def test_a_chat_sharing_a_system_prompt_reuses_its_cache_and_answers_as_alone(se
 
 def test_a_long_prompt_joins_in_chunks_while_streams_keep_their_text(llama_bundle, generator):
     # a budget of 8 tokens a step: the long prompt joins over many steps beside two running streams
+    import threading
+
     process = ServerProcess(llama_bundle, "--max-step-tokens", "8")
     try:
         tiny = openai.OpenAI(base_url=f"{process.base}/v1", api_key="unused", max_retries=0, timeout=120)
         long_prompt = " ".join(PROMPTS) * 6
-        jobs = [(PROMPTS[0], 60), (PROMPTS[1], 60), (long_prompt, 6)]
+        decoding = threading.Event()
 
-        def run(job):
-            prompt, tokens = job
-            if prompt == long_prompt:
-                time.sleep(0.3)  # the streams are decoding when it arrives
-            return tiny.completions.create(model=llama_bundle.name, prompt=prompt, max_tokens=tokens, temperature=0,
-                                           extra_body={"ignore_eos": True}).choices[0].text
+        def stream(prompt):
+            pieces = []
+            for chunk in tiny.completions.create(model=llama_bundle.name, prompt=prompt, max_tokens=400,
+                                                 temperature=0, stream=True, extra_body={"ignore_eos": True}):
+                pieces.append(chunk.choices[0].text if chunk.choices else "")
+                decoding.set()
+            return "".join(pieces)
 
-        with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            texts = list(pool.map(run, jobs))
-        assert texts == [generator.generate(p, max_new_tokens=n, ignore_eos=True, multi_exit=ACD).text for p, n in jobs]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            streams = [pool.submit(stream, p) for p in PROMPTS[:2]]
+            assert decoding.wait(60)  # the long prompt arrives while the streams decode
+            long_text = tiny.completions.create(model=llama_bundle.name, prompt=long_prompt, max_tokens=6,
+                                                temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+            texts = [f.result() for f in streams]
+        assert texts == [generator.generate(p, max_new_tokens=400, ignore_eos=True, multi_exit=ACD).text
+                         for p in PROMPTS[:2]]
+        assert long_text == generator.generate(long_prompt, max_new_tokens=6, ignore_eos=True, multi_exit=ACD).text
         assert httpx.get(f"{process.base}/health").json()["max_step_tokens"] == 8
     finally:
         process.stop()
