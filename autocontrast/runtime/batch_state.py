@@ -61,6 +61,6 @@ class ChunkedState(BatchState, Protocol):
         """Take `other`'s rows (same graph, same class) after this batch's rows."""
         ...
 
-    def prefix(self) -> list[np.ndarray]:
-        """A one-row state's cache: [(kv_heads, length, head_dim)] per cache input, what `seeded` takes."""
+    def prefixes(self) -> list[list[np.ndarray]]:
+        """Each row's cache: [(kv_heads, length, head_dim)] per cache input, what `seeded` takes."""
         ...

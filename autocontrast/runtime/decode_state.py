@@ -81,7 +81,7 @@ class DecodeState:
     @classmethod
     def seeded(cls, session: ExitSession, entries: Sequence[np.ndarray], *, pad_token_id: int = 0) -> DecodeState:
         """A one-row state whose cache already holds `entries` ([(kv_heads, length, head_dim)] in graph order,
-        as `prefix()` gives them): a prompt's prefix computed before, fed on with `feed`."""
+        as `prefixes()` gives them): a prompt's prefix computed before, fed on with `feed`."""
         state = cls(session, pad_token_id=pad_token_id)
         length = entries[0].shape[1]
         state.cache = KVCache(session.kv, 1)
@@ -144,12 +144,11 @@ class DecodeState:
             self.mask = np.ascontiguousarray(self.mask[:, :last])
         return True
 
-    def prefix(self) -> list[np.ndarray]:
-        """A one-row state's cache, [(kv_heads, length, head_dim)] per cache input (its own columns only)."""
-        if self.batch != 1:
-            raise ValueError(f"prefix() reads a one-row state; this one has {self.batch} rows")
-        first = int(np.flatnonzero(self.mask[0])[0])
-        return [a[0, :, first:] for a in self.cache.arrays()]
+    def prefixes(self) -> list[list[np.ndarray]]:
+        """Each row's cache, [(kv_heads, length, head_dim)] per cache input (its own columns only)."""
+        arrays = self.cache.arrays()
+        firsts = self.mask.shape[1] - self.lengths()
+        return [[a[i, :, int(first):] for a in arrays] for i, first in enumerate(firsts)]
 
     def entries(self) -> list[np.ndarray]:
         """Every row's cached entries, rows one after another: [(sum of lengths, kv_heads, head_dim)] in graph order."""

@@ -72,7 +72,7 @@ class InPlaceDecodeState:
     def seeded(cls, session: ExitSession, entries: Sequence[np.ndarray], *,
                pad_token_id: int = 0) -> InPlaceDecodeState:
         """A one-row state whose buffer already holds `entries` ([(kv_heads, length, head_dim)] of the live
-        layers in graph order, as `prefix()` gives them): a prompt's prefix computed before, fed on with `feed`."""
+        layers in graph order, as `prefixes()` gives them): a prompt's prefix computed before, fed on with `feed`."""
         state = cls(session, pad_token_id=pad_token_id)
         length = entries[0].shape[1]
         state.cache = state._buffer(1, capacity_for(length + 1))
@@ -122,12 +122,11 @@ class InPlaceDecodeState:
         self._lengths[row] = length
         return True
 
-    def prefix(self) -> list[np.ndarray]:
-        """A one-row state's cache, [(kv_heads, length, head_dim)] per live cache input: views of its buffer
-        (the state is spent after; whoever keeps them keeps that buffer)."""
-        if self.batch != 1:
-            raise ValueError(f"prefix() reads a one-row state; this one has {self.batch} rows")
-        return [a[0, :, :int(self._lengths[0])] for a in self.cache._sources()]
+    def prefixes(self) -> list[list[np.ndarray]]:
+        """Each row's cache, [(kv_heads, length, head_dim)] per live cache input: views of the buffer (the
+        state is spent after; whoever keeps them keeps that buffer)."""
+        arrays = self.cache._sources()
+        return [[a[i, :, :int(n)] for a in arrays] for i, n in enumerate(self._lengths)]
 
     def entries(self) -> list[np.ndarray]:
         """Every row's cached entries, rows one after another: [(sum of lengths, kv_heads, head_dim)] in graph order."""

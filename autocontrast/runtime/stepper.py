@@ -65,6 +65,11 @@ class _Prefill:
     looked_up: bool = False  # the prefix cache was asked
     seed: list[np.ndarray] | None = None  # entries of a stored prefix to start from (`done` of them)
 
+    @property
+    def fresh(self) -> bool:
+        """Nothing of it computed or found yet: it may be prefilled together with other such rows."""
+        return self.state is None and self.seed is None
+
 
 class Row:
     """One sequence of a stepper's batch: its prompt, its tokens so far, why it stopped."""
@@ -253,12 +258,20 @@ class Stepper:
         if plan.decode:
             pending = np.array([self._rows[r].all_ids[-1] for r in self._batch], dtype=np.int64)  # (batch,)
             parts.append(self.state.advance(pending))
+        groups: list[tuple[list[int], ChunkedState]] = []  # rows whose prompt is in, and the state holding them
         if self.chunked:
+            fresh = [c.row for c in plan.chunks if c.final and self._prefills[c.row].fresh]
+            if fresh:  # whole prompts of rows not started: prefilled together, one call
+                state = self._new_state()
+                parts.append(state.extend([self._prefills[r].ids for r in fresh]))
+                groups.append((fresh, state))
             for chunk in plan.chunks:
-                out = self._prefill(chunk)
-                if chunk.final:
-                    parts.append(out)
-                    joined.append(chunk.row)
+                if chunk.row not in fresh:
+                    out = self._prefill(chunk)
+                    if chunk.final:
+                        parts.append(out)
+                        groups.append(([chunk.row], self._prefills[chunk.row].state))
+            joined = [r for rows, _ in groups for r in rows]
         elif plan.chunks:  # whole prompts, together, straight into the batch
             whole = [c.row for c in plan.chunks]
             parts.append(self.state.extend([self._prefills.pop(r).ids for r in whole],
@@ -268,32 +281,44 @@ class Stepper:
             return []
         self._last, self._last_rows = StepOutput.concat(parts), self._batch + joined
         events = self._choose()
-        for row in joined:  # prompts that are in: into the batch, unless their first token ended them
-            self._join(row, self._prefills.pop(row))
+        for rows, state in groups:  # prompts that are in: into the batch, unless their first token ended them
+            self._join(rows, state)
         return events
+
+    def _new_state(self) -> ChunkedState:
+        return type(self.state)(self.state.session, pad_token_id=self.generator.pad_token_id)
+
     def _prefill(self, chunk: PromptChunk) -> StepOutput:
         """Put one chunk of a joining row's prompt into the row's own state; the chunk's last outputs."""
         prefill = self._prefills[chunk.row]
         tokens = np.array([prefill.ids[chunk.start:chunk.stop]], dtype=np.int64)  # (1, n)
-        kind = type(self.state)
         if prefill.state is None and prefill.seed is not None:
-            prefill.state = kind.seeded(self.state.session, prefill.seed, pad_token_id=self.generator.pad_token_id)
+            prefill.state = type(self.state).seeded(self.state.session, prefill.seed,
+                                                    pad_token_id=self.generator.pad_token_id)
             prefill.seed = None
         elif prefill.state is None:
-            prefill.state = kind(self.state.session, pad_token_id=self.generator.pad_token_id)
+            prefill.state = self._new_state()
             prefill.done = chunk.stop
             return prefill.state.extend(tokens)
         prefill.done = chunk.stop
         return prefill.state.feed(tokens)
 
-    def _join(self, row: int, prefill: _Prefill) -> None:
-        """A row whose prompt is in: store its prompt's cache for later prompts, then move it into the batch
-        (a row that ended at its first token never joins: nothing of the batch is copied for it)."""
+    def _join(self, rows: list[int], state: ChunkedState) -> None:
+        """Rows whose prompt is in (the rows of `state`, in order): store each prompt's cache for later
+        prompts, then move them into the batch; a row that ended at its first token never joins (nothing of
+        the batch is copied for it)."""
+        prefills = [self._prefills.pop(r) for r in rows]
         if self.prefix_cache is not None and self.prefix_cache.max_bytes:
-            self.prefix_cache.put(prefill.ids, prefill.state.prefix())
-        if not self._rows[row].done:
-            self.state.absorb(prefill.state)
-            self._batch.append(row)
+            for prefill, entries in zip(prefills, state.prefixes(), strict=True):  # views of a one-row state's
+                self.prefix_cache.put(prefill.ids, entries if len(rows) == 1 else  # own buffer; else copies
+                                      [e.copy() for e in entries])
+        going_on = [i for i, r in enumerate(rows) if not self._rows[r].done]
+        if not going_on:
+            return
+        if len(going_on) < len(rows):
+            state.keep(going_on)
+        self.state.absorb(state)
+        self._batch += [rows[i] for i in going_on]
 
     def _keep(self, indices: list[int]) -> None:
         self.state.keep(indices)

@@ -178,3 +178,24 @@ def test_a_prompt_rewound_or_dropped_while_it_joins(generator):
 def test_a_budget_must_be_positive(generator):
     with pytest.raises(GenerationParameterError, match="max_step_tokens"):
         generator.stepper(max_step_tokens=0)
+
+
+def test_short_prompts_joining_in_one_step_are_prefilled_together(generator, plain_llama, monkeypatch):
+    from autocontrast.runtime.prefix_cache import held_bytes
+
+    cache = PrefixCache(64 << 20, min_tokens=2)
+    stepper = generator.stepper(ACD, max_step_tokens=200, prefix_cache=cache)
+    stepper.add("Hi there", max_new_tokens=40, ignore_eos=True)
+    stepper.step()
+    calls = []
+    kind = type(stepper.state)
+    extend = kind.extend
+    monkeypatch.setattr(kind, "extend", lambda self, rows, **k: calls.append(len(rows)) or extend(self, rows, **k))
+    prompts = ["The capital of Italy is", "Once upon a time", "1, 2, 3,"]
+    rows = [stepper.add(p, max_new_tokens=N, ignore_eos=True) for p in prompts]
+    _run_rows(stepper, rows)
+    assert calls == [3]  # one call prefilled the three
+    for row, prompt in zip(rows, prompts, strict=True):
+        assert stepper.row(row).token_ids == _torch(plain_llama, ACD, generator.encode(prompt))
+    grouped = [cache._entries[tuple(generator.encode(p))] for p in prompts]  # rows of a shared state: copies
+    assert all(held_bytes(e) == sum(a.nbytes for a in e) for e in grouped)
