@@ -34,7 +34,7 @@ from autocontrast.serve.request import Request, RequestStatus
 
 log = logging.getLogger("autocontrast.serve")
 
-DEFAULT_MAX_STEP_TOKENS = 64  # tokens one step feeds the model (decode rows + prompt chunks); README measures it
+DEFAULT_MAX_STEP_TOKENS = 32  # tokens one step feeds the model (decode rows + prompt chunks); README measures it
 DEFAULT_PREFIX_CACHE_BYTES = 512 << 20  # stored prompt caches per decode graph
 
 

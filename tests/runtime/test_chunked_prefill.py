@@ -12,7 +12,14 @@ from autocontrast.errors import GenerationParameterError
 from autocontrast.models.auto import AutoMultiExitModel
 from autocontrast.runtime import Generator
 from autocontrast.runtime.prefix_cache import PrefixCache
-from autocontrast.runtime.step_plan import IDLE_STEP_TOKENS, MIN_CHUNK_TOKENS, Pending, PromptChunk, plan_step
+from autocontrast.runtime.step_plan import (
+    IDLE_STEP_TOKENS,
+    MIN_CHUNK_TOKENS,
+    PROMPT_TOKENS_PER_DECODE_ROW,
+    Pending,
+    PromptChunk,
+    plan_step,
+)
 from tests.runtime.conftest import CONTRAST
 
 DIRECT = VocabularyProjectionMode.SHARED_PROJECTION_DIRECT
@@ -54,8 +61,10 @@ def test_decode_rows_come_first_and_prompts_get_what_the_budget_leaves():
 
 
 def test_joining_prompts_progress_however_many_rows_decode():
-    plan = plan_step(list(range(100)), [Pending(100, 0, 500)], budget=64)
-    assert plan.chunks == (PromptChunk(100, 0, MIN_CHUNK_TOKENS, final=False),)
+    plan = plan_step([0], [Pending(1, 0, 500)], budget=8)
+    assert plan.chunks == (PromptChunk(1, 0, MIN_CHUNK_TOKENS, final=False),)
+    plan = plan_step(list(range(100)), [Pending(100, 0, 5000)], budget=64)  # a big batch allows a bigger chunk
+    assert plan.chunks == (PromptChunk(100, 0, 100 * PROMPT_TOKENS_PER_DECODE_ROW, final=False),)
 
 
 def test_with_no_row_decoding_prompts_get_the_idle_budget():
