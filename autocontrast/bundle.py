@@ -84,6 +84,13 @@ DECODE_ORIGINAL = "decode_original"
 DECODE_EXITS = "decode_exits"
 SWITCHED_DECODE_FILE = "decode.onnx"  # one switched graph serving decode_original, decode_exits and decode_exit_K
 SCORE_GRAPH = "score"
+
+
+def early_exit_graph(k: int) -> str:
+    """The name of the decode graph that runs layers 1..k only and returns exit k (an early exit)."""
+    return f"decode_exit_{k}"
+
+
 # input and output names every graph uses
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"

@@ -43,6 +43,7 @@ from autocontrast.bundle import (
     GraphSpec,
     KVCacheSpec,
     Manifest,
+    early_exit_graph,
     exits_metadata,
     write_manifest,
 )
@@ -67,6 +68,7 @@ from autocontrast.export.output import (
     remove_stale_work,
     replace_output,
 )
+from autocontrast.export.plan import PlannedGraph
 from autocontrast.export.variants import QUANTIZATIONS, QuantRecipe
 
 OPSET = 17
@@ -330,8 +332,8 @@ def _load(source: str, options: ExportOptions) -> _Loaded:
     return _Loaded(model, tokenizer, generation_config, tuple(own) if own is not None else None)
 
 
-def _plan(loaded: _Loaded, options: ExportOptions) -> tuple[tuple[Exit, ...], list[dict[str, Any]]]:
-    """Check the exits and decide the graphs: [{name, kind, exits, contrast}]."""
+def _plan(loaded: _Loaded, options: ExportOptions) -> tuple[tuple[Exit, ...], list[PlannedGraph]]:
+    """Check the exits and decide the graphs."""
     from autocontrast.config import parse_exit
     from autocontrast.export.graph import graph_exit_order
 
@@ -363,22 +365,16 @@ def _plan(loaded: _Loaded, options: ExportOptions) -> tuple[tuple[Exit, ...], li
     explicit_original = ORIGINAL in chosen
     stacked = graph_exit_order(model, chosen if explicit_original else layered) if layered else ()
     fused = (contrast + (options.alpha, options.minimum_candidates)) if contrast else None
-    graphs = [{"name": DECODE_ORIGINAL, "kind": DECODE, "exits": (ORIGINAL,), "contrast": None}]
-    if stacked:
-        graphs.append({"name": DECODE_EXITS, "kind": DECODE, "exits": stacked, "contrast": fused})
-    graphs += [{"name": f"decode_exit_{k}", "kind": DECODE, "exits": (k,), "contrast": None, "layers": k}
-               for k in early]
     lower = _switched_lower_exit(model, options, stacked, early)
-    if lower is not None:  # traced once, as decode_exits; the other two entries name the same file
-        for g in graphs:
-            if g["name"] == DECODE_EXITS:
-                g["switched_lower"] = lower
-            elif g["kind"] == DECODE and g["name"] in (DECODE_ORIGINAL, f"decode_exit_{lower}"):
-                g["traced"] = False
+    switched = lower is not None  # traced once, as decode_exits; the other two entries name the same file
+    graphs = [PlannedGraph(DECODE_ORIGINAL, DECODE, (ORIGINAL,), traced=not switched)]
+    if stacked:
+        graphs.append(PlannedGraph(DECODE_EXITS, DECODE, stacked, fused, switched_lower=lower))
+    graphs += [PlannedGraph(early_exit_graph(k), DECODE, (k,), layers=k, traced=not (switched and k == lower))
+               for k in early]
     all_exits = tuple(sort_exits(set(chosen) | {ORIGINAL}))
     if options.score_graph:
-        graphs.append({"name": SCORE_GRAPH, "kind": SCORE, "exits": graph_exit_order(model, all_exits),
-                       "contrast": fused})
+        graphs.append(PlannedGraph(SCORE_GRAPH, SCORE, graph_exit_order(model, all_exits), fused))
     return all_exits, graphs
 
 
@@ -432,7 +428,7 @@ def _early_exits(options: ExportOptions, chosen: tuple[Exit, ...], num_layers: i
     return tuple(sorted(set(options.early_exits)))
 
 
-def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dict[str, Any]],
+def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[PlannedGraph],
            options: ExportOptions, work: Path, log: Callable[[str], None]) -> Manifest:
     from autocontrast.export.checkpoint import copy_tokenizer, special_tokens
     from autocontrast.export.tied_head import untie_transposed_copies
@@ -460,23 +456,17 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
         plan = with_encoder(plan)
     store = WeightStore(work)  # the bundle's one weights file, written as each graph is traced
     specs, paths = [], {}
-    traced = [g for g in plan if g.get("traced", True)]
+    traced = [g for g in plan if g.traced]
     for i, g in enumerate(traced):
-        contrast = g["contrast"]
-        log(f"[2/6] tracing graph {i + 1}/{len(traced)} {g['name']!r} ({g['kind']}, exits "
-            f"{', '.join(map(str, g['exits']))}{', fused contrast' if contrast else ''}"
-            f"{', layers 1..' + str(g['layers']) if g.get('layers') else ''})")
-        layers = g.get("layers")
-        early = {"layers": layers} if layers else {}  # only decoder-only graphs have early exits
-        paths[g["name"]] = trace(model, g["exits"], kind=g["kind"], contrast=contrast, kv=kv.for_layers(layers),
-                                 target=work / f"{g['name']}.onnx", store=store, opset=OPSET, **early)
+        log(f"[2/6] tracing graph {i + 1}/{len(traced)} {g.describe()}")
+        early = {"layers": g.layers} if g.layers else {}  # only decoder-only graphs have early exits
+        paths[g.name] = trace(model, g.exits, kind=g.kind, contrast=g.contrast, kv=kv.for_layers(g.layers),
+                              target=work / g.file, store=store, opset=OPSET, **early)
         release_freed_memory()  # the trace's folded constants
     for g in plan:
-        contrast = g["contrast"]
-        spec_contrast = ContrastSpec(CONTRAST_OUTPUT, *contrast) if contrast else None
-        specs.append(GraphSpec(g["name"], f"{g['name']}.onnx", g["kind"], tuple(g["exits"]),
-                               logits_output=LOGITS_OUTPUT, contrast=spec_contrast,
-                               external_data=(WEIGHTS_FILE,), layers=g.get("layers")))
+        spec_contrast = ContrastSpec(CONTRAST_OUTPUT, *g.contrast) if g.contrast else None
+        specs.append(GraphSpec(g.name, g.file, g.kind, tuple(g.exits), logits_output=LOGITS_OUTPUT,
+                               contrast=spec_contrast, external_data=(WEIGHTS_FILE,), layers=g.layers))
     if options.dtype == "float16" and kv.layout == BUFFER_LAYOUT:  # attention writes the buffer in its own dtype
         kv = dataclasses.replace(kv, dtype="float16")
     fusions = fusions_for(family, options.optimize)
@@ -494,13 +484,13 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[dic
             save_lean(lean, path, store)
     finish_weights(list(paths.values()), store,
                    metadata={work / s.file: {EXITS_METADATA_KEY: exits_metadata(s.exits)} for s in specs if s.name in paths})
-    switched = next((g for g in plan if "switched_lower" in g), None)
+    switched = next((g.switched_lower for g in plan if g.switched_lower is not None), None)
     if switched is not None:
         from autocontrast.export.switched_graph import switch_decode_graphs
 
-        log(f"[4/6] merging decode_original, decode_exits and decode_exit_{switched['switched_lower']} into one "
+        log(f"[4/6] merging {DECODE_ORIGINAL}, {DECODE_EXITS} and {early_exit_graph(switched)} into one "
             f"switched graph ({SWITCHED_DECODE_FILE})")
-        specs = switch_decode_graphs(work, specs, lower=switched["switched_lower"], kv=kv,
+        specs = switch_decode_graphs(work, specs, lower=switched, kv=kv,
                                      hidden_size=family.hidden_size(config))
     log(f"[5/6] validating against PyTorch (prefill + {options.validation_steps} cached decode steps)")
     # the model is needed no more unless quantization agreement runs it: its memory goes before the sessions open

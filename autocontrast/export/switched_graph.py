@@ -48,6 +48,7 @@ from autocontrast.bundle import (
     UPPER_SWITCH,
     GraphSpec,
     KVCacheSpec,
+    early_exit_graph,
 )
 from autocontrast.errors import ExportError
 from autocontrast.export.fusions import _reads
@@ -242,6 +243,6 @@ def switch_decode_graphs(bundle_dir: Path, specs: list[GraphSpec], *, lower: int
     source.unlink()
     switches = {DECODE_ORIGINAL: ((UPPER_SWITCH, True), (LOWER_SWITCH, False)),
                 DECODE_EXITS: ((UPPER_SWITCH, True), (LOWER_SWITCH, True)),
-                f"decode_exit_{lower}": ((UPPER_SWITCH, False), (LOWER_SWITCH, True))}
+                early_exit_graph(lower): ((UPPER_SWITCH, False), (LOWER_SWITCH, True))}
     return [dataclasses.replace(s, file=SWITCHED_DECODE_FILE, switches=switches[s.name]) if s.name in switches else s
             for s in specs]

@@ -31,6 +31,7 @@ from autocontrast.bundle import (
 )
 from autocontrast.config import Exit
 from autocontrast.errors import ExportError
+from autocontrast.export.plan import PlannedGraph
 from autocontrast.export.weights import WeightStore
 
 ENCODER_GRAPH = "encoder"
@@ -47,9 +48,9 @@ def check_options(options: Any) -> None:
                           "export without it (float32 or --dtype float16)")
 
 
-def with_encoder(plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def with_encoder(plan: list[PlannedGraph]) -> list[PlannedGraph]:
     """The exporter's graph plan with the encoder graph first."""
-    return [{"name": ENCODER_GRAPH, "kind": ENCODER, "exits": (), "contrast": None}] + plan
+    return [PlannedGraph(ENCODER_GRAPH, ENCODER, ())] + plan
 
 
 def encoder_decoder_spec(model: Any) -> EncoderDecoderSpec:

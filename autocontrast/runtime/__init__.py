@@ -6,7 +6,8 @@
 """
 
 from autocontrast.runtime.generator import GenerationResult, Generator, Timings
+from autocontrast.runtime.model import Model
 from autocontrast.runtime.params import GenerationParams
 from autocontrast.runtime.stepper import Row, Stepper, TokenEvent
 
-__all__ = ["GenerationParams", "GenerationResult", "Generator", "Row", "Stepper", "Timings", "TokenEvent"]
+__all__ = ["GenerationParams", "GenerationResult", "Generator", "Model", "Row", "Stepper", "Timings", "TokenEvent"]

@@ -25,7 +25,7 @@ when its prompt is in; with a `PrefixCache` it starts from the longest stored pr
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -34,15 +34,13 @@ from autocontrast.errors import GenerationParameterError, RowError, UnknownExitE
 from autocontrast.runtime import sampling
 from autocontrast.runtime.batch_state import BatchState, ChunkedState
 from autocontrast.runtime.detokenizer import StreamDecoder
+from autocontrast.runtime.model import Model, Prompt
 from autocontrast.runtime.modes import DecodeMode, checked_scores, mode_on_graph
 from autocontrast.runtime.params import GenerationParams
 from autocontrast.runtime.prefix_cache import PrefixCache
 from autocontrast.runtime.session import StepOutput
 from autocontrast.runtime.step_plan import Pending, PromptChunk, StepPlan, plan_step
 from autocontrast.runtime.stopping import finish_reason
-
-if TYPE_CHECKING:
-    from autocontrast.runtime.generator import Generator, Prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,17 +108,18 @@ class Row:
 
 
 class Stepper:
-    """The stepping engine over one decode graph. Create with `Generator.stepper(...)`. Not thread-safe."""
+    """The stepping engine over one decode graph: one run over a `Model` (its batch's state, rows and plan).
+    Create with `Generator.stepper(...)`. Not thread-safe."""
 
-    def __init__(self, generator: Generator, mode: DecodeMode, *, max_step_tokens: int | None = None,
+    def __init__(self, model: Model, mode: DecodeMode, *, max_step_tokens: int | None = None,
                  prefix_cache: PrefixCache | None = None) -> None:
         if max_step_tokens is not None and (not isinstance(max_step_tokens, int) or max_step_tokens < 1):
             raise GenerationParameterError(f"max_step_tokens ({max_step_tokens!r}) must be a positive integer "
                                            "or None (whole prompts)")
-        self.generator = generator
+        self.model = model  # the loaded bundle this run is over (a Generator is one)
         self.default_mode = mode
         self.graph = mode.graph
-        self.state: BatchState = generator.decode_state(self.graph)
+        self.state: BatchState = model.decode_state(self.graph)
         # chunks and stored prefixes need a state that takes chunks (an encoder-decoder's prompt is one pass)
         self.chunked = isinstance(self.state, ChunkedState) and (max_step_tokens is not None or
                                                                   prefix_cache is not None)
@@ -168,7 +167,7 @@ class Stepper:
 
         `multi_exit` (default: the stepper's mode) must be servable by the stepper's graph.
         """
-        gen = self.generator
+        gen = self.model
         params = gen.params(params, param_fields)
         params.check_vocabulary(gen.manifest.vocab_size)
         ids = gen.encode(prompt, chat=chat)
@@ -186,7 +185,7 @@ class Stepper:
         return row.id
 
     def _mode_for(self, config: MultiExitConfiguration, fused: bool) -> DecodeMode:
-        mode = mode_on_graph(self.generator.manifest, config, self.graph, fused=fused)
+        mode = mode_on_graph(self.model.manifest, config, self.graph, fused=fused)
         if mode is None:
             raise GenerationParameterError(f"this stepper runs graph {self.graph.name!r} (exits "
                                            f"{', '.join(map(str, self.graph.exits))}), which cannot serve "
@@ -222,7 +221,7 @@ class Stepper:
         ids = row.all_ids[:length]
         row.prompt_ids, row.token_ids = ids[:len(row.prompt_ids)], ids[len(row.prompt_ids):]
         row.finish_reason = None
-        row.decoder = StreamDecoder(self.generator.tokenizer, stop_strings=row.params.stop_strings)
+        row.decoder = StreamDecoder(self.model.tokenizer, stop_strings=row.params.stop_strings)
         for token in row.token_ids:
             row.decoder.push(token)
         row.decoder.emitted = row.decoder.text  # what was streamed before stays streamed
@@ -286,7 +285,7 @@ class Stepper:
         return events
 
     def _new_state(self) -> ChunkedState:
-        return type(self.state)(self.state.session, pad_token_id=self.generator.pad_token_id)
+        return type(self.state)(self.state.session, pad_token_id=self.model.pad_token_id)
 
     def _prefill(self, chunk: PromptChunk) -> StepOutput:
         """Put one chunk of a joining row's prompt into the row's own state; the chunk's last outputs."""
@@ -294,7 +293,7 @@ class Stepper:
         tokens = np.array([prefill.ids[chunk.start:chunk.stop]], dtype=np.int64)  # (1, n)
         if prefill.state is None and prefill.seed is not None:
             prefill.state = type(self.state).seeded(self.state.session, prefill.seed,
-                                                    pad_token_id=self.generator.pad_token_id)
+                                                    pad_token_id=self.model.pad_token_id)
             prefill.seed = None
         elif prefill.state is None:
             prefill.state = self._new_state()
@@ -393,7 +392,7 @@ class Stepper:
         logits = self._last.exit_logits[position]  # (n_exits, vocab)
         if exit_ is None:
             return logits
-        manifest = self.generator.manifest
+        manifest = self.model.manifest
         name = next((a for a in manifest.aliases(exit_) if a in self.graph.exits), None)
         if name is None:
             raise UnknownExitError(f"exit {exit_} is not returned by graph {self.graph.name!r}; it returns "
