@@ -15,7 +15,20 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from autocontrast.bundle import KVCacheSpec
+from autocontrast.runtime.kv_store import KVStore
 from autocontrast.runtime.session import ExitSession, StepOutput
+
+
+class StepSession(Protocol):
+    """What a decode state runs its steps on: an `ExitSession`, or one that adds inputs to each step (an
+    encoder-decoder's decoder, reading its batch's cross-attention KV)."""
+
+    @property
+    def kv(self) -> KVCacheSpec: ...
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+             cache: KVStore | None) -> StepOutput: ...
 
 
 @runtime_checkable
@@ -23,7 +36,7 @@ class BatchState(Protocol):
     """Rows of one batch over one decode graph: they join (`extend`), step (`advance`), leave (`keep`)."""
 
     @property
-    def session(self) -> ExitSession: ...
+    def session(self) -> ExitSession | StepSession: ...
 
     @property
     def batch(self) -> int: ...

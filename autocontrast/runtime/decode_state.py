@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from autocontrast.bundle import BUFFER_LAYOUT
+from autocontrast.runtime.batch_state import StepSession
 from autocontrast.runtime.inplace_state import InPlaceDecodeState
 from autocontrast.runtime.kv_cache import KVCache
 from autocontrast.runtime.session import ExitSession, StepOutput
@@ -39,7 +40,7 @@ def open_decode_state(session: ExitSession, *, pad_token_id: int = 0) -> DecodeS
 class DecodeState:
     """The batch state of one decode graph. Not thread-safe: one driver at a time."""
 
-    def __init__(self, session: ExitSession, *, pad_token_id: int = 0) -> None:
+    def __init__(self, session: StepSession, *, pad_token_id: int = 0) -> None:
         self.session = session
         self.pad_token_id = pad_token_id
         self.cache = KVCache(session.kv, 0)

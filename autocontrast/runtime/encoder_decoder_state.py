@@ -26,7 +26,7 @@ from autocontrast.runtime.session import ExitSession, StepOutput
 
 
 class _WithCross:
-    """The decoder session as `DecodeState` sees it: each step also reads the current `cross`."""
+    """The decoder session as `DecodeState` sees it (a `StepSession`): each step also reads the current `cross`."""
 
     def __init__(self, session: ExitSession, cross: CrossKV) -> None:
         self.session, self.kv, self.cross = session, session.kv, cross
@@ -45,7 +45,7 @@ class EncoderDecoderState:
         self.start_token_id = start_token_id
         self.cross = CrossKV.empty(encoder.spec, num_kv_heads=session.kv.num_kv_heads, head_dim=session.kv.head_dim)
         self._session = _WithCross(session, self.cross)
-        self.decoder = DecodeState(self._session, pad_token_id=pad_token_id)  # type: ignore[arg-type]
+        self.decoder = DecodeState(self._session, pad_token_id=pad_token_id)
         self.prompt_lengths: list[int] = []
 
     @property

@@ -37,8 +37,7 @@ from autocontrast.bundle import (
 )
 from autocontrast.errors import BundleError, InferenceError
 from autocontrast.runtime.huge_pages import huge_pages_for_new_memory, page_out_files
-from autocontrast.runtime.kv_buffer import KVBuffer
-from autocontrast.runtime.kv_cache import KVCache
+from autocontrast.runtime.kv_store import KVStore
 from autocontrast.runtime.providers import (
     CPU,
     check_session_providers,
@@ -153,7 +152,7 @@ class ExitSession:
                               "re-export the bundle (or restore its manifest.json)")
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             cache: KVCache | KVBuffer | None, *, extra: dict[str, np.ndarray] | None = None) -> StepOutput:
+             cache: KVStore | None, *, extra: dict[str, np.ndarray] | None = None) -> StepOutput:
         """One forward. input_ids/position_ids (batch, seq), attention_mask (batch, past+seq), int64.
 
         Decode graphs read `cache` as the past and leave the present in it (on the session's device).
