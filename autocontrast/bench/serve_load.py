@@ -203,34 +203,34 @@ def running_server(bundle: str, *, max_batch: int, extra: list[str]):
         proc.wait(timeout=120)
 
 
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def table(results: list[LevelResult], new_tokens: int) -> str:
     base = results[0].tokens_per_s
-    lines = ["| clients | requests | tokens | seconds | tokens/s | per client tok/s | vs 1 client | TTFT p50 / p99 ms | "
-             "inter-token p50 / p99 ms |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r.clients} | {r.requests} | {r.tokens} | {r.seconds:.1f} | {r.tokens_per_s:.1f} | "
-                     f"{r.tokens_per_s / r.clients:.1f} | {r.tokens_per_s / base:.2f}x | {r.ttft_median_s * 1000:.0f} / "
-                     f"{r.ttft_p99_s * 1000:.0f} | {r.itl_median_s * 1000:.1f} / {r.itl_p99_s * 1000:.1f} |")
-    return "\n".join(lines)
+    return _markdown(["clients", "requests", "tokens", "seconds", "tokens/s", "per client tok/s", "vs 1 client",
+                      "TTFT p50 / p99 ms", "inter-token p50 / p99 ms"],
+                     [[str(r.clients), str(r.requests), str(r.tokens), f"{r.seconds:.1f}", f"{r.tokens_per_s:.1f}",
+                       f"{r.tokens_per_s / r.clients:.1f}", f"{r.tokens_per_s / base:.2f}x",
+                       f"{r.ttft_median_s * 1000:.0f} / {r.ttft_p99_s * 1000:.0f}",
+                       f"{r.itl_median_s * 1000:.1f} / {r.itl_p99_s * 1000:.1f}"] for r in results])
 
 
 def long_prompt_table(results: list[LongPromptResult]) -> str:
-    lines = ["| --max-step-tokens | long prompt tokens | its TTFT alone s | its TTFT among streams s | ratio | "
-             "streams' median gap ms | p99 gap ms | worst gap ms | worst / median |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r.step_tokens or 'whole'} | {r.prompt_tokens} | {r.alone_ttft_s:.2f} | {r.loaded_ttft_s:.2f} | "
-                     f"{r.loaded_ttft_s / r.alone_ttft_s:.2f}x | {r.gap_median_s * 1000:.1f} | "
-                     f"{r.gap_p99_s * 1000:.0f} | {r.gap_worst_s * 1000:.0f} | {r.gap_worst_s / r.gap_median_s:.1f}x |")
-    return "\n".join(lines)
+    return _markdown(["--max-step-tokens", "long prompt tokens", "its TTFT alone s", "its TTFT among streams s",
+                      "ratio", "streams' median gap ms", "p99 gap ms", "worst gap ms", "worst / median"],
+                     [[str(r.step_tokens or "whole"), str(r.prompt_tokens), f"{r.alone_ttft_s:.2f}",
+                       f"{r.loaded_ttft_s:.2f}", f"{r.loaded_ttft_s / r.alone_ttft_s:.2f}x",
+                       f"{r.gap_median_s * 1000:.1f}", f"{r.gap_p99_s * 1000:.0f}", f"{r.gap_worst_s * 1000:.0f}",
+                       f"{r.gap_worst_s / r.gap_median_s:.1f}x"] for r in results])
 
 
 def shared_prefix_table(results: list[SharedPrefixResult]) -> str:
-    lines = ["| --max-step-tokens | first chat TTFT s | second chat TTFT s | second / first |", "|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r.step_tokens or 'whole'} | {r.first_ttft_s:.2f} | {r.second_ttft_s:.2f} | "
-                     f"{r.second_ttft_s / r.first_ttft_s:.2f}x |")
-    return "\n".join(lines)
+    return _markdown(["--max-step-tokens", "first chat TTFT s", "second chat TTFT s", "second / first"],
+                     [[str(r.step_tokens or "whole"), f"{r.first_ttft_s:.2f}", f"{r.second_ttft_s:.2f}",
+                       f"{r.second_ttft_s / r.first_ttft_s:.2f}x"] for r in results])
 
 
 def _words(path: Path, start: int, count: int) -> str:
