@@ -1,6 +1,7 @@
 """Choosing the next token from scores: pure functions over arrays, as HF `generate()` does it.
 
-Order as in HF: repetition penalty, then temperature, top-k, top-p, then sample (or argmax).
+Order as in HF: repetition penalty (then OpenAI's presence/frequency penalties and logit_bias, which
+HF does not have), then temperature, top-k, top-p, then sample (or argmax).
 Scores may be logits or log-probabilities (the contrast); both mean the same distribution.
 
 >>> import numpy as np
@@ -29,6 +30,34 @@ def apply_repetition_penalty(scores: np.ndarray, seen: list[np.ndarray], penalty
         picked = scores[row, ids]
         scores[row, ids] = np.where(picked < 0, picked * penalty, picked / penalty)
     return scores
+
+
+def apply_presence_frequency(scores: np.ndarray, generated: list[np.ndarray], presence: float,
+                             frequency: float) -> np.ndarray:
+    """OpenAI's presence and frequency penalties: a token generated c times loses `frequency` * c and, if
+    c > 0, `presence` once. scores (batch, vocab); generated[row]: the row's generated ids."""
+    if presence == 0.0 and frequency == 0.0:
+        return scores
+    scores = scores.astype(np.float64)
+    for row, ids in enumerate(generated):
+        tokens, counts = np.unique(ids, return_counts=True)
+        scores[row, tokens] -= frequency * counts + presence
+    return scores
+
+
+def apply_logit_bias(scores: np.ndarray, bias: dict[int, float]) -> np.ndarray:
+    """Add `bias` ({token id: value}) to every row's scores (batch, vocab)."""
+    scores = scores.astype(np.float64)
+    ids = np.fromiter(bias, dtype=np.int64, count=len(bias))
+    scores[:, ids] += np.fromiter(bias.values(), dtype=np.float64, count=len(bias))
+    return scores
+
+
+def log_softmax(scores: np.ndarray) -> np.ndarray:
+    """Log-probabilities of scores (logits or log-probabilities; -inf stays -inf), float64, last axis."""
+    scores = np.asarray(scores, dtype=np.float64)
+    top = np.max(scores, axis=-1, keepdims=True)
+    return scores - top - np.log(np.exp(scores - top).sum(axis=-1, keepdims=True))
 
 
 def warp(scores: np.ndarray, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:

@@ -51,6 +51,8 @@ class TokenEvent:
     token: int
     text: str  # the new text (whole characters, held back before a possible stop string; may be '')
     finish_reason: str | None  # 'eos', 'stop_string', 'length' or None (goes on)
+    logprob: float | None = None  # with params.logprobs: the token's log-probability under the row's mode
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # ... and the params.logprobs most likely (id, logprob)
 
 
 @dataclasses.dataclass(eq=False)
@@ -341,7 +343,8 @@ class Stepper:
                                               stop_string_hit=row.decoder.stop_at is not None)
             if row.finish_reason is not None:
                 delta += row.decoder.flush()
-            events.append(TokenEvent(row.id, token, delta, row.finish_reason))
+            events.append(TokenEvent(row.id, token, delta, row.finish_reason, *_logprobs(scores[i], token,
+                                                                                        row.params.logprobs)))
         return events
 
     def _mode_scores(self, rows: list[Row]) -> list[np.ndarray]:
@@ -361,12 +364,16 @@ class Stepper:
 
     @staticmethod
     def _pick(row: Row, scores: np.ndarray) -> int:
-        """Repetition penalty, min_new_tokens, logits processors, then the search (as HF orders them)."""
+        """Penalties, logit_bias, min_new_tokens, logits processors, then the search (`GenerationParams`' order)."""
         params = row.params
         scores = scores[None, :]  # (1, vocab)
         if params.repetition_penalty != 1.0:
             scores = sampling.apply_repetition_penalty(scores, [np.asarray(row.context_ids, dtype=np.int64)],
                                                        params.repetition_penalty)
+        scores = sampling.apply_presence_frequency(scores, [np.asarray(row.token_ids, dtype=np.int64)],
+                                                   params.presence_penalty, params.frequency_penalty)
+        if params.logit_bias:
+            scores = sampling.apply_logit_bias(scores, params.logit_bias)
         if len(row.token_ids) < params.min_new_tokens and row.suppressed_ids.size:
             scores = scores.copy()
             scores[0, row.suppressed_ids] = -np.inf
@@ -404,3 +411,15 @@ class Stepper:
         position = self._position(row_id)
         mode = self._rows[row_id].mode
         return mode.scores(self._last.rows(np.array([position])))[0]
+
+
+def _logprobs(scores: np.ndarray, token: int, alternatives: int | None) -> tuple[float | None,
+                                                                               tuple[tuple[int, float], ...]]:
+    """The chosen token's log-probability under `scores` (a row's mode scores) and the `alternatives` most likely
+    tokens with theirs; (None, ()) when not asked for."""
+    if alternatives is None:
+        return None, ()
+    logp = sampling.log_softmax(scores)
+    top = np.argpartition(-logp, alternatives)[:alternatives] if alternatives else np.array([], dtype=np.int64)
+    top = top[np.argsort(-logp[top], kind="stable")]
+    return float(logp[token]), tuple((int(t), float(logp[t])) for t in top)

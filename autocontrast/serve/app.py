@@ -38,6 +38,7 @@ from autocontrast.serve.protocol import (
     Limits,
     OpenAIError,
     RequestSpec,
+    TokenLogprob,
     bad_request,
     check_depth,
     chunk_body,
@@ -263,7 +264,7 @@ class _Server:
 
     async def _whole(self, request: Request, job: Generation, *, chat: bool, request_id: str) -> Response:
         watcher = asyncio.ensure_future(_disconnected(request))
-        pieces = []
+        pieces, scored = [], []
         try:
             while True:
                 event = await self._next(request, job, watcher)
@@ -272,18 +273,34 @@ class _Server:
                 if isinstance(event, BaseException):
                     raise OpenAIError(500, f"generation failed: {event}", type="server_error")
                 pieces.append(event.text)
+                scored += self._logprobs(event)
                 if event.finish_reason is not None:
                     break
         finally:
             watcher.cancel()
         return JSONResponse(completion_body(chat=chat, request_id=request_id, model=self.config.model_name,
                                             text="".join(pieces), finish_reason=event.finish_reason,
-                                            prompt_tokens=len(job.prompt_ids), completion_tokens=job.generated))
+                                            prompt_tokens=len(job.prompt_ids), completion_tokens=job.generated,
+                                            logprobs=scored))
+
+    def _logprobs(self, event: TokenEvent) -> list[TokenLogprob]:
+        """The event's token with its log-probability and alternatives, as text (none if not asked for)."""
+        if event.logprob is None:
+            return []
+        text = self._token_texts([event.token, *(t for t, _ in event.top_logprobs)])
+        return [TokenLogprob(text[0], event.logprob, tuple(zip(text[1:], (lp for _, lp in event.top_logprobs),
+                                                               strict=True)))]
+
+    def _token_texts(self, ids: list[int]) -> list[str]:
+        tokenizer = self.generator.tokenizer
+        return [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
 
     async def _events(self, request: Request, job: Generation, spec: RequestSpec, *, chat: bool,
                       request_id: str) -> AsyncIterator[str]:
         model = self.config.model_name
         watcher = asyncio.ensure_future(_disconnected(request))
+        scored: list[TokenLogprob] = []  # tokens whose text is not out yet (held back) carry over to the next chunk
+        streamed = 0  # characters sent so far (completions' text_offset)
         try:
             if chat:  # the role first, before any token: the client knows the answer has begun
                 yield _sse(chunk_body(chat=True, request_id=request_id, model=model, text=None, finish_reason=None,
@@ -295,9 +312,11 @@ class _Server:
                 if isinstance(event, BaseException):
                     yield _sse(OpenAIError(500, f"generation failed: {event}", type="server_error").body())
                     break
+                scored += self._logprobs(event)
                 if event.text or event.finish_reason is not None:
                     yield _sse(chunk_body(chat=chat, request_id=request_id, model=model, text=event.text,
-                                          finish_reason=event.finish_reason))
+                                          finish_reason=event.finish_reason, logprobs=scored, offset=streamed))
+                    scored, streamed = [], streamed + len(event.text)
                 if event.finish_reason is not None:
                     break
             if spec.include_usage:

@@ -25,10 +25,8 @@ from autocontrast.runtime.params import GenerationParams
 MULTI_EXIT_FIELDS = ("use_original_head", "output_layer_index", "contrast_layer_indices", "alpha",
                      "minimum_candidates")
 # fields we take but cannot honour: a request that asks for them gets a clear 400, not a silent ignore
-UNSUPPORTED = {"logprobs": "logprobs are not returned by this server", "echo": "echo is not supported",
-               "suffix": "suffix is not supported", "tools": "tool calls are not supported",
-               "functions": "function calls are not supported", "logit_bias": "logit_bias is not supported",
-               "top_logprobs": "top_logprobs are not returned by this server",
+UNSUPPORTED = {"echo": "echo is not supported", "suffix": "suffix is not supported",
+               "tools": "tool calls are not supported", "functions": "function calls are not supported",
                "audio": "audio output is not supported", "prediction": "predicted outputs are not supported",
                "web_search_options": "web search is not supported",
                "reasoning_effort": "this model does not reason in separate steps",
@@ -43,13 +41,16 @@ HINTS = ("user", "metadata", "parallel_tool_calls", "prompt_cache_key", "safety_
 # fields `parse_request` reads (n, best_of and the penalties only at their defaults; a test holds every field
 # OpenAI documents to one of these tables)
 READ = ("model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
-        "stream", "stream_options", "n", "best_of", "presence_penalty", "frequency_penalty")
+        "stream", "stream_options", "n", "best_of", "presence_penalty", "frequency_penalty", "logit_bias",
+        "logprobs", "top_logprobs")
 MAX_JSON_DEPTH = 32  # deeper request bodies are refused before anything walks them
 FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "length": "length"}
 # our parameter names in error messages -> the OpenAI field the client sent
 PARAM_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "stop_strings": "stop",
                "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
-               "repetition_penalty": "repetition_penalty", "stop_token_ids": "stop"}
+               "repetition_penalty": "repetition_penalty", "stop_token_ids": "stop",
+               "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+               "logit_bias": "logit_bias", "logprobs": "logprobs"}
 
 
 class OpenAIError(Exception):
@@ -118,6 +119,26 @@ def _stop(body: dict[str, Any]) -> tuple[str, ...]:
     if isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 16:
         return tuple(stop)
     raise bad_request("'stop' must be a string or a list of at most 16 strings", "stop")
+
+
+def _logit_bias(body: dict[str, Any]) -> dict[int, float] | None:
+    """OpenAI's logit_bias: token ids as JSON object keys (strings of integers) to numbers."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict) or not all(isinstance(k, str) and k.strip().lstrip("-").isdigit() for k in bias):
+        raise bad_request("'logit_bias' must map token ids (as strings) to numbers within -100..100", "logit_bias")
+    return {int(k): v for k, v in bias.items()}  # the values are checked by GenerationParams
+
+
+def _logprobs(body: dict[str, Any], *, chat: bool) -> int | None:
+    """Alternatives per token: completions' `logprobs: k`; chat's `logprobs: true` with `top_logprobs: k`."""
+    if not chat:
+        return _number(body, "logprobs", None, integer=True)
+    wanted, top = _bool(body, "logprobs", False), _number(body, "top_logprobs", None, integer=True)
+    if top is not None and not wanted:
+        raise bad_request("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return (top or 0) if wanted else None
 
 
 def _multi_exit(body: dict[str, Any]) -> MultiExitConfiguration | None:
@@ -200,9 +221,6 @@ def parse_request(body: Any, *, chat: bool, limits: Limits) -> RequestSpec:
                               "unsupported_parameter")
     if _number(body, "n", 1, integer=True) != 1 or _number(body, "best_of", 1, integer=True) != 1:
         raise bad_request("only n=1 (and best_of=1) is supported: send several requests instead", "n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name, 0.0) != 0.0:
-            raise bad_request(f"'{name}' is not supported; use repetition_penalty", name, "unsupported_parameter")
     default = limits.max_tokens if chat else limits.completion_default_tokens
     max_tokens = _number(body, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens",
                          default, integer=True)
@@ -217,7 +235,10 @@ def parse_request(body: Any, *, chat: bool, limits: Limits) -> RequestSpec:
             max_new_tokens=max_tokens, temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0),
             top_k=0 if top_k == -1 else top_k, seed=_number(body, "seed", None, integer=True),
             repetition_penalty=_number(body, "repetition_penalty", 1.0), stop_strings=_stop(body),
-            min_new_tokens=_number(body, "min_tokens", 0, integer=True), ignore_eos=_bool(body, "ignore_eos", False))
+            min_new_tokens=_number(body, "min_tokens", 0, integer=True), ignore_eos=_bool(body, "ignore_eos", False),
+            presence_penalty=_number(body, "presence_penalty", 0.0),
+            frequency_penalty=_number(body, "frequency_penalty", 0.0), logit_bias=_logit_bias(body),
+            logprobs=_logprobs(body, chat=chat))
     except AutocontrastError as err:
         message = str(err)
         param = next((v for k, v in PARAM_NAMES.items() if message.startswith(k)), None)
@@ -242,32 +263,62 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's text, log-probability and most likely alternatives (text, log-probability)."""
+
+    text: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
+
+
+def logprobs_body(entries: list[TokenLogprob], *, chat: bool, offset: int = 0) -> dict[str, Any] | None:
+    """OpenAI's `logprobs` of a choice (or of a chunk): chat's `content` list, or completions' parallel lists
+    (`text_offset` counts characters from `offset`). None when the request asked for none."""
+    if not entries:
+        return None
+    if chat:
+        def item(text: str, logprob: float) -> dict[str, Any]:
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [item(e.text, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top]}
+                            for e in entries], "refusal": None}
+    offsets = [offset + sum(len(e.text) for e in entries[:i]) for i in range(len(entries))]
+    return {"tokens": [e.text for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+
+
 def completion_body(*, chat: bool, request_id: str, model: str, text: str, finish_reason: str,
-                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+                    prompt_tokens: int, completion_tokens: int,
+                    logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
     """The whole (non-streamed) response."""
     reason = FINISH_REASONS.get(finish_reason, finish_reason)
+    scored = logprobs_body(logprobs or [], chat=chat)
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": scored,
                   "finish_reason": reason}
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        choice = {"index": 0, "text": text, "logprobs": scored, "finish_reason": reason}
     return {"id": request_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model, "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def chunk_body(*, chat: bool, request_id: str, model: str, text: str | None, finish_reason: str | None,
-               first: bool = False) -> dict[str, Any]:
-    """One server-sent event of a streamed response; the first chat chunk carries the role."""
+               first: bool = False, logprobs: list[TokenLogprob] | None = None,
+               offset: int = 0) -> dict[str, Any]:
+    """One server-sent event of a streamed response; the first chat chunk carries the role; `logprobs`: the
+    tokens this chunk's text came from (`offset`: characters streamed before it)."""
     reason = FINISH_REASONS.get(finish_reason, finish_reason) if finish_reason else None
+    scored = logprobs_body(logprobs or [], chat=chat, offset=offset)
     if chat:
         delta: dict[str, str] = {"role": "assistant"} if first else {}
         if text:
             delta["content"] = text
         elif first:
             delta["content"] = ""
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        choice = {"index": 0, "delta": delta, "logprobs": scored, "finish_reason": reason}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+        choice = {"index": 0, "text": text or "", "logprobs": scored, "finish_reason": reason}
     return {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice]}
 

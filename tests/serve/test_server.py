@@ -8,6 +8,7 @@ import json
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -115,7 +116,10 @@ ERRORS = [
     ("unknown exit", dict(prompt="Hi", extra_body={"multi_exit": {"use_original_head": False,
                                                                  "output_layer_index": 9}}), "multi_exit"),
     ("unknown multi_exit field", dict(prompt="Hi", extra_body={"multi_exit": {"layer": 2}}), "multi_exit"),
-    ("logprobs", dict(prompt="Hi", logprobs=2), "logprobs"),
+    ("too many logprobs", dict(prompt="Hi", logprobs=21), "logprobs"),
+    ("a penalty out of range", dict(prompt="Hi", presence_penalty=2.5), "presence_penalty"),
+    ("logit_bias of a word", dict(prompt="Hi", logit_bias={"hello": 5}), "logit_bias"),
+    ("logit_bias beyond 100", dict(prompt="Hi", logit_bias={"5": 500}), "logit_bias"),
     ("stop of the wrong type", dict(prompt="Hi", stop=[1, 2]), "stop"),
     ("negative seed", dict(prompt="Hi", seed=-5), "seed"),
 ]
@@ -259,7 +263,7 @@ CHAT_FIELDS = ("messages", "model", "audio", "frequency_penalty", "function_call
 # a value asking for something: what a client sends when it wants the feature
 ASKING = {"audio": {"voice": "alloy", "format": "wav"}, "function_call": "auto",
           "functions": [{"name": "f", "parameters": {}}], "tools": [{"type": "function", "function": {"name": "f"}}],
-          "logit_bias": {"5": 10}, "logprobs": True, "top_logprobs": 2, "echo": True, "suffix": "end",
+          "echo": True, "suffix": "end",
           "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"},
           "reasoning_effort": "high", "verbosity": "low", "web_search_options": {},
           "response_format": {"type": "json_object"}, "store": True, "tool_choice": "auto", "service_tier": "flex"}
@@ -348,3 +352,48 @@ def test_a_long_prompt_joins_in_chunks_while_streams_keep_their_text(llama_bundl
         assert httpx.get(f"{process.base}/health").json()["max_step_tokens"] == 8
     finally:
         process.stop()
+
+
+def _reference_logprobs(generator, prompt_ids, token_ids):
+    """log_softmax of the original head's logits at each generated position, from the score graph."""
+    logits = generator.exit_logits_all_positions([prompt_ids + token_ids], ["original"])[0][:, 0]  # (seq, vocab)
+    rows = logits[len(prompt_ids) - 1:len(prompt_ids) - 1 + len(token_ids)].astype(np.float64)
+    return rows - rows.max(axis=1, keepdims=True) - np.log(np.exp(rows - rows.max(axis=1, keepdims=True)).sum(
+        axis=1, keepdims=True))
+
+
+def test_completion_logprobs_are_the_original_heads_log_softmax(client, generator):
+    reply = client.completions.create(model=generator.bundle_dir.name, prompt=PROMPTS[1], max_tokens=6, temperature=0,
+                                      logprobs=3, extra_body={"multi_exit": {"use_original_head": True},
+                                                              "ignore_eos": True})
+    scored = reply.choices[0].logprobs
+    prompt_ids = generator.encode(PROMPTS[1])
+    tokens = generator.generate(PROMPTS[1], max_new_tokens=6, ignore_eos=True).token_ids[0]
+    want = _reference_logprobs(generator, prompt_ids, tokens)
+    assert np.allclose(scored.token_logprobs, want[np.arange(6), tokens], atol=1e-4)
+    assert "".join(scored.tokens) == reply.choices[0].text
+    for row, alternatives in zip(want, scored.top_logprobs, strict=True):
+        assert len(alternatives) <= 3 and np.allclose(sorted(alternatives.values(), reverse=True),
+                                                      np.sort(row)[::-1][:len(alternatives)], atol=1e-4)
+    assert scored.text_offset == [sum(len(t) for t in scored.tokens[:i]) for i in range(6)]
+
+
+def test_chat_logprobs_streamed_equal_the_whole_answers(client, generator):
+    fields = dict(model=generator.bundle_dir.name, messages=[{"role": "user", "content": "Say something"}],
+                  max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**fields).choices[0].logprobs.content
+    streamed = [item for chunk in client.chat.completions.create(**fields, stream=True)
+                if chunk.choices and chunk.choices[0].logprobs for item in chunk.choices[0].logprobs.content]
+    assert [(i.token, round(i.logprob, 5)) for i in streamed] == [(i.token, round(i.logprob, 5)) for i in whole]
+    assert len(whole) == 8 and all(len(i.top_logprobs) == 2 and i.top_logprobs[0].logprob >= i.logprob - 1e-6
+                                   for i in whole)  # greedy (ACD): the chosen token is the most likely
+
+
+def test_penalties_and_logit_bias_through_the_server_equal_the_generator(client, generator):
+    fields = dict(presence_penalty=0.8, frequency_penalty=1.2, logit_bias={"7": 3.0, "11": -100})
+    reply = client.completions.create(model=generator.bundle_dir.name, prompt=PROMPTS[0], max_tokens=12,
+                                      temperature=0, extra_body={"ignore_eos": True}, **fields)
+    bias = {int(k): v for k, v in fields.pop("logit_bias").items()}
+    alone = generator.generate(PROMPTS[0], multi_exit=ACD, max_new_tokens=12, ignore_eos=True, logit_bias=bias,
+                               **fields)
+    assert reply.choices[0].text == alone.text and 11 not in alone.token_ids[0]
