@@ -31,6 +31,7 @@ from starlette.routing import Route
 from autocontrast.config import MultiExitConfiguration
 from autocontrast.errors import AutocontrastError, ConfigurationError, PromptError
 from autocontrast.runtime.generator import Generator
+from autocontrast.runtime.params import GenerationParams
 from autocontrast.runtime.stepper import TokenEvent
 from autocontrast.serve.metrics import CONTENT_TYPE, Metrics
 from autocontrast.serve.protocol import (
@@ -41,6 +42,7 @@ from autocontrast.serve.protocol import (
     TokenLogprob,
     bad_request,
     check_depth,
+    choice_body,
     chunk_body,
     completion_body,
     new_id,
@@ -191,17 +193,17 @@ class _Server:
         try:
             body = await self._read_json(request)
             spec = parse_request(body, chat=chat, limits=self.config.limits)
-            job = self._submit(spec, body, chat=chat)  # the request, as one object from here on
+            answer = self._submit(spec, body, chat=chat)  # its requests, one object each from here on
         except OpenAIError as err:
             self._count(route, err.status)
             raise
         self._count(route, 200)
-        self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+        self.metrics.prompt_tokens.inc(answer.prompt_tokens)
         request_id = new_id(chat)
         if spec.stream:
-            return StreamingResponse(self._events(request, job, spec, chat=chat, request_id=request_id),
+            return StreamingResponse(self._events(request, answer, spec, chat=chat, request_id=request_id),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await self._whole(request, job, chat=chat, request_id=request_id)
+        return await self._whole(request, answer, chat=chat, request_id=request_id)
 
     async def _read_json(self, request: Request) -> Any:
         limit = self.config.max_body_bytes
@@ -222,22 +224,27 @@ class _Server:
         check_depth(body)
         return body
 
-    def _submit(self, spec: RequestSpec, body: dict[str, Any], *, chat: bool) -> Generation:
+    def _submit(self, spec: RequestSpec, body: dict[str, Any], *, chat: bool) -> _Answer:
+        """Encode and check every prompt, then queue all of the request's generations at once (or none)."""
         if spec.model is not None and spec.model != self.config.model_name:
             raise OpenAIError(404, f"the model {spec.model!r} does not exist; this server serves "
                               f"{self.config.model_name!r}", param="model", code="model_not_found")
         gen = self.generator
-        params = spec.params
         try:
-            ids = gen.encode_chat(spec.messages) if chat else gen.encode(spec.prompt)
-            if chat and "max_tokens" not in body and "max_completion_tokens" not in body:
-                room = gen.manifest.max_positions - len(ids)  # the default budget fits the context
-                params = dataclasses.replace(params, max_new_tokens=max(1, min(params.max_new_tokens, room)))
-            gen.check_length(len(ids), params.max_new_tokens)
-            params.check_vocabulary(gen.manifest.vocab_size)
-            job = Generation(ids, params, spec.multi_exit or self.config.default_mode,
-                             sink=_QueueSink(asyncio.get_running_loop()))
-            self.scheduler.submit(job)
+            prompts = [gen.encode_chat(spec.messages)] if chat else [gen.encode(p) for p in spec.prompts]
+            answer = _Answer(asyncio.get_running_loop(), prompt_tokens=sum(len(ids) for ids in prompts))
+            for ids in prompts:
+                params = spec.params
+                if chat and "max_tokens" not in body and "max_completion_tokens" not in body:
+                    room = gen.manifest.max_positions - len(ids)  # the default budget fits the context
+                    params = dataclasses.replace(params, max_new_tokens=max(1, min(params.max_new_tokens, room)))
+                gen.check_length(len(ids), params.max_new_tokens)
+                params.check_vocabulary(gen.manifest.vocab_size)
+                for j in range(spec.n):  # a seeded request's choices draw differently, reproducibly: seed + j
+                    seeded = params if params.seed is None or j == 0 else dataclasses.replace(params,
+                                                                                            seed=params.seed + j)
+                    answer.add(ids, seeded, spec.multi_exit or self.config.default_mode)
+            self.scheduler.submit_all(answer.jobs)
         except QueueFullError as err:
             raise OpenAIError(429, f"{err}; retry after {self.config.retry_after_s} s", type="rate_limit_error",
                               code="rate_limit_exceeded",
@@ -248,40 +255,46 @@ class _Server:
             param = ("multi_exit" if isinstance(err, ConfigurationError) else
                      ("messages" if chat else "prompt") if isinstance(err, PromptError) else None)
             raise bad_request(str(err), param) from None
-        return job
+        return answer
 
-    async def _next(self, request: Request, job: Generation, watcher: asyncio.Task) -> TokenEvent | BaseException | None:
-        """The job's next event, or None if the client has gone (then the job is cancelled)."""
-        assert isinstance(job.sink, _QueueSink)  # what `_submit` gave it
-        getter = asyncio.ensure_future(job.sink.events.get())
+    async def _next(self, request: Request, answer: _Answer,
+                    watcher: asyncio.Task) -> tuple[int, TokenEvent | BaseException] | None:
+        """The next (choice index, event) of any of the answer's generations, or None if the client has gone
+        (then every one of them is cancelled)."""
+        getter = asyncio.ensure_future(answer.events.get())
         done, _ = await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if getter in done:
             return getter.result()
         getter.cancel()
-        job.cancel()
-        log.info("client left; request cancelled after %d token(s)", job.generated)
+        answer.cancel()
+        log.info("client left; request cancelled after %d token(s)", answer.generated)
         return None
 
-    async def _whole(self, request: Request, job: Generation, *, chat: bool, request_id: str) -> Response:
+    async def _whole(self, request: Request, answer: _Answer, *, chat: bool, request_id: str) -> Response:
         watcher = asyncio.ensure_future(_disconnected(request))
-        pieces, scored = [], []
+        count = len(answer.jobs)
+        pieces: list[list[str]] = [[] for _ in range(count)]
+        scored: list[list[TokenLogprob]] = [[] for _ in range(count)]
+        reasons: list[str | None] = [None] * count
         try:
-            while True:
-                event = await self._next(request, job, watcher)
-                if event is None:
-                    return Response(status_code=499)  # nobody is listening; the job is cancelled
+            while None in reasons:
+                item = await self._next(request, answer, watcher)
+                if item is None:
+                    return Response(status_code=499)  # nobody is listening; the generations are cancelled
+                index, event = item
                 if isinstance(event, BaseException):
+                    answer.cancel()
                     raise OpenAIError(500, f"generation failed: {event}", type="server_error")
-                pieces.append(event.text)
-                scored += self._logprobs(event)
-                if event.finish_reason is not None:
-                    break
+                pieces[index].append(event.text)
+                scored[index] += self._logprobs(event)
+                reasons[index] = event.finish_reason
         finally:
             watcher.cancel()
+        choices = [choice_body(chat=chat, index=i, text="".join(pieces[i]), finish_reason=str(reasons[i]),
+                               logprobs=scored[i]) for i in range(count)]
         return JSONResponse(completion_body(chat=chat, request_id=request_id, model=self.config.model_name,
-                                            text="".join(pieces), finish_reason=event.finish_reason,
-                                            prompt_tokens=len(job.prompt_ids), completion_tokens=job.generated,
-                                            logprobs=scored))
+                                            choices=choices, prompt_tokens=answer.prompt_tokens,
+                                            completion_tokens=answer.generated))
 
     def _logprobs(self, event: TokenEvent) -> list[TokenLogprob]:
         """The event's token with its log-probability and alternatives, as text (none if not asked for)."""
@@ -295,47 +308,65 @@ class _Server:
         tokenizer = self.generator.tokenizer
         return [tokenizer.decode([i], skip_special_tokens=False) for i in ids]
 
-    async def _events(self, request: Request, job: Generation, spec: RequestSpec, *, chat: bool,
+    async def _events(self, request: Request, answer: _Answer, spec: RequestSpec, *, chat: bool,
                       request_id: str) -> AsyncIterator[str]:
         model = self.config.model_name
         watcher = asyncio.ensure_future(_disconnected(request))
-        scored: list[TokenLogprob] = []  # tokens whose text is not out yet (held back) carry over to the next chunk
-        streamed = 0  # characters sent so far (completions' text_offset)
+        count = len(answer.jobs)
+        scored: list[list[TokenLogprob]] = [[] for _ in range(count)]  # tokens whose text is held back wait
+        streamed = [0] * count  # characters sent so far, per choice (completions' text_offset)
+        left = count
         try:
-            if chat:  # the role first, before any token: the client knows the answer has begun
-                yield _sse(chunk_body(chat=True, request_id=request_id, model=model, text=None, finish_reason=None,
-                                      first=True))
-            while True:
-                event = await self._next(request, job, watcher)
-                if event is None:
+            if chat:  # the role first, before any token: the client knows the answers have begun
+                for index in range(count):
+                    yield _sse(chunk_body(chat=True, request_id=request_id, model=model, text=None,
+                                          finish_reason=None, first=True, index=index))
+            while left:
+                item = await self._next(request, answer, watcher)
+                if item is None:
                     return
+                index, event = item
                 if isinstance(event, BaseException):
+                    answer.cancel()
                     yield _sse(OpenAIError(500, f"generation failed: {event}", type="server_error").body())
                     break
-                scored += self._logprobs(event)
+                scored[index] += self._logprobs(event)
                 if event.text or event.finish_reason is not None:
                     yield _sse(chunk_body(chat=chat, request_id=request_id, model=model, text=event.text,
-                                          finish_reason=event.finish_reason, logprobs=scored, offset=streamed))
-                    scored, streamed = [], streamed + len(event.text)
-                if event.finish_reason is not None:
-                    break
+                                          finish_reason=event.finish_reason, logprobs=scored[index],
+                                          offset=streamed[index], index=index))
+                    scored[index], streamed[index] = [], streamed[index] + len(event.text)
+                left -= event.finish_reason is not None
             if spec.include_usage:
                 yield _sse(usage_chunk(chat=chat, request_id=request_id, model=model,
-                                       prompt_tokens=len(job.prompt_ids), completion_tokens=job.generated))
+                                       prompt_tokens=answer.prompt_tokens, completion_tokens=answer.generated))
             yield "data: [DONE]\n\n"
         finally:
             watcher.cancel()
-            job.cancel()  # a no-op once the job has finished; stops it if the stream was abandoned
+            answer.cancel()  # a no-op for generations that have finished; stops any left if the stream was abandoned
 
 
-class _QueueSink:
-    """A request's sink in the app: each event crosses from the scheduler thread into the event loop's queue."""
+class _Answer:
+    """One HTTP request's generations (choice i is `jobs[i]`): their events arrive on one queue, tagged with
+    the choice index, crossing from the scheduler thread into the event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop, self.events = loop, asyncio.Queue()
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, prompt_tokens: int) -> None:
+        self.loop, self.prompt_tokens = loop, prompt_tokens  # each prompt counted once, whatever n
+        self.events: asyncio.Queue[tuple[int, TokenEvent | BaseException]] = asyncio.Queue()
+        self.jobs: list[Generation] = []
 
-    def __call__(self, event: TokenEvent | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+    def add(self, ids: list[int], params: GenerationParams, mode: MultiExitConfiguration) -> None:
+        index = len(self.jobs)
+        self.jobs.append(Generation(ids, params, mode, sink=lambda event: self.loop.call_soon_threadsafe(
+            self.events.put_nowait, (index, event))))
+
+    @property
+    def generated(self) -> int:
+        return sum(job.generated for job in self.jobs)
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            job.cancel()
 
 
 async def _disconnected(request: Request) -> None:

@@ -76,14 +76,16 @@ class Limits:
 
     max_tokens: int = 1024  # the most new tokens one request may ask for (and the chat default)
     completion_default_tokens: int = 16  # OpenAI's default max_tokens for /v1/completions
+    max_choices: int = 16  # the most generations one request may ask for: n x prompts
 
 
 @dataclasses.dataclass(frozen=True)
 class RequestSpec:
     """A validated request: what to generate and how to answer."""
 
-    prompt: str | list[int] | None  # completions
+    prompts: list[str | list[int]] | None  # completions: one or several prompts
     messages: list[dict[str, str]] | None  # chat
+    n: int  # generations per prompt; choice i * n + j is prompt i's j-th
     params: GenerationParams
     multi_exit: MultiExitConfiguration | None  # None: the server's default mode
     stream: bool
@@ -159,17 +161,19 @@ def _multi_exit(body: dict[str, Any]) -> MultiExitConfiguration | None:
         raise bad_request(f"multi_exit: {err}", "multi_exit") from None
 
 
-def _prompt(body: dict[str, Any]) -> str | list[int]:
+def _prompts(body: dict[str, Any]) -> list[str | list[int]]:
+    """OpenAI's `prompt`: a string, a list of token ids, or a list of either (a batch)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str) and prompt:
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
-    if isinstance(prompt, list) and len(prompt) > 1:
-        raise bad_request("one prompt per request: send several prompts as several requests", "prompt")
-    raise bad_request("'prompt' must be a non-empty string or a list of token ids", "prompt")
+
+    def one(p: Any) -> bool:
+        return (isinstance(p, str) and bool(p)) or (isinstance(p, list) and bool(p) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in p))
+
+    if one(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(one(p) for p in prompt):
+        return list(prompt)
+    raise bad_request("'prompt' must be a non-empty string, a list of token ids, or a list of those", "prompt")
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
@@ -219,8 +223,16 @@ def parse_request(body: Any, *, chat: bool, limits: Limits) -> RequestSpec:
             raise bad_request(f"'{name}': {body[name]!r} is not supported by this server (only "
                               f"{' or '.join(map(repr, allowed))}){_WHY_REFUSED.get(name, '')}", name,
                               "unsupported_parameter")
-    if _number(body, "n", 1, integer=True) != 1 or _number(body, "best_of", 1, integer=True) != 1:
-        raise bad_request("only n=1 (and best_of=1) is supported: send several requests instead", "n")
+    n = _number(body, "n", 1, integer=True)
+    if n < 1:
+        raise bad_request(f"'n' ({n}) must be a positive integer", "n")
+    if _number(body, "best_of", n, integer=True) != n:
+        raise bad_request("best_of (ranking more candidates than are returned) is not supported: leave it out or "
+                          "equal to n", "best_of", "unsupported_parameter")
+    prompts = None if chat else _prompts(body)
+    if n * len(prompts or [None]) > limits.max_choices:
+        raise bad_request(f"n x prompts ({n} x {len(prompts or [None])}) exceeds this server's limit of "
+                          f"{limits.max_choices} generations per request", "n")
     default = limits.max_tokens if chat else limits.completion_default_tokens
     max_tokens = _number(body, "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens",
                          default, integer=True)
@@ -246,8 +258,7 @@ def parse_request(body: Any, *, chat: bool, limits: Limits) -> RequestSpec:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request("'model' must be a string", "model")
-    return RequestSpec(prompt=None if chat else _prompt(body), messages=_messages(body) if chat else None,
-                       params=params, multi_exit=_multi_exit(body), stream=_bool(body, "stream", False),
+    return RequestSpec(prompts=prompts, messages=_messages(body) if chat else None, n=n, params=params, multi_exit=_multi_exit(body), stream=_bool(body, "stream", False),
                        include_usage=_bool(stream_options, "include_usage", False), model=model)
 
 
@@ -288,24 +299,27 @@ def logprobs_body(entries: list[TokenLogprob], *, chat: bool, offset: int = 0) -
             "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
 
 
-def completion_body(*, chat: bool, request_id: str, model: str, text: str, finish_reason: str,
-                    prompt_tokens: int, completion_tokens: int,
-                    logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
-    """The whole (non-streamed) response."""
+def choice_body(*, chat: bool, index: int, text: str, finish_reason: str,
+                logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
+    """One choice of a whole (non-streamed) response."""
     reason = FINISH_REASONS.get(finish_reason, finish_reason)
     scored = logprobs_body(logprobs or [], chat=chat)
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": scored,
-                  "finish_reason": reason}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": scored, "finish_reason": reason}
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": scored,
+                "finish_reason": reason}
+    return {"index": index, "text": text, "logprobs": scored, "finish_reason": reason}
+
+
+def completion_body(*, chat: bool, request_id: str, model: str, choices: list[dict[str, Any]], prompt_tokens: int,
+                    completion_tokens: int) -> dict[str, Any]:
+    """The whole (non-streamed) response: `choices` made by `choice_body`, in index order."""
     return {"id": request_id, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+            "model": model, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def chunk_body(*, chat: bool, request_id: str, model: str, text: str | None, finish_reason: str | None,
-               first: bool = False, logprobs: list[TokenLogprob] | None = None,
-               offset: int = 0) -> dict[str, Any]:
+               first: bool = False, logprobs: list[TokenLogprob] | None = None, offset: int = 0,
+               index: int = 0) -> dict[str, Any]:
     """One server-sent event of a streamed response; the first chat chunk carries the role; `logprobs`: the
     tokens this chunk's text came from (`offset`: characters streamed before it)."""
     reason = FINISH_REASONS.get(finish_reason, finish_reason) if finish_reason else None
@@ -316,9 +330,9 @@ def chunk_body(*, chat: bool, request_id: str, model: str, text: str | None, fin
             delta["content"] = text
         elif first:
             delta["content"] = ""
-        choice = {"index": 0, "delta": delta, "logprobs": scored, "finish_reason": reason}
+        choice = {"index": index, "delta": delta, "logprobs": scored, "finish_reason": reason}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": scored, "finish_reason": reason}
+        choice = {"index": index, "text": text or "", "logprobs": scored, "finish_reason": reason}
     return {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice]}
 

@@ -92,13 +92,21 @@ class Scheduler:
 
     def submit(self, request: Request) -> None:
         """Queue a request (its mode resolved now, so a bad one fails here); `QueueFullError` when full."""
-        request.graph = self.generator.mode(request.multi_exit).graph.name
+        self.submit_all([request])
+
+    def submit_all(self, requests: list[Request]) -> None:
+        """Queue several requests (one HTTP request's choices) together: all of them, or none
+        (`QueueFullError` when they do not all fit)."""
+        for request in requests:
+            request.graph = self.generator.mode(request.multi_exit).graph.name
         with self._wake:
             if self._stopping:
                 raise SchedulerStoppedError("the server is shutting down and takes no new requests")
-            if len(self._queue) >= self.max_queue and self.running >= self.max_batch:
-                raise QueueFullError(f"the queue is full ({self.max_queue} waiting, {self.running} running)")
-            self._queue.append(request)
+            free = self.max_queue - len(self._queue) + max(0, self.max_batch - self.running)
+            if len(requests) > free:
+                raise QueueFullError(f"the queue is full ({len(self._queue)} of {self.max_queue} waiting, "
+                                     f"{self.running} running; {len(requests)} asked for)")
+            self._queue.extend(requests)
             self._observe("queue_depth", len(self._queue))
             self._wake.notify()
 

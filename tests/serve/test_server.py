@@ -105,13 +105,15 @@ def test_sixteen_concurrent_streams_each_equal_their_text_alone(client, generato
 
 ERRORS = [
     ("temperature of the wrong type", dict(prompt="Hi", temperature="hot"), "temperature"),
-    ("n above one", dict(prompt="Hi", n=2), "n"),
+    ("n of zero", dict(prompt="Hi", n=0), "n"),
+    ("more choices than the limit", dict(prompt=["a", "b", "c"], n=6), "n"),
+    ("best_of above n", dict(prompt="Hi", n=2, best_of=3), "best_of"),
     ("negative max_tokens", dict(prompt="Hi", max_tokens=-1), "max_tokens"),
     ("max_tokens beyond the limit", dict(prompt="Hi", max_tokens=10**6), "max_tokens"),
     ("top_p out of range", dict(prompt="Hi", top_p=1.5), "top_p"),
     ("empty prompt", dict(prompt=""), "prompt"),
     ("prompt of floats", dict(prompt=[1.5, 2.5]), "prompt"),
-    ("two prompts", dict(prompt=["a", "b"]), "prompt"),
+    ("a list holding an empty prompt", dict(prompt=["a", ""]), "prompt"),
     ("over-long prompt", dict(prompt=[5] * (MAX_POSITIONS + 44), max_tokens=8), "prompt"),
     ("unknown exit", dict(prompt="Hi", extra_body={"multi_exit": {"use_original_head": False,
                                                                  "output_layer_index": 9}}), "multi_exit"),
@@ -397,3 +399,38 @@ def test_penalties_and_logit_bias_through_the_server_equal_the_generator(client,
     alone = generator.generate(PROMPTS[0], multi_exit=ACD, max_new_tokens=12, ignore_eos=True, logit_bias=bias,
                                **fields)
     assert reply.choices[0].text == alone.text and 11 not in alone.token_ids[0]
+
+
+def test_a_list_of_prompts_with_n_gives_indexed_choices_each_as_alone(client, generator):
+    prompts = [PROMPTS[0], PROMPTS[1]]
+    reply = client.completions.create(model=generator.bundle_dir.name, prompt=prompts, n=2, max_tokens=6,
+                                      temperature=0, extra_body={"ignore_eos": True})
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    want = [generator.generate(p, multi_exit=ACD, max_new_tokens=6, ignore_eos=True).text for p in prompts]
+    assert [c.text for c in reply.choices] == [want[0], want[0], want[1], want[1]]  # prompt i's j-th is i * n + j
+    assert reply.usage.prompt_tokens == sum(len(generator.encode(p)) for p in prompts)
+    assert reply.usage.completion_tokens == 4 * 6
+
+
+def test_seeded_sampling_with_n_gives_distinct_reproducible_choices(client, generator):
+    fields = dict(model=generator.bundle_dir.name, prompt=PROMPTS[1], n=3, max_tokens=12, temperature=1.0, seed=7)
+    first = [c.text for c in client.completions.create(**fields).choices]
+    again = [c.text for c in client.completions.create(**fields).choices]
+    assert first == again and len(set(first)) > 1
+    alone = generator.generate(PROMPTS[1], multi_exit=ACD, max_new_tokens=12, temperature=1.0, seed=8).text
+    assert first[1] == alone  # choice j draws with seed + j
+
+
+def test_streamed_chat_with_n_interleaves_indexed_choices(client, generator):
+    messages = [{"role": "user", "content": "Count to three"}]
+    parts: dict[int, list[str]] = {0: [], 1: []}
+    finished = set()
+    for chunk in client.chat.completions.create(model=generator.bundle_dir.name, messages=messages, n=2,
+                                                max_tokens=8, temperature=0, stream=True):
+        for choice in chunk.choices:
+            parts[choice.index].append(choice.delta.content or "")
+            if choice.finish_reason:
+                finished.add(choice.index)
+    whole = client.chat.completions.create(model=generator.bundle_dir.name, messages=messages, n=2, max_tokens=8,
+                                           temperature=0)
+    assert finished == {0, 1} and ["".join(parts[i]) for i in (0, 1)] == [c.message.content for c in whole.choices]
