@@ -28,6 +28,7 @@ def evaluate(model: str, model_args: str, tasks: list[str], *, batch_size: int =
              metadata: dict[str, Any] | None = None, include_default_tasks: bool = False) -> dict[str, Any]:
     """lm_eval.simple_evaluate with our adapters registered and our offline tasks on the path."""
     import lm_eval
+    import lm_eval.models  # noqa: F401  (registers lm-eval's own models: local-completions scores through a server)
     from lm_eval.tasks import TaskManager
 
     import autocontrast.evaluation.harness  # noqa: F401  (registers multi_exit_hf and acd_onnx)
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = command_parser(prog="python -m autocontrast.evaluation.lm_eval",
                                 description="lm-eval-harness on a multi-exit model (multi_exit_hf) or an export "
                                             "bundle (acd_onnx), with offline tasks.")
-    p.add_argument("--model", default="multi_exit_hf", choices=("multi_exit_hf", "acd_onnx"))
+    p.add_argument("--model", default="multi_exit_hf", choices=("multi_exit_hf", "acd_onnx", "local-completions"),
+                   help="local-completions: lm-eval's own client, scoring through an OpenAI-compatible server (acd-serve)")
     p.add_argument("--model_args", required=True,
                    help="pretrained=PATH[,use_original_head=False,output_layer_index=N | "
                         "contrast_layer_indices='original;N',alpha=..,minimum_candidates=..]")

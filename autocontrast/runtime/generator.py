@@ -29,7 +29,7 @@ from autocontrast.bundle import SCORE
 from autocontrast.config import Exit, MultiExitConfiguration
 from autocontrast.errors import BundleError, PromptError, UnknownExitError
 from autocontrast.runtime.model import Model, Prompt
-from autocontrast.runtime.modes import graph_with_exits
+from autocontrast.runtime.modes import graph_with_exits, resolve_mode
 from autocontrast.runtime.params import GenerationParams
 from autocontrast.runtime.prefix_cache import PrefixCache
 from autocontrast.runtime.stepper import Stepper
@@ -152,6 +152,26 @@ class Generator(Model):
         out = self.session(graph).step(ids, mask, positions, None)  # (batch, seq, n_exits, vocab)
         picked = out.exit_logits[:, :, [graph.exit_position(n) for n in names], :]
         return [picked[i, :len(row)] for i, row in enumerate(rows)]
+
+
+    def mode_scores_all_positions(self, token_ids: Sequence[int],
+                                  multi_exit: MultiExitConfiguration | None = None) -> np.ndarray:
+        """Every position's scores under a mode (the original head's logits, an exit's, or the contrast's
+        scores for ACD): (seq, vocab), what the decoder would choose the next token from at each position.
+
+        Runs the bundle's score graph (its fused contrast when it is exactly the one asked for).
+        """
+        if self.manifest.is_encoder_decoder:
+            raise BundleError("scoring token sequences needs a decoder-only bundle")
+        ids = self.encode(token_ids)
+        if len(ids) > self.manifest.max_positions:
+            raise PromptError(f"a sequence of {len(ids)} tokens exceeds the model's maximum positions "
+                              f"({self.manifest.max_positions})")
+        mode = resolve_mode(self.manifest, multi_exit or MultiExitConfiguration(), kind=SCORE)
+        batch = np.array([ids], dtype=np.int64)  # (1, seq)
+        positions = np.arange(len(ids), dtype=np.int64)[None, :]
+        out = self.session(mode.graph).step(batch, np.ones_like(batch), positions, None)  # (1, seq, ...)
+        return mode.scores(out.rows(0))
 
 
 def _as_batch(prompts: Any) -> list[Any]:

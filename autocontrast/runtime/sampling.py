@@ -60,6 +60,16 @@ def log_softmax(scores: np.ndarray) -> np.ndarray:
     return scores - top - np.log(np.exp(scores - top).sum(axis=-1, keepdims=True))
 
 
+def most_likely(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k most likely tokens of one row of log-probabilities (vocab,), as (id, log-probability), most likely
+    first (ties: lower id first)."""
+    if k <= 0:
+        return []
+    top = np.argpartition(-logprobs, k - 1)[:k] if k < logprobs.size else np.arange(logprobs.size)
+    top = top[np.lexsort((top, -logprobs[top]))]
+    return [(int(t), float(logprobs[t])) for t in top]
+
+
 def warp(scores: np.ndarray, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
     """Temperature, then top-k, then top-p (nucleus) filtering; filtered tokens get -inf. (batch, vocab)."""
     scores = scores.astype(np.float64) / temperature

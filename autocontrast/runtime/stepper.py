@@ -420,6 +420,4 @@ def _logprobs(scores: np.ndarray, token: int, alternatives: int | None) -> tuple
     if alternatives is None:
         return None, ()
     logp = sampling.log_softmax(scores)
-    top = np.argpartition(-logp, alternatives)[:alternatives] if alternatives else np.array([], dtype=np.int64)
-    top = top[np.argsort(-logp[top], kind="stable")]
-    return float(logp[token]), tuple((int(t), float(logp[t])) for t in top)
+    return float(logp[token]), tuple(sampling.most_likely(logp, alternatives))

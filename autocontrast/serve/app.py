@@ -32,6 +32,7 @@ from autocontrast.config import MultiExitConfiguration
 from autocontrast.errors import AutocontrastError, ConfigurationError, PromptError
 from autocontrast.runtime.generator import Generator
 from autocontrast.runtime.params import GenerationParams
+from autocontrast.runtime.sampling import log_softmax, most_likely
 from autocontrast.runtime.stepper import TokenEvent
 from autocontrast.serve.metrics import CONTENT_TYPE, Metrics
 from autocontrast.serve.protocol import (
@@ -193,7 +194,10 @@ class _Server:
         try:
             body = await self._read_json(request)
             spec = parse_request(body, chat=chat, limits=self.config.limits)
-            answer = self._submit(spec, body, chat=chat)  # its requests, one object each from here on
+            answer = self._prepare(spec, body, chat=chat)  # its requests, one object each from here on
+            if spec.echo:
+                await self._echo(answer, spec)
+            self._enqueue(answer)
         except OpenAIError as err:
             self._count(route, err.status)
             raise
@@ -224,8 +228,8 @@ class _Server:
         check_depth(body)
         return body
 
-    def _submit(self, spec: RequestSpec, body: dict[str, Any], *, chat: bool) -> _Answer:
-        """Encode and check every prompt, then queue all of the request's generations at once (or none)."""
+    def _prepare(self, spec: RequestSpec, body: dict[str, Any], *, chat: bool) -> _Answer:
+        """Encode and check every prompt: the request's generations, not queued yet."""
         if spec.model is not None and spec.model != self.config.model_name:
             raise OpenAIError(404, f"the model {spec.model!r} does not exist; this server serves "
                               f"{self.config.model_name!r}", param="model", code="model_not_found")
@@ -244,6 +248,40 @@ class _Server:
                     seeded = params if params.seed is None or j == 0 else dataclasses.replace(params,
                                                                                             seed=params.seed + j)
                     answer.add(ids, seeded, spec.multi_exit or self.config.default_mode)
+        except AutocontrastError as err:
+            raise self._refusal(err, chat=chat) from None
+        if spec.echo:
+            answer.echo_texts = [p if isinstance(p, str) else gen.tokenizer.decode(p, skip_special_tokens=False)
+                                 for p in spec.prompts for _ in range(spec.n)]
+        return answer
+
+    async def _echo(self, answer: _Answer, spec: RequestSpec) -> None:
+        """Each echoed prompt's tokens with their log-probabilities under the request's mode (the score graph,
+        off the event loop), when logprobs are asked for."""
+        if spec.params.logprobs is None:
+            return
+        mode = spec.multi_exit or self.config.default_mode
+        try:
+            scored = [await asyncio.to_thread(self._prompt_logprobs, ids, mode, spec.params.logprobs)
+                      for ids in answer.prompts[::spec.n]]
+        except AutocontrastError as err:
+            raise self._refusal(err, chat=False) from None
+        answer.echo_logprobs = [s for s in scored for _ in range(spec.n)]
+
+    def _prompt_logprobs(self, ids: list[int], mode: MultiExitConfiguration, alternatives: int) -> list[TokenLogprob]:
+        logp = log_softmax(self.generator.mode_scores_all_positions(ids, mode))  # (seq, vocab): next-token scores
+        texts = self._token_texts(ids)
+        entries = [TokenLogprob(texts[0], None, None)]
+        for t in range(1, len(ids)):
+            top = most_likely(logp[t - 1], alternatives)
+            entries.append(TokenLogprob(texts[t], float(logp[t - 1, ids[t]]),
+                                        tuple(zip(self._token_texts([i for i, _ in top]), (lp for _, lp in top),
+                                                  strict=True))))
+        return entries
+
+    def _enqueue(self, answer: _Answer) -> None:
+        """Queue all of the request's generations at once (or none)."""
+        try:
             self.scheduler.submit_all(answer.jobs)
         except QueueFullError as err:
             raise OpenAIError(429, f"{err}; retry after {self.config.retry_after_s} s", type="rate_limit_error",
@@ -252,10 +290,13 @@ class _Server:
         except SchedulerStoppedError as err:
             raise OpenAIError(503, str(err), type="server_error", code="shutting_down") from None
         except AutocontrastError as err:
-            param = ("multi_exit" if isinstance(err, ConfigurationError) else
-                     ("messages" if chat else "prompt") if isinstance(err, PromptError) else None)
-            raise bad_request(str(err), param) from None
-        return answer
+            raise self._refusal(err, chat=False) from None
+
+    @staticmethod
+    def _refusal(err: AutocontrastError, *, chat: bool) -> OpenAIError:
+        param = ("multi_exit" if isinstance(err, ConfigurationError) else
+                 ("messages" if chat else "prompt") if isinstance(err, PromptError) else None)
+        return bad_request(str(err), param)
 
     async def _next(self, request: Request, answer: _Answer,
                     watcher: asyncio.Task) -> tuple[int, TokenEvent | BaseException] | None:
@@ -290,8 +331,9 @@ class _Server:
                 reasons[index] = event.finish_reason
         finally:
             watcher.cancel()
-        choices = [choice_body(chat=chat, index=i, text="".join(pieces[i]), finish_reason=str(reasons[i]),
-                               logprobs=scored[i]) for i in range(count)]
+        choices = [choice_body(chat=chat, index=i, text=answer.echo_text(i) + "".join(pieces[i]),
+                               finish_reason=str(reasons[i]), logprobs=answer.echo_logprob(i) + scored[i])
+                   for i in range(count)]
         return JSONResponse(completion_body(chat=chat, request_id=request_id, model=self.config.model_name,
                                             choices=choices, prompt_tokens=answer.prompt_tokens,
                                             completion_tokens=answer.generated))
@@ -321,6 +363,10 @@ class _Server:
                 for index in range(count):
                     yield _sse(chunk_body(chat=True, request_id=request_id, model=model, text=None,
                                           finish_reason=None, first=True, index=index))
+            for index in range(count) if spec.echo else ():  # the echoed prompt first
+                yield _sse(chunk_body(chat=False, request_id=request_id, model=model, text=answer.echo_text(index),
+                                      finish_reason=None, logprobs=answer.echo_logprob(index), index=index))
+                streamed[index] = len(answer.echo_text(index))
             while left:
                 item = await self._next(request, answer, watcher)
                 if item is None:
@@ -354,6 +400,18 @@ class _Answer:
         self.loop, self.prompt_tokens = loop, prompt_tokens  # each prompt counted once, whatever n
         self.events: asyncio.Queue[tuple[int, TokenEvent | BaseException]] = asyncio.Queue()
         self.jobs: list[Generation] = []
+        self.echo_texts: list[str] | None = None  # per choice, with `echo`
+        self.echo_logprobs: list[list[TokenLogprob]] | None = None  # per choice, with `echo` and `logprobs`
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [job.prompt_ids for job in self.jobs]
+
+    def echo_text(self, index: int) -> str:
+        return "" if self.echo_texts is None else self.echo_texts[index]
+
+    def echo_logprob(self, index: int) -> list[TokenLogprob]:
+        return [] if self.echo_logprobs is None else self.echo_logprobs[index]
 
     def add(self, ids: list[int], params: GenerationParams, mode: MultiExitConfiguration) -> None:
         index = len(self.jobs)

@@ -25,7 +25,7 @@ from autocontrast.runtime.params import GenerationParams
 MULTI_EXIT_FIELDS = ("use_original_head", "output_layer_index", "contrast_layer_indices", "alpha",
                      "minimum_candidates")
 # fields we take but cannot honour: a request that asks for them gets a clear 400, not a silent ignore
-UNSUPPORTED = {"echo": "echo is not supported", "suffix": "suffix is not supported",
+UNSUPPORTED = {"suffix": "suffix is not supported",
                "tools": "tool calls are not supported", "functions": "function calls are not supported",
                "audio": "audio output is not supported", "prediction": "predicted outputs are not supported",
                "web_search_options": "web search is not supported",
@@ -40,7 +40,7 @@ ACCEPTED_ONLY_AS = {"response_format": ({"type": "text"},), "modalities": (["tex
 HINTS = ("user", "metadata", "parallel_tool_calls", "prompt_cache_key", "safety_identifier")
 # fields `parse_request` reads (n, best_of and the penalties only at their defaults; a test holds every field
 # OpenAI documents to one of these tables)
-READ = ("model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
+READ = ("model", "prompt", "echo", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
         "stream", "stream_options", "n", "best_of", "presence_penalty", "frequency_penalty", "logit_bias",
         "logprobs", "top_logprobs")
 MAX_JSON_DEPTH = 32  # deeper request bodies are refused before anything walks them
@@ -84,6 +84,7 @@ class RequestSpec:
     """A validated request: what to generate and how to answer."""
 
     prompts: list[str | list[int]] | None  # completions: one or several prompts
+    echo: bool  # completions: the answer starts with the prompt (and its logprobs, when asked for)
     messages: list[dict[str, str]] | None  # chat
     n: int  # generations per prompt; choice i * n + j is prompt i's j-th
     params: GenerationParams
@@ -258,7 +259,11 @@ def parse_request(body: Any, *, chat: bool, limits: Limits) -> RequestSpec:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request("'model' must be a string", "model")
-    return RequestSpec(prompts=prompts, messages=_messages(body) if chat else None, n=n, params=params, multi_exit=_multi_exit(body), stream=_bool(body, "stream", False),
+    if chat and body.get("echo") not in (None, False):
+        raise bad_request("'echo' is a /v1/completions field; a chat answer does not repeat the conversation", "echo",
+                          "unsupported_parameter")
+    return RequestSpec(prompts=prompts, echo=_bool(body, "echo", False), messages=_messages(body) if chat else None,
+                       n=n, params=params, multi_exit=_multi_exit(body), stream=_bool(body, "stream", False),
                        include_usage=_bool(stream_options, "include_usage", False), model=model)
 
 
@@ -274,13 +279,21 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+LOGPROB_FLOOR = -9999.0  # an impossible token's log-probability as sent (JSON has no -inf; vLLM sends the same)
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenLogprob:
-    """One generated token's text, log-probability and most likely alternatives (text, log-probability)."""
+    """One token's text, log-probability and most likely alternatives (text, log-probability); an echoed
+    prompt's first token has neither (nothing comes before it)."""
 
     text: str
-    logprob: float
-    top: tuple[tuple[str, float], ...]
+    logprob: float | None
+    top: tuple[tuple[str, float], ...] | None
+
+
+def _floor(logprob: float | None) -> float | None:
+    return None if logprob is None else max(float(logprob), LOGPROB_FLOOR)
 
 
 def logprobs_body(entries: list[TokenLogprob], *, chat: bool, offset: int = 0) -> dict[str, Any] | None:
@@ -289,14 +302,15 @@ def logprobs_body(entries: list[TokenLogprob], *, chat: bool, offset: int = 0) -
     if not entries:
         return None
     if chat:
-        def item(text: str, logprob: float) -> dict[str, Any]:
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        def item(text: str, logprob: float | None) -> dict[str, Any]:
+            return {"token": text, "logprob": _floor(logprob), "bytes": list(text.encode("utf-8"))}
 
-        return {"content": [item(e.text, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top]}
+        return {"content": [item(e.text, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top or ()]}
                             for e in entries], "refusal": None}
     offsets = [offset + sum(len(e.text) for e in entries[:i]) for i in range(len(entries))]
-    return {"tokens": [e.text for e in entries], "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [dict(e.top) for e in entries], "text_offset": offsets}
+    return {"tokens": [e.text for e in entries], "token_logprobs": [_floor(e.logprob) for e in entries],
+            "top_logprobs": [None if e.top is None else {t: _floor(lp) for t, lp in e.top} for e in entries],
+            "text_offset": offsets}
 
 
 def choice_body(*, chat: bool, index: int, text: str, finish_reason: str,

@@ -114,3 +114,41 @@ def test_local_wikitext_task_gives_the_same_perplexity_through_both_adapters(che
     assert hf["word_perplexity,none"] > 1.0
     assert onnx["word_perplexity,none"] == pytest.approx(hf["word_perplexity,none"], rel=1e-4)
     assert onnx["bits_per_byte,none"] == pytest.approx(hf["bits_per_byte,none"], rel=1e-4)
+
+
+SERVED = {"original": (["--mode", "original"], ""),
+          "contrast": (["--mode", "contrast", "--exits", "original,2", "--alpha", "0.2"],
+                       ",use_original_head=False,contrast_layer_indices='original;2',alpha=0.2")}
+
+
+@pytest.mark.parametrize("setting", sorted(SERVED))
+def test_wikitext_through_acd_serve_with_lm_evals_own_client_equals_the_adapter(checkpoint, tiny_bundle, tmp_path,
+                                                                               setting):
+    # lm-eval's local-completions scores text through the server: echo + logprobs of token-id prompts, under the
+    # server's mode (the contrast's distribution for ACD)
+    from autocontrast.bundle import read_manifest
+    from tests.serve.conftest import ServerProcess
+
+    flags, adapter_args = SERVED[setting]
+    bundle = tiny_bundle("llama", MODE, fuse_contrast=("original", 2))  # one decode graph returns both exits
+
+    text = (" = First = \n \n The first article is short and plain . \n"
+            " = Second = \n \n A second article , also short , ends here . \n")
+    path = tmp_path / "tiny-wiki.txt"
+    path.write_text(text, encoding="utf-8")
+    direct = evaluate("acd_onnx", f"pretrained={bundle}{adapter_args}", ["wikitext_local"],
+                      metadata={"path": str(path)})
+    # rolling windows start with a prefix token: the adapter's (the bundle's end-of-sequence id), not the HF
+    # tokenizer's own, so both score the same token windows
+    prefix = read_manifest(bundle).eos_token_ids[0]
+    server = ServerProcess(bundle, *flags)
+    try:
+        served = evaluate("local-completions", f"model={bundle.name},base_url={server.base}/v1/completions,"
+                          f"tokenizer_backend=huggingface,tokenizer={checkpoint},num_concurrent=1,max_retries=1,"
+                          f"custom_prefix_token_id={prefix}", ["wikitext_local"], metadata={"path": str(path)})
+    finally:
+        server.stop()
+    want, got = direct["results"]["wikitext_local"], served["results"]["wikitext_local"]
+    assert want["word_perplexity,none"] > 1.0
+    assert got["word_perplexity,none"] == pytest.approx(want["word_perplexity,none"], rel=1e-3)
+    assert got["bits_per_byte,none"] == pytest.approx(want["bits_per_byte,none"], rel=1e-3)

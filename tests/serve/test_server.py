@@ -434,3 +434,20 @@ def test_streamed_chat_with_n_interleaves_indexed_choices(client, generator):
     whole = client.chat.completions.create(model=generator.bundle_dir.name, messages=messages, n=2, max_tokens=8,
                                            temperature=0)
     assert finished == {0, 1} and ["".join(parts[i]) for i in (0, 1)] == [c.message.content for c in whole.choices]
+
+
+def test_echo_returns_the_prompt_and_its_logprobs_first(client, generator):
+    fields = dict(model=generator.bundle_dir.name, prompt=PROMPTS[1], max_tokens=3, temperature=0, echo=True,
+                  extra_body={"multi_exit": {"use_original_head": True}, "ignore_eos": True})
+    reply = client.completions.create(logprobs=1, **fields).choices[0]
+    prompt_ids = generator.encode(PROMPTS[1])
+    tokens = generator.generate(PROMPTS[1], max_new_tokens=3, ignore_eos=True).token_ids[0]
+    assert reply.text.startswith(PROMPTS[1]) and len(reply.logprobs.tokens) == len(prompt_ids) + 3
+    assert reply.logprobs.token_logprobs[0] is None and reply.logprobs.top_logprobs[0] is None
+    logits = generator.exit_logits_all_positions([prompt_ids + tokens], ["original"])[0][:, 0].astype(np.float64)
+    want = logits - logits.max(1, keepdims=True) - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1,
+                                                                                                       keepdims=True))
+    ids = prompt_ids + tokens
+    assert np.allclose(reply.logprobs.token_logprobs[1:], [want[t - 1, ids[t]] for t in range(1, len(ids))], atol=1e-4)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **fields))
+    assert streamed == reply.text and client.completions.create(**fields).choices[0].logprobs is None
