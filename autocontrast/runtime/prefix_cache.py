@@ -2,7 +2,7 @@
 (a chat's system prompt, a few-shot header) prefills only what differs.
 
 Entries are host arrays of one row's cache after its prompt was prefilled ([(kv_heads, length,
-head_dim)] per cache input, graph order; views of that row's own buffer, which nothing else
+head_dim)] per cache input, graph order; copies, or views of a spent row's own buffer, which nothing
 writes again), keyed by the prompt's token ids. `lookup` finds the
 stored prompt sharing the longest prefix with a new one and returns that many entries (at most all
 but the new prompt's last token: a step must compute something to give the first token's logits).

@@ -309,11 +309,13 @@ class Stepper:
         prompts, then move them into the batch; a row that ended at its first token never joins (nothing of
         the batch is copied for it)."""
         prefills = [self._prefills.pop(r) for r in rows]
-        if self.prefix_cache is not None and self.prefix_cache.max_bytes:
-            for prefill, entries in zip(prefills, state.prefixes(), strict=True):  # views of a one-row state's
-                self.prefix_cache.put(prefill.ids, entries if len(rows) == 1 else  # own buffer; else copies
-                                      [e.copy() for e in entries])
         going_on = [i for i, r in enumerate(rows) if not self._rows[r].done]
+        if self.prefix_cache is not None and self.prefix_cache.max_bytes:
+            # views of a one-row state that is spent (nothing writes its buffer again); copies otherwise: a
+            # joining row's buffer may become the batch's, written in place (a rewind writes over the prompt)
+            spent = len(rows) == 1 and not going_on
+            for prefill, entries in zip(prefills, state.prefixes(), strict=True):
+                self.prefix_cache.put(prefill.ids, entries if spent else [e.copy() for e in entries])
         if not going_on:
             return
         if len(going_on) < len(rows):

@@ -3,6 +3,8 @@ prefix give the PyTorch model's greedy tokens, in both KV layouts, while running
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -208,3 +210,17 @@ def test_short_prompts_joining_in_one_step_are_prefilled_together(generator, pla
         assert stepper.row(row).token_ids == _torch(plain_llama, ACD, generator.encode(prompt))
     grouped = [cache._entries[tuple(generator.encode(p))] for p in prompts]  # rows of a shared state: copies
     assert all(held_bytes(e) == sum(a.nbytes for a in e) for e in grouped)
+
+
+def test_a_stored_prompt_survives_its_row_rewinding_and_writing_over_its_cache(generator, plain_llama):
+    cache = PrefixCache(64 << 20, min_tokens=8)
+    stepper = generator.stepper(max_step_tokens=16, prefix_cache=cache)
+    ids = generator.encode(PROMPTS[0])
+    row = stepper.add(ids, max_new_tokens=N, ignore_eos=True)  # joins an empty batch: its buffer becomes the batch's
+    _run(stepper)
+    stepper.rewind_to(row, 6)  # back into its prompt: the next steps write over the prompt's columns
+    stepper.row(row).params = dataclasses.replace(stepper.row(row).params, max_new_tokens=N + len(ids))
+    _run(stepper)
+    again = stepper.add(ids, max_new_tokens=N, ignore_eos=True)  # seeded from the stored prompt
+    _run(stepper)
+    assert cache.stats.hits >= 1 and stepper.row(again).token_ids == _torch(plain_llama, MultiExitConfiguration(), ids)
