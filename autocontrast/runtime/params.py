@@ -43,6 +43,8 @@ class GenerationParams:
     additive penalties beside the repetition penalty as vLLM applies them).
     `logprobs`: return each chosen token's log-probability under the mode's distribution (the
     contrast's for ACD, before penalties and search) and that many most likely alternatives (0..20).
+    `exit_logprobs` (with `logprobs`): the same under each exit the mode reads, alone (the upper and
+    the lower exit of a contrast): why the contrast chose what it chose.
     """
 
     max_new_tokens: int = 64
@@ -60,6 +62,7 @@ class GenerationParams:
     logit_bias: Mapping[int, float] | None = None
     logits_processors: tuple[LogitsProcessor, ...] = ()
     logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and k alternatives
+    exit_logprobs: bool = False  # with logprobs: also under each exit the mode reads
 
     def __post_init__(self) -> None:
         self._normalise_sequences()
@@ -88,6 +91,9 @@ class GenerationParams:
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise GenerationParameterError(f"logprobs ({self.logprobs!r}) must be an integer within 0..{MAX_LOGPROBS} "
                                            "(alternatives per token) or None")
+        if not isinstance(self.exit_logprobs, bool) or (self.exit_logprobs and self.logprobs is None):
+            raise GenerationParameterError(f"exit_logprobs ({self.exit_logprobs!r}) must be true or false, and true "
+                                           "only with logprobs (how many alternatives per exit)")
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             raise GenerationParameterError(f"seed ({self.seed!r}) must be a non-negative integer or None")
         for processor in self.logits_processors:

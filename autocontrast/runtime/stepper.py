@@ -53,6 +53,16 @@ class TokenEvent:
     finish_reason: str | None  # 'eos', 'stop_string', 'length' or None (goes on)
     logprob: float | None = None  # with params.logprobs: the token's log-probability under the row's mode
     top_logprobs: tuple[tuple[int, float], ...] = ()  # ... and the params.logprobs most likely (id, logprob)
+    exit_logprobs: tuple[ExitLogprobs, ...] = ()  # with params.exit_logprobs: the same under each exit the mode reads
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitLogprobs:
+    """A token's log-probability under one exit alone, and that exit's most likely tokens (id, logprob)."""
+
+    exit: str
+    logprob: float
+    top: tuple[tuple[int, float], ...]
 
 
 @dataclasses.dataclass(eq=False)
@@ -345,9 +355,22 @@ class Stepper:
                                               stop_string_hit=row.decoder.stop_at is not None)
             if row.finish_reason is not None:
                 delta += row.decoder.flush()
-            events.append(TokenEvent(row.id, token, delta, row.finish_reason, *_logprobs(scores[i], token,
-                                                                                        row.params.logprobs)))
+            events.append(TokenEvent(row.id, token, delta, row.finish_reason,
+                                     *_logprobs(scores[i], token, row.params.logprobs),
+                                     self._exit_logprobs(i, row, token)))
         return events
+
+    def _exit_logprobs(self, position: int, row: Row, token: int) -> tuple[ExitLogprobs, ...]:
+        """Under each exit the row's mode reads, alone: the token's log-probability and the most likely tokens."""
+        if not row.params.exit_logprobs:
+            return ()
+        logits = self._last.exit_logits[position]  # (n_exits, vocab)
+        out = []
+        for index in row.mode.positions:
+            logp = sampling.log_softmax(logits[index])
+            out.append(ExitLogprobs(str(self.graph.exits[index]), float(logp[token]),
+                                    tuple(sampling.most_likely(logp, row.params.logprobs or 0))))
+        return tuple(out)
 
     def _mode_scores(self, rows: list[Row]) -> list[np.ndarray]:
         """Each row's (vocab,) scores under its own mode, rows of one mode computed together."""

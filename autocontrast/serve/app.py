@@ -343,8 +343,10 @@ class _Server:
         if event.logprob is None:
             return []
         text = self._token_texts([event.token, *(t for t, _ in event.top_logprobs)])
+        exits = tuple((e.exit, e.logprob, tuple(zip(self._token_texts([t for t, _ in e.top]), (lp for _, lp in e.top),
+                                                    strict=True))) for e in event.exit_logprobs)
         return [TokenLogprob(text[0], event.logprob, tuple(zip(text[1:], (lp for _, lp in event.top_logprobs),
-                                                               strict=True)))]
+                                                               strict=True)), exits)]
 
     def _token_texts(self, ids: list[int]) -> list[str]:
         tokenizer = self.generator.tokenizer

@@ -50,7 +50,7 @@ PARAM_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "
                "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
                "repetition_penalty": "repetition_penalty", "stop_token_ids": "stop",
                "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-               "logit_bias": "logit_bias", "logprobs": "logprobs"}
+               "logit_bias": "logit_bias", "logprobs": "logprobs", "exit_logprobs": "exit_logprobs"}
 
 
 class OpenAIError(Exception):
@@ -251,7 +251,7 @@ def parse_request(body: Any, *, chat: bool, limits: Limits) -> RequestSpec:
             min_new_tokens=_number(body, "min_tokens", 0, integer=True), ignore_eos=_bool(body, "ignore_eos", False),
             presence_penalty=_number(body, "presence_penalty", 0.0),
             frequency_penalty=_number(body, "frequency_penalty", 0.0), logit_bias=_logit_bias(body),
-            logprobs=_logprobs(body, chat=chat))
+            logprobs=_logprobs(body, chat=chat), exit_logprobs=_bool(body, "exit_logprobs", False))
     except AutocontrastError as err:
         message = str(err)
         param = next((v for k, v in PARAM_NAMES.items() if message.startswith(k)), None)
@@ -290,6 +290,7 @@ class TokenLogprob:
     text: str
     logprob: float | None
     top: tuple[tuple[str, float], ...] | None
+    exits: tuple[tuple[str, float, tuple[tuple[str, float], ...]], ...] = ()  # (exit, logprob, top) per exit read
 
 
 def _floor(logprob: float | None) -> float | None:
@@ -305,12 +306,20 @@ def logprobs_body(entries: list[TokenLogprob], *, chat: bool, offset: int = 0) -
         def item(text: str, logprob: float | None) -> dict[str, Any]:
             return {"token": text, "logprob": _floor(logprob), "bytes": list(text.encode("utf-8"))}
 
+        def exits(e: TokenLogprob) -> dict[str, Any]:
+            return {"exit_logprobs": {name: {"logprob": _floor(lp), "top_logprobs": [item(t, x) for t, x in top]}
+                                      for name, lp, top in e.exits}} if e.exits else {}
+
         return {"content": [item(e.text, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top or ()]}
-                            for e in entries], "refusal": None}
+                            | exits(e) for e in entries], "refusal": None}
     offsets = [offset + sum(len(e.text) for e in entries[:i]) for i in range(len(entries))]
-    return {"tokens": [e.text for e in entries], "token_logprobs": [_floor(e.logprob) for e in entries],
+    body = {"tokens": [e.text for e in entries], "token_logprobs": [_floor(e.logprob) for e in entries],
             "top_logprobs": [None if e.top is None else {t: _floor(lp) for t, lp in e.top} for e in entries],
             "text_offset": offsets}
+    if any(e.exits for e in entries):  # our extension: per token, each exit the mode reads, alone
+        body["exit_logprobs"] = [{name: {"logprob": _floor(lp), "top_logprobs": {t: _floor(x) for t, x in top}}
+                                  for name, lp, top in e.exits} or None for e in entries]
+    return body
 
 
 def choice_body(*, chat: bool, index: int, text: str, finish_reason: str,

@@ -85,3 +85,26 @@ def test_bad_knobs_are_typed_errors(llama_generator, fields, match):
 def test_a_logit_bias_outside_the_vocabulary_is_refused(llama_generator):
     with pytest.raises(GenerationParameterError, match="outside the vocabulary"):
         llama_generator.generate(PROMPT, max_new_tokens=2, logit_bias={10**7: 1.0})
+
+
+def test_exit_logprobs_are_each_exits_own_log_softmax(llama_generator):
+    from tests.runtime.conftest import CONTRAST
+
+    acd = MultiExitConfiguration(use_original_head=False, contrast_layer_indices=CONTRAST)
+    prompt = llama_generator.encode(PROMPT)
+    stepper = llama_generator.stepper(acd)
+    stepper.add(prompt, max_new_tokens=5, ignore_eos=True, logprobs=3, exit_logprobs=True)
+    events = [e for _ in range(5) for e in stepper.step()]
+    tokens = [e.token for e in events]
+    logits = llama_generator.exit_logits_all_positions([prompt + tokens], list(CONTRAST))[0].astype(np.float64)
+    for i, event in enumerate(events):
+        assert [e.exit for e in event.exit_logprobs] == [str(x) for x in CONTRAST]  # upper, then lower
+        for which, read in enumerate(event.exit_logprobs):
+            want = _log_softmax(logits[len(prompt) - 1 + i, which])
+            assert read.logprob == pytest.approx(want[event.token], abs=1e-4)
+            assert [t for t, _ in read.top] == list(np.argsort(-want, kind="stable")[:3])
+
+
+def test_exit_logprobs_need_logprobs(llama_generator):
+    with pytest.raises(GenerationParameterError, match="exit_logprobs"):
+        llama_generator.generate(PROMPT, max_new_tokens=2, exit_logprobs=True)

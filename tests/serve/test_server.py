@@ -451,3 +451,21 @@ def test_echo_returns_the_prompt_and_its_logprobs_first(client, generator):
     assert np.allclose(reply.logprobs.token_logprobs[1:], [want[t - 1, ids[t]] for t in range(1, len(ids))], atol=1e-4)
     streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **fields))
     assert streamed == reply.text and client.completions.create(**fields).choices[0].logprobs is None
+
+
+def test_exit_logprobs_show_each_exit_the_contrast_read(client, generator):
+    reply = client.chat.completions.create(model=generator.bundle_dir.name, messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=4, temperature=0, logprobs=True, top_logprobs=2,
+                                           extra_body={"exit_logprobs": True})
+    for item in reply.choices[0].logprobs.content:
+        exits = item.model_extra["exit_logprobs"]
+        assert set(exits) == {str(x) for x in CONTRAST}
+        assert all(len(e["top_logprobs"]) == 2 and e["logprob"] <= e["top_logprobs"][0]["logprob"] + 1e-6
+                   for e in exits.values())
+    completion = client.completions.create(model=generator.bundle_dir.name, prompt="Hi", max_tokens=3, temperature=0,
+                                           logprobs=1, extra_body={"exit_logprobs": True}).choices[0].logprobs
+    assert len(completion.model_extra["exit_logprobs"]) == 3
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=generator.bundle_dir.name, prompt="Hi", max_tokens=2,
+                                  extra_body={"exit_logprobs": True})
+    assert caught.value.body["param"] == "exit_logprobs"
