@@ -272,9 +272,15 @@ class Stepper:
         groups: list[tuple[list[int], ChunkedState]] = []  # rows whose prompt is in, and the state holding them
         if self.chunked:
             fresh = [c.row for c in plan.chunks if c.final and self._prefills[c.row].fresh]
-            if fresh:  # whole prompts of rows not started: prefilled together, one call
+            if fresh:  # whole prompts of rows not started: prefilled together, one call, each distinct prompt once
+                distinct: dict[tuple[int, ...], int] = {}
+                where = [distinct.setdefault(tuple(self._prefills[r].ids), len(distinct)) for r in fresh]
                 state = self._new_state()
-                parts.append(state.extend([self._prefills[r].ids for r in fresh]))
+                out = state.extend([list(ids) for ids in distinct])
+                if len(distinct) < len(fresh):  # rows sharing a prompt (a request's n choices) copy its cache
+                    state.keep(where)
+                    out = out.rows(np.array(where, dtype=np.int64))
+                parts.append(out)
                 groups.append((fresh, state))
             for chunk in plan.chunks:
                 if chunk.row not in fresh:

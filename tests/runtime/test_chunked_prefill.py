@@ -224,3 +224,21 @@ def test_a_stored_prompt_survives_its_row_rewinding_and_writing_over_its_cache(g
     again = stepper.add(ids, max_new_tokens=N, ignore_eos=True)  # seeded from the stored prompt
     _run(stepper)
     assert cache.stats.hits >= 1 and stepper.row(again).token_ids == _torch(plain_llama, MultiExitConfiguration(), ids)
+
+
+def test_rows_sharing_a_prompt_are_prefilled_once(generator, plain_llama, monkeypatch):
+    stepper = generator.stepper(max_step_tokens=2000)  # room for every prompt in one step
+    stepper.add("Hi there", max_new_tokens=40, ignore_eos=True)
+    stepper.step()
+    calls = []
+    kind = type(stepper.state)
+    extend = kind.extend
+    monkeypatch.setattr(kind, "extend", lambda self, rows, **k: calls.append(len(rows)) or extend(self, rows, **k))
+    same = [stepper.add(PROMPTS[0], max_new_tokens=N, ignore_eos=True, temperature=1.0, seed=s) for s in (1, 2, 3)]
+    other = stepper.add(PROMPTS[1], max_new_tokens=N, ignore_eos=True)
+    _run_rows(stepper, [*same, other])
+    assert calls == [2]  # the shared prompt once, the other once, in one call
+    for row, seed in zip(same, (1, 2, 3), strict=True):
+        alone = generator.generate(PROMPTS[0], max_new_tokens=N, ignore_eos=True, temperature=1.0, seed=seed)
+        assert stepper.row(row).token_ids == alone.token_ids[0]
+    assert stepper.row(other).token_ids == _torch(plain_llama, MultiExitConfiguration(), generator.encode(PROMPTS[1]))
