@@ -191,17 +191,24 @@ def test_a_budget_must_be_positive(generator):
         generator.stepper(max_step_tokens=0)
 
 
+def _decoding_and_counting_prefills(stepper, monkeypatch) -> list[int]:
+    """A row decoding in `stepper` (so its budget applies); returns a list that records the rows of every
+    prefill call from then on."""
+    stepper.add("Hi there", max_new_tokens=40, ignore_eos=True)
+    stepper.step()
+    calls: list[int] = []
+    kind = type(stepper.state)
+    extend = kind.extend
+    monkeypatch.setattr(kind, "extend", lambda self, rows, **k: calls.append(len(rows)) or extend(self, rows, **k))
+    return calls
+
+
 def test_short_prompts_joining_in_one_step_are_prefilled_together(generator, plain_llama, monkeypatch):
     from autocontrast.runtime.prefix_cache import held_bytes
 
     cache = PrefixCache(64 << 20, min_tokens=2)
     stepper = generator.stepper(ACD, max_step_tokens=200, prefix_cache=cache)
-    stepper.add("Hi there", max_new_tokens=40, ignore_eos=True)
-    stepper.step()
-    calls = []
-    kind = type(stepper.state)
-    extend = kind.extend
-    monkeypatch.setattr(kind, "extend", lambda self, rows, **k: calls.append(len(rows)) or extend(self, rows, **k))
+    calls = _decoding_and_counting_prefills(stepper, monkeypatch)
     prompts = ["The capital of Italy is", "Once upon a time", "1, 2, 3,"]
     rows = [stepper.add(p, max_new_tokens=N, ignore_eos=True) for p in prompts]
     _run_rows(stepper, rows)
@@ -228,12 +235,7 @@ def test_a_stored_prompt_survives_its_row_rewinding_and_writing_over_its_cache(g
 
 def test_rows_sharing_a_prompt_are_prefilled_once(generator, plain_llama, monkeypatch):
     stepper = generator.stepper(max_step_tokens=2000)  # room for every prompt in one step
-    stepper.add("Hi there", max_new_tokens=40, ignore_eos=True)
-    stepper.step()
-    calls = []
-    kind = type(stepper.state)
-    extend = kind.extend
-    monkeypatch.setattr(kind, "extend", lambda self, rows, **k: calls.append(len(rows)) or extend(self, rows, **k))
+    calls = _decoding_and_counting_prefills(stepper, monkeypatch)
     same = [stepper.add(PROMPTS[0], max_new_tokens=N, ignore_eos=True, temperature=1.0, seed=s) for s in (1, 2, 3)]
     other = stepper.add(PROMPTS[1], max_new_tokens=N, ignore_eos=True)
     _run_rows(stepper, [*same, other])
