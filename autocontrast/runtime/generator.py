@@ -128,17 +128,8 @@ class Generator(Model):
         Runs the bundle's score graph (right-padded batch; causal attention keeps pads out of
         real positions). Memory grows with batch * seq * exits * vocab: batch long texts in chunks.
         """
-        if self.manifest.is_encoder_decoder:
-            raise BundleError("scoring token sequences needs a decoder-only bundle: an encoder-decoder (T5) "
-                                   "bundle's score graph reads decoder tokens against an encoded prompt, which "
-                                   "this method does not take")
-        if isinstance(token_ids, (str, bytes)) or len(token_ids) == 0:
-            raise PromptError("no sequences to score: pass a non-empty list of token-id lists")
-        rows = [self.encode(t) for t in token_ids]
+        rows = self._scored_rows(token_ids)
         longest = max(len(r) for r in rows)
-        if longest > self.manifest.max_positions:
-            raise PromptError(f"a sequence of {longest} tokens exceeds the model's maximum positions "
-                              f"({self.manifest.max_positions})")
         found = graph_with_exits(self.manifest, tuple(exits), kind=SCORE)
         if found is None:
             raise UnknownExitError(f"this bundle has no score graph returning exits {list(exits)}; "
@@ -153,7 +144,6 @@ class Generator(Model):
         picked = out.exit_logits[:, :, [graph.exit_position(n) for n in names], :]
         return [picked[i, :len(row)] for i, row in enumerate(rows)]
 
-
     def mode_scores_all_positions(self, token_ids: Sequence[int],
                                   multi_exit: MultiExitConfiguration | None = None) -> np.ndarray:
         """Every position's scores under a mode (the original head's logits, an exit's, or the contrast's
@@ -161,17 +151,27 @@ class Generator(Model):
 
         Runs the bundle's score graph (its fused contrast when it is exactly the one asked for).
         """
-        if self.manifest.is_encoder_decoder:
-            raise BundleError("scoring token sequences needs a decoder-only bundle")
-        ids = self.encode(token_ids)
-        if len(ids) > self.manifest.max_positions:
-            raise PromptError(f"a sequence of {len(ids)} tokens exceeds the model's maximum positions "
-                              f"({self.manifest.max_positions})")
+        ids = self._scored_rows([token_ids])[0]
         mode = resolve_mode(self.manifest, multi_exit or MultiExitConfiguration(), kind=SCORE)
         batch = np.array([ids], dtype=np.int64)  # (1, seq)
         positions = np.arange(len(ids), dtype=np.int64)[None, :]
         out = self.session(mode.graph).step(batch, np.ones_like(batch), positions, None)  # (1, seq, ...)
         return mode.scores(out.rows(0))
+
+    def _scored_rows(self, token_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+        """The sequences to score, checked: a decoder-only bundle, each within the model's positions."""
+        if self.manifest.is_encoder_decoder:
+            raise BundleError("scoring token sequences needs a decoder-only bundle: an encoder-decoder (T5) "
+                              "bundle's score graph reads decoder tokens against an encoded prompt, which "
+                              "scoring does not take")
+        if isinstance(token_ids, (str, bytes)) or len(token_ids) == 0:
+            raise PromptError("no sequences to score: pass a non-empty list of token-id lists")
+        rows = [self.encode(t) for t in token_ids]
+        longest = max(len(r) for r in rows)
+        if longest > self.manifest.max_positions:
+            raise PromptError(f"a sequence of {longest} tokens exceeds the model's maximum positions "
+                              f"({self.manifest.max_positions})")
+        return rows
 
 
 def _as_batch(prompts: Any) -> list[Any]:

@@ -125,7 +125,7 @@ class InPlaceDecodeState:
     def prefixes(self) -> list[list[np.ndarray]]:
         """Each row's cache, [(kv_heads, length, head_dim)] per live cache input: views of the buffer (the
         state is spent after; whoever keeps them keeps that buffer)."""
-        arrays = self.cache._sources()
+        arrays = self.cache.views()
         return [[a[i, :, :int(n)] for a in arrays] for i, n in enumerate(self._lengths)]
 
     def entries(self) -> list[np.ndarray]:

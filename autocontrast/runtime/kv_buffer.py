@@ -76,14 +76,15 @@ class KVBuffer:
         device): all of them, or the first 2 * `live_layers`."""
         return [v.numpy() for v in self._values[:self.live]]
 
-    def _sources(self) -> list[np.ndarray]:
-        """The live buffers to copy from: on CPU the block's own views (no copy), else host copies."""
+    def views(self) -> list[np.ndarray]:
+        """The live buffers as host arrays without a copy where they live on the host (CPU: the block's own
+        views, which the next step writes into), else host copies."""
         return self._host[:self.live] if self._host else self.arrays()
 
     def reserve(self, columns: int) -> None:
         """Make room for `columns` entries per row (copies when the capacity grows)."""
         if columns > self.capacity:
-            self._rebuild([(self._sources(), np.arange(self.batch))], capacity_for(max(columns, 2 * self.capacity)))
+            self._rebuild([(self.views(), np.arange(self.batch))], capacity_for(max(columns, 2 * self.capacity)))
 
     def load(self, arrays: list[np.ndarray]) -> None:
         """Hold `arrays` (the live buffers' first columns: (batch, kv_heads, columns, head_dim), graph order)."""
@@ -94,11 +95,11 @@ class KVBuffer:
         capacity may shrink to fit them (default: keep it)."""
         index = np.asarray(rows, dtype=np.int64)
         capacity = self.capacity if columns is None else min(self.capacity, capacity_for(columns + 1))
-        self._rebuild([(self._sources(), index)], capacity)
+        self._rebuild([(self.views(), index)], capacity)
 
     def append_rows(self, other: KVBuffer) -> None:
         """Add `other`'s rows after this buffer's, at the larger capacity (one copy of each)."""
-        self._rebuild([(self._sources(), np.arange(self.batch)), (other._sources(), np.arange(other.batch))],
+        self._rebuild([(self.views(), np.arange(self.batch)), (other.views(), np.arange(other.batch))],
                       max(self.capacity, other.capacity))
 
     def _rebuild(self, sources: list[tuple[list[np.ndarray], np.ndarray]], capacity: int) -> None:

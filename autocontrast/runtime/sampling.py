@@ -53,13 +53,6 @@ def apply_logit_bias(scores: np.ndarray, bias: dict[int, float]) -> np.ndarray:
     return scores
 
 
-def log_softmax(scores: np.ndarray) -> np.ndarray:
-    """Log-probabilities of scores (logits or log-probabilities; -inf stays -inf), float64, last axis."""
-    scores = np.asarray(scores, dtype=np.float64)
-    top = np.max(scores, axis=-1, keepdims=True)
-    return scores - top - np.log(np.exp(scores - top).sum(axis=-1, keepdims=True))
-
-
 def most_likely(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
     """The k most likely tokens of one row of log-probabilities (vocab,), as (id, log-probability), most likely
     first (ties: lower id first)."""

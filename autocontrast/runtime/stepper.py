@@ -33,6 +33,7 @@ from autocontrast.config import Exit, MultiExitConfiguration
 from autocontrast.errors import GenerationParameterError, RowError, UnknownExitError
 from autocontrast.runtime import sampling
 from autocontrast.runtime.batch_state import BatchState, ChunkedState
+from autocontrast.runtime.contrast import log_softmax
 from autocontrast.runtime.detokenizer import StreamDecoder
 from autocontrast.runtime.model import Model, Prompt
 from autocontrast.runtime.modes import DecodeMode, checked_scores, mode_on_graph
@@ -373,7 +374,7 @@ class Stepper:
         logits = self._last.exit_logits[position]  # (n_exits, vocab)
         out = []
         for index in row.mode.positions:
-            logp = sampling.log_softmax(logits[index])
+            logp = log_softmax(logits[index].astype(np.float64))
             out.append(ExitLogprobs(str(self.graph.exits[index]), float(logp[token]),
                                     tuple(sampling.most_likely(logp, row.params.logprobs or 0))))
         return tuple(out)
@@ -401,8 +402,9 @@ class Stepper:
         if params.repetition_penalty != 1.0:
             scores = sampling.apply_repetition_penalty(scores, [np.asarray(row.context_ids, dtype=np.int64)],
                                                        params.repetition_penalty)
-        scores = sampling.apply_presence_frequency(scores, [np.asarray(row.token_ids, dtype=np.int64)],
-                                                   params.presence_penalty, params.frequency_penalty)
+        if params.presence_penalty or params.frequency_penalty:  # the decode loop builds no id array otherwise
+            scores = sampling.apply_presence_frequency(scores, [np.asarray(row.token_ids, dtype=np.int64)],
+                                                       params.presence_penalty, params.frequency_penalty)
         if params.logit_bias:
             scores = sampling.apply_logit_bias(scores, params.logit_bias)
         if len(row.token_ids) < params.min_new_tokens and row.suppressed_ids.size:
@@ -450,5 +452,5 @@ def _logprobs(scores: np.ndarray, token: int, alternatives: int | None) -> tuple
     tokens with theirs; (None, ()) when not asked for."""
     if alternatives is None:
         return None, ()
-    logp = sampling.log_softmax(scores)
+    logp = log_softmax(np.asarray(scores, dtype=np.float64))
     return float(logp[token]), tuple(sampling.most_likely(logp, alternatives))

@@ -19,9 +19,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -30,9 +31,10 @@ from starlette.routing import Route
 
 from autocontrast.config import MultiExitConfiguration
 from autocontrast.errors import AutocontrastError, ConfigurationError, PromptError
+from autocontrast.runtime.contrast import log_softmax
 from autocontrast.runtime.generator import Generator
 from autocontrast.runtime.params import GenerationParams
-from autocontrast.runtime.sampling import log_softmax, most_likely
+from autocontrast.runtime.sampling import most_likely
 from autocontrast.runtime.stepper import TokenEvent
 from autocontrast.serve.metrics import CONTENT_TYPE, Metrics
 from autocontrast.serve.protocol import (
@@ -269,14 +271,13 @@ class _Server:
         answer.echo_logprobs = [s for s in scored for _ in range(spec.n)]
 
     def _prompt_logprobs(self, ids: list[int], mode: MultiExitConfiguration, alternatives: int) -> list[TokenLogprob]:
-        logp = log_softmax(self.generator.mode_scores_all_positions(ids, mode))  # (seq, vocab): next-token scores
+        scores = self.generator.mode_scores_all_positions(ids, mode)  # (seq, vocab): next-token scores
+        logp = log_softmax(scores.astype(np.float64))
         texts = self._token_texts(ids)
         entries = [TokenLogprob(texts[0], None, None)]
         for t in range(1, len(ids)):
-            top = most_likely(logp[t - 1], alternatives)
             entries.append(TokenLogprob(texts[t], float(logp[t - 1, ids[t]]),
-                                        tuple(zip(self._token_texts([i for i, _ in top]), (lp for _, lp in top),
-                                                  strict=True))))
+                                        self._as_text(most_likely(logp[t - 1], alternatives))))
         return entries
 
     def _enqueue(self, answer: _Answer) -> None:
@@ -342,11 +343,13 @@ class _Server:
         """The event's token with its log-probability and alternatives, as text (none if not asked for)."""
         if event.logprob is None:
             return []
-        text = self._token_texts([event.token, *(t for t, _ in event.top_logprobs)])
-        exits = tuple((e.exit, e.logprob, tuple(zip(self._token_texts([t for t, _ in e.top]), (lp for _, lp in e.top),
-                                                    strict=True))) for e in event.exit_logprobs)
-        return [TokenLogprob(text[0], event.logprob, tuple(zip(text[1:], (lp for _, lp in event.top_logprobs),
-                                                               strict=True)), exits)]
+        exits = tuple((e.exit, e.logprob, self._as_text(e.top)) for e in event.exit_logprobs)
+        return [TokenLogprob(self._token_texts([event.token])[0], event.logprob, self._as_text(event.top_logprobs),
+                             exits)]
+
+    def _as_text(self, scored: Sequence[tuple[int, float]]) -> tuple[tuple[str, float], ...]:
+        """(token id, log-probability) pairs with each id as its text."""
+        return tuple(zip(self._token_texts([t for t, _ in scored]), (lp for _, lp in scored), strict=True))
 
     def _token_texts(self, ids: list[int]) -> list[str]:
         tokenizer = self.generator.tokenizer
