@@ -51,7 +51,7 @@ class Timings:
 class GenerationResult:
     token_ids: list[list[int]]  # generated ids per prompt (prompt excluded)
     texts: list[str]  # decoded, cut before a stop string
-    finish_reasons: list[str]  # 'eos', 'stop_string' or 'length'
+    finish_reasons: list[str]  # 'eos', 'stop_string', 'constraint' or 'length'
     prompt_token_ids: list[list[int]]
     timings: Timings
 

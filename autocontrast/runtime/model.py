@@ -29,6 +29,7 @@ from autocontrast.bundle import GraphSpec, read_manifest
 from autocontrast.config import MultiExitConfiguration
 from autocontrast.errors import GenerationParameterError, PromptError, RuntimeOptionError
 from autocontrast.runtime.batch_state import BatchState
+from autocontrast.runtime.constraint import grammar_tokenizer
 from autocontrast.runtime.decode_state import open_decode_state
 from autocontrast.runtime.encoder import EncoderSession, open_encoder
 from autocontrast.runtime.encoder_decoder_state import EncoderDecoderState
@@ -65,6 +66,7 @@ class Model:
         self.share_weights = bool(share_weights)
         self._sessions: dict[str, ExitSession] = {}
         self._encoder: EncoderSession | None = None  # an encoder-decoder bundle's, opened on first use
+        self._grammar_tokenizer: Any = None  # structured output's view of the vocabulary, built on first use
         self._lock = threading.Lock()
         self._chat_template = chat_template(self.bundle_dir, self.manifest)
         self.pad_token_id = self.manifest.padding_token_id
@@ -104,6 +106,14 @@ class Model:
                                              device_id=self.device_id, threads=self.threads,
                                              share_weights=self.share_weights)
             return self._encoder
+
+    def grammar_tokenizer(self) -> Any:
+        """The vocabulary as structured output's masks read it (built on first use, shared by every run)."""
+        with self._lock:
+            if self._grammar_tokenizer is None:
+                self._grammar_tokenizer = grammar_tokenizer(self.tokenizer, self.manifest.vocab_size,
+                                                            self.manifest.eos_token_ids)
+            return self._grammar_tokenizer
 
     def mode(self, multi_exit: MultiExitConfiguration | None = None, *, fused: bool = True) -> DecodeMode:
         return resolve_mode(self.manifest, multi_exit or MultiExitConfiguration(), fused=fused)

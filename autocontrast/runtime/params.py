@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from autocontrast.errors import GenerationParameterError
+from autocontrast.runtime.constraint import OutputConstraint
 
 # (token_ids (seq,) int64: the row's prompt and generated ids, scores (vocab,)) -> scores (vocab,)
 LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -39,8 +40,11 @@ class GenerationParams:
     `logit_bias`: {token id: -100..100} added to the scores.
     `logits_processors`: callables `(token_ids, scores) -> scores`.
     Order, per step: the mode's scores, repetition penalty, presence/frequency penalties,
-    logit_bias, min_new_tokens, logits processors, then temperature/top-k/top-p (HF's order, the
+    logit_bias, min_new_tokens, logits processors, the constraint's mask, then temperature/top-k/top-p (HF's order, the
     additive penalties beside the repetition penalty as vLLM applies them).
+    `constraint`: an `OutputConstraint` (JSON schema, JSON object, regex, grammar, choice) the text must
+    follow: a token mask on the scores after the processors, before the search; the row ends when the
+    text is complete (finish reason 'constraint').
     `logprobs`: return each chosen token's log-probability under the mode's distribution (the
     contrast's for ACD, before penalties and search) and that many most likely alternatives (0..20).
     `exit_logprobs` (with `logprobs`): the same under each exit the mode reads, alone (the upper and
@@ -63,6 +67,7 @@ class GenerationParams:
     logits_processors: tuple[LogitsProcessor, ...] = ()
     logprobs: int | None = None  # None: no log-probabilities; k: the chosen token's and k alternatives
     exit_logprobs: bool = False  # with logprobs: also under each exit the mode reads
+    constraint: OutputConstraint | None = None  # structured output: what the text must be
 
     def __post_init__(self) -> None:
         self._normalise_sequences()
@@ -96,6 +101,9 @@ class GenerationParams:
                                            "only with logprobs (how many alternatives per exit)")
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
             raise GenerationParameterError(f"seed ({self.seed!r}) must be a non-negative integer or None")
+        if self.constraint is not None and not isinstance(self.constraint, OutputConstraint):
+            raise GenerationParameterError(f"constraint must be an OutputConstraint (OutputConstraint.json_schema(...), "
+                                           f".regex(...), ...), not {type(self.constraint).__name__}")
         for processor in self.logits_processors:
             if not callable(processor):
                 raise GenerationParameterError(f"logits_processors must be callables (token_ids, scores) -> scores; "

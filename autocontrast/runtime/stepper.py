@@ -33,6 +33,7 @@ from autocontrast.config import Exit, MultiExitConfiguration
 from autocontrast.errors import GenerationParameterError, RowError, UnknownExitError
 from autocontrast.runtime import sampling
 from autocontrast.runtime.batch_state import BatchState, ChunkedState
+from autocontrast.runtime.constraint import RowConstraint
 from autocontrast.runtime.contrast import log_softmax
 from autocontrast.runtime.detokenizer import StreamDecoder
 from autocontrast.runtime.model import Model, Prompt
@@ -51,7 +52,7 @@ class TokenEvent:
     row: int
     token: int
     text: str  # the new text (whole characters, held back before a possible stop string; may be '')
-    finish_reason: str | None  # 'eos', 'stop_string', 'length' or None (goes on)
+    finish_reason: str | None  # 'eos', 'stop_string', 'constraint', 'length' or None (goes on)
     logprob: float | None = None  # with params.logprobs: the token's log-probability under the row's mode
     top_logprobs: tuple[tuple[int, float], ...] = ()  # ... and the params.logprobs most likely (id, logprob)
     exit_logprobs: tuple[ExitLogprobs, ...] = ()  # with params.exit_logprobs: the same under each exit the mode reads
@@ -97,6 +98,7 @@ class Row:
         self.decoder = decoder
         self.rng = np.random.default_rng(params.seed)
         self.decoder_start_token_id: int | None = None  # set for an encoder-decoder model's rows
+        self.constraint: RowConstraint | None = None  # with params.constraint: its mask and progress
 
     @property
     def done(self) -> bool:
@@ -192,6 +194,8 @@ class Stepper:
                   StreamDecoder(gen.tokenizer, stop_strings=params.stop_strings), vocab_size=gen.manifest.vocab_size)
         if gen.manifest.encoder_decoder is not None:
             row.decoder_start_token_id = gen.manifest.encoder_decoder.decoder_start_token_id
+        if params.constraint is not None:
+            row.constraint = RowConstraint(params.constraint, gen.grammar_tokenizer())
         self._next_id += 1
         self._rows[row.id] = row
         self._prefills[row.id] = _Prefill(ids)
@@ -238,6 +242,8 @@ class Stepper:
         for token in row.token_ids:
             row.decoder.push(token)
         row.decoder.emitted = row.decoder.text  # what was streamed before stays streamed
+        if row.constraint is not None:
+            row.constraint.restart(row.token_ids)
         if row_id in self._batch and not self.state.rewind_row(self._batch.index(row_id), length - 1):
             index = self._batch.index(row_id)  # an encoder-decoder's prompt changed: prefill the row anew
             self._keep([i for i in range(len(self._batch)) if i != index])
@@ -357,9 +363,12 @@ class Stepper:
             token = self._pick(row, scores[i])
             row.token_ids.append(token)
             delta = row.decoder.push(token)
+            if row.constraint is not None:
+                row.constraint.advance(token)
             row.finish_reason = finish_reason(token, len(row.token_ids), stop_ids=row.stop_ids,
                                               max_new_tokens=row.params.max_new_tokens,
-                                              stop_string_hit=row.decoder.stop_at is not None)
+                                              stop_string_hit=row.decoder.stop_at is not None,
+                                              constraint_done=row.constraint is not None and row.constraint.finished)
             if row.finish_reason is not None:
                 delta += row.decoder.flush()
             events.append(TokenEvent(row.id, token, delta, row.finish_reason,
@@ -396,7 +405,8 @@ class Stepper:
 
     @staticmethod
     def _pick(row: Row, scores: np.ndarray) -> int:
-        """Penalties, logit_bias, min_new_tokens, logits processors, then the search (`GenerationParams`' order)."""
+        """Penalties, logit_bias, min_new_tokens, logits processors, the constraint's mask, then the search
+        (`GenerationParams`' order)."""
         params = row.params
         scores = scores[None, :]  # (1, vocab)
         if params.repetition_penalty != 1.0:
@@ -413,6 +423,8 @@ class Stepper:
         for processor in params.logits_processors:
             ids = np.asarray(row.context_ids, dtype=np.int64)
             scores = checked_scores(processor(ids, scores[0].copy()), scores.shape[1:], processor)[None, :]
+        if row.constraint is not None:
+            scores = row.constraint.mask(scores[0])[None, :]
         if not params.do_sample:
             return int(sampling.greedy(scores)[0])
         warped = sampling.warp(scores, temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)

@@ -106,6 +106,7 @@ def build_app(spec: AppSpec) -> Starlette:
     generator = Generator(spec.bundle, provider=spec.provider, threads=spec.threads, preload=(),
                           share_weights=spec.share_weights)
     generator.session(generator.mode(spec.config.default_mode).graph)
+    generator.grammar_tokenizer()  # structured output's vocabulary (~0.5 s): now, not as a stall on the first request
     return create_app(generator, spec.config)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from autocontrast.config import MultiExitConfiguration
 from autocontrast.errors import AutocontrastError
+from autocontrast.runtime.constraint import OutputConstraint
 from autocontrast.runtime.params import GenerationParams
 
 MULTI_EXIT_FIELDS = ("use_original_head", "output_layer_index", "contrast_layer_indices", "alpha",
@@ -34,7 +35,7 @@ UNSUPPORTED = {"suffix": "suffix is not supported",
 EMPTY_ASKS = {"web_search_options"}  # an empty object turns web search on (elsewhere, empty means none)
 # fields OpenAI documents that change nothing here, accepted with these values only (any other value
 # asks for something the server does not do, and is refused like the fields above)
-ACCEPTED_ONLY_AS = {"response_format": ({"type": "text"},), "modalities": (["text"],), "store": (False,),
+ACCEPTED_ONLY_AS = {"modalities": (["text"],), "store": (False,),
                     "tool_choice": ("none",), "function_call": ("none",), "service_tier": ("auto", "default")}
 # fields OpenAI documents as hints or labels: taken and ignored, as OpenAI's own API may
 HINTS = ("user", "metadata", "parallel_tool_calls", "prompt_cache_key", "safety_identifier")
@@ -42,9 +43,12 @@ HINTS = ("user", "metadata", "parallel_tool_calls", "prompt_cache_key", "safety_
 # OpenAI documents to one of these tables)
 READ = ("model", "prompt", "echo", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop",
         "stream", "stream_options", "n", "best_of", "presence_penalty", "frequency_penalty", "logit_bias",
-        "logprobs", "top_logprobs")
+        "logprobs", "top_logprobs", "response_format")
 MAX_JSON_DEPTH = 32  # deeper request bodies are refused before anything walks them
-FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "length": "length"}
+FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "constraint": "stop", "length": "length"}
+# the structured-output extension (vLLM's `structured_outputs`): its keys -> OutputConstraint's makers
+STRUCTURED_OUTPUTS = {"json": OutputConstraint.json_schema, "regex": OutputConstraint.regex,
+                      "grammar": OutputConstraint.grammar, "choice": OutputConstraint.choice}
 # our parameter names in error messages -> the OpenAI field the client sent
 PARAM_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "stop_strings": "stop",
                "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
@@ -197,8 +201,36 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
     return out
 
 
-_WHY_REFUSED = {"response_format": ": structured output is not enforced yet, and an answer that merely might be "
-                                   "JSON is not what a client asking for JSON can rely on"}
+def _constraint(body: dict[str, Any]) -> OutputConstraint | None:
+    """OpenAI's `response_format` (text, json_object, json_schema) or the `structured_outputs` extension (one of
+    json: schema, regex, grammar: Lark text, choice: [strings]); not both."""
+    response_format, extension = body.get("response_format"), body.get("structured_outputs")
+    if response_format is not None and extension is not None:
+        raise bad_request("give either 'response_format' or 'structured_outputs', not both", "structured_outputs")
+    try:
+        if extension is not None:
+            if not isinstance(extension, dict) or len(extension) != 1 or next(iter(extension)) not in STRUCTURED_OUTPUTS:
+                raise bad_request(f"'structured_outputs' must be an object with one of {', '.join(STRUCTURED_OUTPUTS)}",
+                                  "structured_outputs")
+            (kind, spec), = extension.items()
+            return STRUCTURED_OUTPUTS[kind](spec)
+        if response_format is None:
+            return None
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return OutputConstraint.json_object()
+        if kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise bad_request("'response_format' json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": "
+                                  "{...}}}", "response_format")
+            return OutputConstraint.json_schema(spec["schema"])
+    except AutocontrastError as err:
+        raise bad_request(str(err), "structured_outputs" if extension is not None else "response_format") from None
+    raise bad_request(f"'response_format' type {kind!r} is not supported (text, json_object or json_schema)",
+                      "response_format", "unsupported_parameter")
 
 
 def check_depth(body: Any, limit: int = MAX_JSON_DEPTH) -> None:
@@ -222,7 +254,7 @@ def parse_request(body: Any, *, chat: bool, limits: Limits) -> RequestSpec:
     for name, allowed in ACCEPTED_ONLY_AS.items():
         if body.get(name) is not None and body[name] not in allowed:
             raise bad_request(f"'{name}': {body[name]!r} is not supported by this server (only "
-                              f"{' or '.join(map(repr, allowed))}){_WHY_REFUSED.get(name, '')}", name,
+                              f"{' or '.join(map(repr, allowed))})", name,
                               "unsupported_parameter")
     n = _number(body, "n", 1, integer=True)
     if n < 1:
@@ -251,7 +283,8 @@ def parse_request(body: Any, *, chat: bool, limits: Limits) -> RequestSpec:
             min_new_tokens=_number(body, "min_tokens", 0, integer=True), ignore_eos=_bool(body, "ignore_eos", False),
             presence_penalty=_number(body, "presence_penalty", 0.0),
             frequency_penalty=_number(body, "frequency_penalty", 0.0), logit_bias=_logit_bias(body),
-            logprobs=_logprobs(body, chat=chat), exit_logprobs=_bool(body, "exit_logprobs", False))
+            logprobs=_logprobs(body, chat=chat), exit_logprobs=_bool(body, "exit_logprobs", False),
+            constraint=_constraint(body))
     except AutocontrastError as err:
         message = str(err)
         param = next((v for k, v in PARAM_NAMES.items() if message.startswith(k)), None)

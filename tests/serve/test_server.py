@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import time
 
 import httpx
+import jsonschema
 import numpy as np
 import openai
 import pytest
 
 from autocontrast.config import MultiExitConfiguration
-from tests.runtime.conftest import CONTRAST
+from tests.runtime.conftest import CONTRAST, SCHEMA
 from tests.serve.conftest import API_KEY, ServerProcess
 from tests.tiny_models import MAX_POSITIONS
 
@@ -268,7 +270,7 @@ ASKING = {"audio": {"voice": "alloy", "format": "wav"}, "function_call": "auto",
           "echo": True, "suffix": "end",
           "modalities": ["text", "audio"], "prediction": {"type": "content", "content": "x"},
           "reasoning_effort": "high", "verbosity": "low", "web_search_options": {},
-          "response_format": {"type": "json_object"}, "store": True, "tool_choice": "auto", "service_tier": "flex"}
+          "store": True, "tool_choice": "auto", "service_tier": "flex"}
 
 
 def test_every_documented_field_is_honoured_or_refused_never_ignored():
@@ -287,16 +289,51 @@ def test_a_field_the_server_cannot_honour_is_400_naming_it(client, generator, fi
     assert caught.value.body["param"] == field and caught.value.body["code"] == "unsupported_parameter"
 
 
-def test_json_object_is_refused_not_answered_with_prose(client, generator):
+def _chat(client, generator, **fields):
+    fields = {"max_tokens": 160, "temperature": 0, **fields}
+    return client.chat.completions.create(model=generator.bundle_dir.name,
+                                          messages=[{"role": "user", "content": "Give me JSON"}], **fields)
+
+
+def test_response_format_json_object_and_json_schema_are_enforced(client, generator):
+    answer = _chat(client, generator, response_format={"type": "json_object"}).choices[0]
+    assert isinstance(json.loads(answer.message.content), dict) and answer.finish_reason == "stop"
+    schema_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA, "strict": True}}
+    for multi_exit in ({"use_original_head": True}, {"use_original_head": False, "contrast_layer_indices": CONTRAST}):
+        text = _chat(client, generator, response_format=schema_format, temperature=1.0, seed=7,
+                     extra_body={"multi_exit": multi_exit}).choices[0].message.content
+        jsonschema.validate(json.loads(text), SCHEMA)
+    streamed = _chat(client, generator, response_format=schema_format, stream=True)
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in streamed if c.choices)), SCHEMA)
+    assert isinstance(_chat(client, generator, response_format={"type": "text"}, max_tokens=2).choices[0]
+                      .message.content, str)
+
+
+def test_structured_outputs_extension_regex_choice_on_completions(client, generator):
+    out = client.completions.create(model=generator.bundle_dir.name, prompt="Code:", max_tokens=20, n=2, seed=1,
+                                    extra_body={"structured_outputs": {"regex": "[A-Z]{2}-[0-9]{3}"}})
+    assert all(re.fullmatch("[A-Z]{2}-[0-9]{3}", c.text) for c in out.choices)
+    out = client.completions.create(model=generator.bundle_dir.name, prompt="Pick:", max_tokens=8, temperature=1,
+                                    extra_body={"structured_outputs": {"choice": ["left", "right"]}})
+    assert out.choices[0].text in ("left", "right")
+
+
+@pytest.mark.parametrize("fields, param, message", [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
+     "response_format", "json_schema constraint is not valid"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "needs"),
+    ({"response_format": {"type": "xml"}}, "response_format", "not supported"),
+    ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs", "regex constraint is not valid"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "one of"),
+    ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "structured_outputs",
+     "not both"),
+])
+def test_a_bad_structured_output_request_is_400_naming_its_field(client, generator, fields, param, message):
     with pytest.raises(openai.BadRequestError) as caught:
-        client.chat.completions.create(model=generator.bundle_dir.name, max_tokens=8,
-                                       messages=[{"role": "user", "content": "Give me JSON"}],
-                                       response_format={"type": "json_object"})
-    assert "structured output" in caught.value.body["message"]
-    text = client.chat.completions.create(model=generator.bundle_dir.name, max_tokens=2,
-                                          messages=[{"role": "user", "content": "Hi"}],
-                                          response_format={"type": "text"}).choices[0].message.content
-    assert isinstance(text, str)
+        client.chat.completions.create(model=generator.bundle_dir.name, messages=[{"role": "user", "content": "Hi"}],
+                                       max_tokens=4, extra_body=fields)
+    assert caught.value.body["param"] == param and message in caught.value.body["message"]
+    assert _chat(client, generator, max_tokens=2).choices  # and the server goes on
 
 
 @pytest.mark.parametrize("depth", [33, 100_000])
