@@ -4,8 +4,9 @@ A constraint is enforced by a token mask over the vocabulary: at every step only
 keep the text a prefix of the language stay possible, whatever the decoding mode (the mask applies
 to the mode's scores: ACD's contrast as much as one exit's logits). The masks come from
 llguidance (the library onnxruntime-genai, vLLM and llama.cpp use): compiled in Rust, torch-free,
-a mask in tens of microseconds on a 49k vocabulary, and its JSON-schema compiler covers nested
-objects, enums, arrays, string lengths and number ranges.
+about half a millisecond per token on SmolLM2's 49k vocabulary, mask applied (1-2 % of a step;
+README), and its JSON-schema compiler covers nested objects, enums, arrays, string lengths and
+number ranges.
 
 >>> c = OutputConstraint.json_schema({"type": "object", "properties": {"ok": {"type": "boolean"}}})
 >>> c.kind
@@ -202,20 +203,19 @@ class RowConstraint:
 
     def allowed(self) -> np.ndarray:
         """(vocab,) bool: the tokens that may come next."""
-        start = time.perf_counter()
         bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
-        allowed = np.unpackbits(bits, bitorder="little", count=self._vocab).view(bool)
-        self.seconds += time.perf_counter() - start
-        return allowed
+        return np.unpackbits(bits, bitorder="little", count=self._vocab).view(bool)
 
     def mask(self, scores: np.ndarray) -> np.ndarray:
         """(vocab,) scores with every token the constraint forbids at -inf. Should penalties or processors have
         put every allowed token at -inf, the constraint wins: the allowed tokens all get 0 (an even choice among
         what the text may become)."""
+        start = time.perf_counter()
         allowed = self.allowed()
         masked = np.where(allowed, scores, -np.inf)
         if not np.isfinite(masked).any():
             masked = np.where(allowed, 0.0, -np.inf)
+        self.seconds += time.perf_counter() - start
         return masked
 
     def advance(self, token: int) -> None:
