@@ -26,6 +26,7 @@ Exit = int | str  # a layer index (0 = embeddings, num_layers = top) or 'origina
 
 DEFAULT_ALPHA = 0.1
 DEFAULT_MINIMUM_CANDIDATES = 1
+DEFAULT_RELATIVE_TOP = 0.1  # DoLa's (Chuang et al. 2023; HF's dola_decoding)
 
 
 class VocabularyProjectionMode(Enum):
@@ -130,6 +131,11 @@ class MultiExitConfiguration:
     `contrast_function`, if given, replaces the standard contrast; it takes
     `(upper_logits, lower_logits)` and returns scores of the same shape.
 
+    DoLa (Chuang et al. 2023) is a fourth mode: `dola_layers` names the candidate premature exits
+    contrasted with the model's own head ('original', the mature layer); with several, each step
+    takes the one whose distribution is furthest (Jensen-Shannon) from the mature one; tokens below
+    `relative_top` x the mature layer's top probability are cut (`autocontrast.models.contrast.dola_scores`).
+
     >>> MultiExitConfiguration(use_original_head=False, output_layer_index=12).description
     'layer_12'
     """
@@ -145,6 +151,8 @@ class MultiExitConfiguration:
     contrast_function: Callable[[Any, Any], Any] | None = None
     alpha: float = DEFAULT_ALPHA
     minimum_candidates: int = DEFAULT_MINIMUM_CANDIDATES
+    dola_layers: tuple[int, ...] | None = None  # DoLa: candidate premature exits (one: fixed)
+    relative_top: float = DEFAULT_RELATIVE_TOP
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -156,16 +164,21 @@ class MultiExitConfiguration:
             put(self, "output_layer_index", parse_exit(self.output_layer_index))
         contrast = parse_exits(self.contrast_layer_indices)
         put(self, "contrast_layer_indices", contrast)
+        put(self, "dola_layers", parse_exits(self.dola_layers))
         try:
             put(self, "alpha", float(self.alpha))
             put(self, "minimum_candidates", int(self.minimum_candidates))
+            put(self, "relative_top", float(self.relative_top))
         except (TypeError, ValueError) as err:
-            raise ConfigurationError(f"alpha must be a number and minimum_candidates an integer: {err}") from None
+            raise ConfigurationError(f"alpha and relative_top must be numbers and minimum_candidates an integer: "
+                                     f"{err}") from None
         self._check_consistency()
 
     def _check_consistency(self) -> None:
         contrast = self.contrast_layer_indices
-        if contrast is not None:
+        if self.dola_layers is not None:
+            self._check_dola()
+        elif contrast is not None:
             if len(contrast) != 2:
                 raise ConfigurationError(
                     f"contrast_layer_indices needs exactly two exits (upper;lower), got {contrast!r}")
@@ -190,24 +203,42 @@ class MultiExitConfiguration:
         problem = contrast_parameters_problem(self.alpha, self.minimum_candidates)
         if problem:
             raise ConfigurationError(problem)
+        if not 0.0 < self.relative_top <= 1.0:
+            raise ConfigurationError(f"relative_top ({self.relative_top}) must be within (0, 1]")
         for exit_ in self.lm_head_layer_indices or ():
             if isinstance(exit_, int) and exit_ < 0:
                 raise ConfigurationError(f"exit index {exit_} is negative; exits are 0..num_layers")
+
+    def _check_dola(self) -> None:
+        layers = self.dola_layers
+        if self.use_original_head:
+            raise ConfigurationError(f"contradiction: use_original_head=True but dola_layers={layers!r} was also given; "
+                                     "set use_original_head=False to generate with DoLa")
+        if self.contrast_layer_indices is not None or self.output_layer_index is not None:
+            raise ConfigurationError("contradiction: dola_layers is a mode of its own; give it without "
+                                     "output_layer_index or contrast_layer_indices")
+        if not layers or ORIGINAL in layers or len(set(layers)) != len(layers):
+            raise ConfigurationError(f"dola_layers ({layers!r}) must be distinct layer indices (the premature "
+                                     "candidates; the mature layer is always the model's own head)")
 
     # -- what the configuration asks for -------------------------------------------------------
 
     @property
     def mode(self) -> str:
-        """'original', 'exit' or 'contrast'."""
+        """'original', 'exit', 'contrast' or 'dola'."""
         if self.use_original_head:
             return "original"
+        if self.dola_layers is not None:
+            return "dola"
         return "contrast" if self.contrast_layer_indices is not None else "exit"
 
     @property
     def required_exits(self) -> tuple[Exit, ...]:
-        """The exits whose logits generation needs, upper before lower."""
+        """The exits whose logits generation needs, upper before lower (DoLa: the mature head, then its candidates)."""
         if self.use_original_head:
             return (ORIGINAL,)
+        if self.dola_layers is not None:
+            return (ORIGINAL, *self.dola_layers)
         if self.contrast_layer_indices is not None:
             return tuple(self.contrast_layer_indices)
         return (self.output_layer_index,)
@@ -217,6 +248,8 @@ class MultiExitConfiguration:
         """Short name of the generation mode, as the original library writes it."""
         if self.use_original_head:
             return "original_head"
+        if self.dola_layers is not None:
+            return "dola_" + "_".join(map(str, self.dola_layers))
         if self.contrast_layer_indices is not None:
             upper, lower = self.contrast_layer_indices
             return f"{upper}_vs_{lower}"
@@ -238,13 +271,15 @@ class MultiExitConfiguration:
         return dataclasses.replace(self, **changes)
 
 
-MODE_NAMES = ("original", "exit", "contrast")
+MODE_NAMES = ("original", "exit", "contrast", "dola")
 
 
 def configuration_for_mode(mode: str, exits: Iterable[Exit] | str | None = None, *, alpha: float = DEFAULT_ALPHA,
-                           minimum_candidates: int = DEFAULT_MINIMUM_CANDIDATES, **fields: Any) -> MultiExitConfiguration:
+                           minimum_candidates: int = DEFAULT_MINIMUM_CANDIDATES,
+                           relative_top: float = DEFAULT_RELATIVE_TOP, **fields: Any) -> MultiExitConfiguration:
     """The configuration of a decoding mode named on a command line: 'original' (no exits), 'exit'
-    (one exit) or 'contrast' (UPPER,LOWER). Every CLI builds its configurations here.
+    (one exit), 'contrast' (UPPER,LOWER) or 'dola' (premature candidates, e.g. 10,15,20). Every CLI
+    builds its configurations here.
 
     >>> configuration_for_mode("contrast", "30,15").description
     '30_vs_15'
@@ -263,6 +298,10 @@ def configuration_for_mode(mode: str, exits: Iterable[Exit] | str | None = None,
             raise ConfigurationError(f"mode contrast needs two exits UPPER,LOWER, e.g. 30,15; got {list(parsed)}")
         return MultiExitConfiguration(use_original_head=False, contrast_layer_indices=parsed, alpha=alpha,
                                       minimum_candidates=minimum_candidates, **fields)
+    if mode == "dola":
+        if not parsed:
+            raise ConfigurationError("mode dola needs its candidate premature exits, e.g. 10,15,20 (one: fixed)")
+        return MultiExitConfiguration(use_original_head=False, dola_layers=parsed, relative_top=relative_top, **fields)
     raise ConfigurationError(f"unknown mode {mode!r}; choose one of: {', '.join(MODE_NAMES)}")
 
 

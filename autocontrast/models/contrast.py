@@ -22,9 +22,10 @@ tensor([1.0000])
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES
+from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, DEFAULT_RELATIVE_TOP
 
 
 def calculate_contrasted_logits(upper_layer_logits: torch.Tensor, lower_layer_logits: torch.Tensor,
@@ -58,3 +59,43 @@ def calculate_contrasted_logits(upper_layer_logits: torch.Tensor, lower_layer_lo
     # log(softmax(s) * mass) in log space: a candidate whose share underflows keeps a finite score
     redistributed = torch.log_softmax(scores, dim=-1) + torch.log(mass)
     return torch.where(plausible, redistributed, log_pu)
+
+
+def jensen_shannon(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """JSD(p || q) = KL(p || m) / 2 + KL(q || m) / 2 with m = (p + q) / 2, in nats, over the last axis
+    (0 log 0 = 0). log_p, log_q: (..., vocab) log-probabilities -> (...)."""
+    log_m = torch.logaddexp(log_p, log_q) - torch.log(torch.tensor(2.0, dtype=log_p.dtype))
+
+    def kl_to_m(log_x: torch.Tensor) -> torch.Tensor:
+        x = log_x.exp()
+        return torch.where(x > 0, x * (log_x - log_m), torch.zeros((), dtype=x.dtype)).sum(dim=-1)
+
+    return 0.5 * (kl_to_m(log_p) + kl_to_m(log_q))
+
+
+def dola_scores(final_logits: torch.Tensor, premature_logits: torch.Tensor,
+                relative_top: float = DEFAULT_RELATIVE_TOP) -> torch.Tensor:
+    """DoLa (Chuang et al. 2023): the mature layer's log-probabilities minus a premature layer's.
+
+        lf = log_softmax(final); lj = log_softmax(premature[j])
+        j* = argmax_j JSD(pf || pj)                     # per row (and position); the first on ties
+        kept = {tokens with lf >= max(lf) + log(relative_top)}
+        out = lf - lj* on kept, -inf elsewhere
+
+    As the paper defines JSD; Hugging Face's `dola_decoding` instead takes KL(m || .) averaged over the
+    vocabulary and picks one layer for the whole batch. A premature log-probability of -inf on a kept
+    token (s = +inf) is resolved as the contrast resolves it: those tokens share the choice.
+    final_logits: (..., vocab); premature_logits: (candidates, ..., vocab) -> (..., vocab), float32 at least.
+    """
+    dtype = torch.promote_types(final_logits.dtype, torch.float32)
+    log_final = torch.log_softmax(final_logits.to(dtype), dim=-1)  # (..., vocab)
+    log_premature = torch.log_softmax(premature_logits.to(dtype), dim=-1)  # (candidates, ..., vocab)
+    divergence = jensen_shannon(log_final.unsqueeze(0), log_premature)  # (candidates, ...)
+    chosen = divergence.argmax(dim=0)  # (...)
+    base = torch.gather(log_premature, 0, chosen.unsqueeze(0).unsqueeze(-1).expand_as(log_premature[:1]))[0]
+    kept = log_final >= log_final.max(dim=-1, keepdim=True).values + float(np.log(relative_top))
+    minus_inf = torch.tensor(float("-inf"), dtype=dtype)
+    scores = torch.where(kept, log_final - base, minus_inf)
+    infinite = scores == float("inf")
+    return torch.where(infinite.any(dim=-1, keepdim=True), torch.where(infinite, torch.zeros((), dtype=dtype),
+                                                                       minus_inf), scores)

@@ -28,7 +28,7 @@ from autocontrast.config import (
     VocabularyProjectionMode,
     is_original_logits,
 )
-from autocontrast.models.contrast import calculate_contrasted_logits
+from autocontrast.models.contrast import calculate_contrasted_logits, dola_scores
 from autocontrast.models.families import Family, family_of_type, hf_model, model_types
 
 LM_HEAD_PREFIX = "lm_head_"
@@ -151,6 +151,9 @@ class MultiExitMixin:
         mec = self.multi_exit_config
         if mec.use_original_head:
             return by_exit[ORIGINAL]
+        if mec.dola_layers is not None:
+            return dola_scores(by_exit[ORIGINAL], torch.stack([by_exit[e] for e in mec.dola_layers]),
+                               relative_top=mec.relative_top)
         if mec.contrast_layer_indices is None:
             return by_exit[mec.output_layer_index]
         upper, lower = (by_exit[e] for e in mec.contrast_layer_indices)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from autocontrast.bundle import Manifest
+from autocontrast.bundle import DECODE, Manifest
 from autocontrast.cli_support import command_parser, run_cli
 from autocontrast.config import (
     DEFAULT_ALPHA,
     DEFAULT_MINIMUM_CANDIDATES,
+    DEFAULT_RELATIVE_TOP,
     MODE_NAMES,
+    ORIGINAL,
+    Exit,
     MultiExitConfiguration,
     configuration_for_mode,
 )
@@ -23,32 +26,48 @@ from autocontrast.runtime.generator import Generator
 from autocontrast.runtime.params import GenerationParams
 
 
-def multi_exit_from_args(mode: str, exits: str | None, alpha: float, minimum_candidates: int) -> MultiExitConfiguration:
-    """The MultiExitConfiguration a command line asks for."""
-    return configuration_for_mode(mode, exits, alpha=alpha, minimum_candidates=minimum_candidates)
-
-
 def bundle_mode(manifest: Manifest, mode: str, exits: str | tuple | None, alpha: float,
-                minimum_candidates: int) -> MultiExitConfiguration:
-    """`multi_exit_from_args`, where a contrast without --exits takes the bundle's fused contrast."""
+                minimum_candidates: int, relative_top: float = DEFAULT_RELATIVE_TOP) -> MultiExitConfiguration:
+    """The MultiExitConfiguration a command line asks for; without --exits, a contrast takes the bundle's fused
+    contrast and DoLa every exported exit below the model's own head (of the decode graph that returns it)."""
     if mode == "contrast" and exits is None:
         fused = manifest.fused_contrast
         if fused is None:
             raise ConfigurationError("this bundle has no fused contrast: name the exits, e.g. --exits "
                                      f"{manifest.num_layers},{manifest.num_layers // 2}")
         exits = (fused.upper, fused.lower)
-    return multi_exit_from_args(mode, exits, alpha, minimum_candidates)
+    if mode == "dola" and exits is None:
+        exits = dola_candidates(manifest)
+    return configuration_for_mode(mode, exits, alpha=alpha, minimum_candidates=minimum_candidates,
+                                  relative_top=relative_top)
+
+
+def dola_candidates(manifest: Manifest) -> tuple[Exit, ...]:
+    """DoLa's default premature candidates: the exits returned beside the model's own head by the bundle's
+    decode graph with the most of them."""
+    own = set(manifest.aliases(ORIGINAL))
+    best: tuple[Exit, ...] = ()
+    for graph in manifest.graphs:
+        if graph.kind == DECODE and own & set(graph.exits):
+            below = tuple(sorted(e for e in graph.exits if e not in own))
+            best = max(best, below, key=len)
+    if not best:
+        raise ConfigurationError("no decode graph of this bundle returns exits beside the model's own head: re-export "
+                                 f"with e.g. --exits original,{manifest.num_layers // 2} or name --exits")
+    return best
 
 
 def add_mode_arguments(p: argparse.ArgumentParser, *, default: str = "contrast") -> None:
-    """--mode, --exits, --alpha, --minimum-candidates, as acd-generate and acd-serve take them."""
+    """--mode, --exits, --alpha, --minimum-candidates, --relative-top, as acd-generate and acd-serve take them."""
     p.add_argument("--mode", choices=MODE_NAMES, default=default,
-                   help=f"decode with the model's own head, one exit, or the ACD contrast (default {default})")
-    p.add_argument("--exits", help="exit for --mode exit (15) or UPPER,LOWER for contrast (default: the "
-                                   "bundle's fused contrast)")
+                   help=f"decode with the model's own head, one exit, the ACD contrast or DoLa (default {default})")
+    p.add_argument("--exits", help="exit for --mode exit (15), UPPER,LOWER for contrast (default: the bundle's fused "
+                                   "contrast), premature candidates for dola (default: every exported exit)")
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help=f"contrast plausibility threshold ({DEFAULT_ALPHA})")
     p.add_argument("--minimum-candidates", type=int, default=DEFAULT_MINIMUM_CANDIDATES,
                    help=f"contrast minimum candidates ({DEFAULT_MINIMUM_CANDIDATES})")
+    p.add_argument("--relative-top", type=float, default=DEFAULT_RELATIVE_TOP,
+                   help=f"DoLa: keep tokens of at least this x the top probability ({DEFAULT_RELATIVE_TOP})")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     generator = Generator(args.bundle, provider=args.provider)
-    multi_exit = bundle_mode(generator.manifest, args.mode, args.exits, args.alpha, args.minimum_candidates)
+    multi_exit = bundle_mode(generator.manifest, args.mode, args.exits, args.alpha, args.minimum_candidates,
+                             args.relative_top)
     params = GenerationParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
                               stop_strings=tuple(args.stop), min_new_tokens=args.min_new_tokens,

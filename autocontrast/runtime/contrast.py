@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES
+from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, DEFAULT_RELATIVE_TOP
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -52,3 +52,33 @@ def contrast_scores(upper: np.ndarray, lower: np.ndarray, *, alpha: float = DEFA
     with np.errstate(divide="ignore"):
         redistributed = log_softmax(scores) + np.log(mass)
     return np.where(plausible, redistributed, log_pu).astype(dtype, copy=False)
+
+
+def jensen_shannon(log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
+    """JSD(p || q) in nats over the last axis, from log-probabilities (0 log 0 = 0): (..., vocab) -> (...)."""
+    log_m = np.logaddexp(log_p, log_q) - np.log(2.0, dtype=log_p.dtype)
+
+    def kl_to_m(log_x: np.ndarray) -> np.ndarray:
+        x = np.exp(log_x)
+        with np.errstate(invalid="ignore"):
+            return np.where(x > 0, x * (log_x - log_m), 0.0).sum(axis=-1)
+
+    return 0.5 * (kl_to_m(log_p) + kl_to_m(log_q))
+
+
+def dola_scores(final: np.ndarray, premature: np.ndarray, *, relative_top: float = DEFAULT_RELATIVE_TOP) -> np.ndarray:
+    """DoLa scores: (..., vocab) mature logits, (candidates, ..., vocab) premature logits -> (..., vocab).
+
+    The formula is `autocontrast.models.contrast.dola_scores`'; float32 (float64 if given float64).
+    """
+    dtype = np.result_type(final.dtype, np.float32)
+    log_final = log_softmax(final.astype(dtype, copy=False))
+    log_premature = log_softmax(premature.astype(dtype, copy=False))
+    chosen = jensen_shannon(log_final[None], log_premature).argmax(axis=0)  # (...)
+    base = np.take_along_axis(log_premature, chosen[None, ..., None], axis=0)[0]
+    kept = log_final >= log_final.max(axis=-1, keepdims=True) + dtype.type(np.log(relative_top))
+    with np.errstate(invalid="ignore"):
+        scores = np.where(kept, log_final - base, -np.inf)
+    infinite = scores == np.inf
+    scores = np.where(infinite.any(axis=-1, keepdims=True), np.where(infinite, 0.0, -np.inf), scores)
+    return scores.astype(dtype, copy=False)

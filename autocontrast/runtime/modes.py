@@ -1,7 +1,7 @@
 """Decoding modes: which graph a `MultiExitConfiguration` runs on, and how its scores come out.
 
 The same configuration that drives the PyTorch models drives the runtime: the original head, one
-exit, or the contrast of two exits. The graph's fused contrast is used when it is exactly the
+exit, the contrast of two exits, or DoLa (the original head against the furthest of its candidates). The graph's fused contrast is used when it is exactly the
 contrast asked for; otherwise the NumPy contrast (or a custom function) runs on the raw exit logits.
 In the shared projection modes the top exit and 'original' are the same logits, so either name
 finds a graph that has the other (the manifest resolves those aliases, see `autocontrast.bundle`).
@@ -19,12 +19,14 @@ from autocontrast.bundle import DECODE, GraphSpec, Manifest
 from autocontrast.config import (
     DEFAULT_ALPHA,
     DEFAULT_MINIMUM_CANDIDATES,
+    DEFAULT_RELATIVE_TOP,
+    ORIGINAL,
     Exit,
     MultiExitConfiguration,
     check_exit_in_range,
 )
 from autocontrast.errors import ConfigurationError, ContrastFunctionError, UnknownExitError
-from autocontrast.runtime.contrast import contrast_scores
+from autocontrast.runtime.contrast import contrast_scores, dola_scores
 from autocontrast.runtime.session import StepOutput
 
 ContrastFunction = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -41,15 +43,19 @@ class DecodeMode:
     """A resolved mode: the graph to run and how to turn its outputs into scores."""
 
     graph: GraphSpec | None  # None: a mode over logits already computed (scoring)
-    name: str  # 'original', 'exit' or 'contrast'
-    positions: tuple[int, ...]  # indices into the graph's exits: (exit,) or (upper, lower)
+    name: str  # 'original', 'exit', 'contrast' or 'dola'
+    positions: tuple[int, ...]  # indices into the graph's exits: (exit,), (upper, lower) or (mature, *candidates)
     fused: bool = False
     alpha: float = DEFAULT_ALPHA
     minimum_candidates: int = DEFAULT_MINIMUM_CANDIDATES
     contrast_function: ContrastFunction | None = None
+    relative_top: float = DEFAULT_RELATIVE_TOP
 
     def scores(self, out: StepOutput) -> np.ndarray:
         """(..., vocab) scores from (..., n_exits, vocab) exit logits (decode: (batch, vocab))."""
+        if self.name == "dola":
+            candidates = np.moveaxis(out.exit_logits[..., list(self.positions[1:]), :], -2, 0)  # (n, ..., vocab)
+            return dola_scores(out.exit_logits[..., self.positions[0], :], candidates, relative_top=self.relative_top)
         if self.name != "contrast":
             return out.exit_logits[..., self.positions[0], :]
         if self.fused:
@@ -83,6 +89,11 @@ def checked_scores(result: object, shape: tuple[int, ...], function: Callable) -
 def _check_config(manifest: Manifest, config: MultiExitConfiguration) -> None:
     for exit_ in config.required_exits:
         check_exit_in_range(exit_, manifest.num_layers)
+    if config.mode == "dola":
+        same = [e for e in config.dola_layers if e in manifest.aliases(ORIGINAL)]
+        if same:
+            raise ConfigurationError(f"DoLa candidate {same[0]} is the model's own head in this "
+                                     f"{manifest.projection_mode} bundle (the mature layer): choose lower layers")
     if config.mode == "contrast":
         upper, lower = config.required_exits
         if lower in manifest.aliases(upper):
@@ -98,7 +109,7 @@ def mode_over_exits(config: MultiExitConfiguration, exits: Sequence[Exit]) -> De
     """`config` as a mode over exit logits laid out in `exits` order (NumPy or custom contrast)."""
     return DecodeMode(None, config.mode, tuple(list(exits).index(e) for e in config.required_exits),
                       alpha=config.alpha, minimum_candidates=config.minimum_candidates,
-                      contrast_function=config.contrast_function)
+                      contrast_function=config.contrast_function, relative_top=config.relative_top)
 
 
 def mode_on_graph(manifest: Manifest, config: MultiExitConfiguration, graph: GraphSpec, *,
@@ -117,7 +128,7 @@ def mode_on_graph(manifest: Manifest, config: MultiExitConfiguration, graph: Gra
                           alpha=config.alpha, minimum_candidates=config.minimum_candidates)
     return DecodeMode(graph, config.mode, tuple(graph.exit_position(n) for n in names),
                       alpha=config.alpha, minimum_candidates=config.minimum_candidates,
-                      contrast_function=config.contrast_function)
+                      contrast_function=config.contrast_function, relative_top=config.relative_top)
 
 
 def resolve_mode(manifest: Manifest, config: MultiExitConfiguration, *, fused: bool = True,
@@ -137,6 +148,6 @@ def resolve_mode(manifest: Manifest, config: MultiExitConfiguration, *, fused: b
         raise UnknownExitError(f"this bundle has no {kind} graph returning exit(s) {', '.join(lacking)} (its {kind} "
                                f"graphs return {', '.join(sorted(have)) or 'nothing'}); re-export with --exits "
                                f"including {', '.join(map(str, wanted))}")
-    raise UnknownExitError(f"no single {kind} graph of this bundle returns both exits {', '.join(map(str, wanted))} "
+    raise UnknownExitError(f"no single {kind} graph of this bundle returns all of exits {', '.join(map(str, wanted))} "
                            f"(they are in different graphs); re-export with --exits {','.join(map(str, wanted))} so "
-                           "one graph returns both")
+                           "one graph returns them all")

@@ -148,7 +148,7 @@ def _config(args: argparse.Namespace) -> tuple[ServerConfig, str]:
     if given and not args.ray:
         raise ConfigurationError(f"{', '.join(given)} only apply with --ray")
     manifest = read_manifest(args.bundle)
-    mode = bundle_mode(manifest, args.mode, args.exits, args.alpha, args.minimum_candidates)
+    mode = bundle_mode(manifest, args.mode, args.exits, args.alpha, args.minimum_candidates, args.relative_top)
     resolve_mode(manifest, mode)  # a default mode the bundle cannot serve fails now, before any replica starts
     config = ServerConfig(model_name=args.model_name or Path(args.bundle).resolve().name, default_mode=mode,
                           api_key=args.api_key or None, max_batch=args.max_batch, max_queue=args.max_queue,

@@ -24,7 +24,7 @@ from autocontrast.runtime.constraint import OutputConstraint
 from autocontrast.runtime.params import GenerationParams
 
 MULTI_EXIT_FIELDS = ("use_original_head", "output_layer_index", "contrast_layer_indices", "alpha",
-                     "minimum_candidates")
+                     "minimum_candidates", "dola_layers", "relative_top")
 # fields we take but cannot honour: a request that asks for them gets a clear 400, not a silent ignore
 UNSUPPORTED = {"suffix": "suffix is not supported",
                "tools": "tool calls are not supported", "functions": "function calls are not supported",
@@ -158,8 +158,7 @@ def _multi_exit(body: dict[str, Any]) -> MultiExitConfiguration | None:
     if unknown:
         raise bad_request(f"unknown multi_exit field(s) {', '.join(unknown)}; known: {', '.join(MULTI_EXIT_FIELDS)}",
                           "multi_exit")
-    if isinstance(fields.get("contrast_layer_indices"), list):
-        fields = {**fields, "contrast_layer_indices": tuple(fields["contrast_layer_indices"])}
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     try:
         return MultiExitConfiguration(**fields)
     except (AutocontrastError, TypeError, ValueError) as err:

@@ -35,3 +35,20 @@ def reference_contrast(u: np.ndarray, lo: np.ndarray, *, alpha: float = 0.1, k: 
     flat_u, flat_l = u.reshape(-1, u.shape[-1]), lo.reshape(-1, lo.shape[-1])
     rows = [reference_contrast_row(a, b, alpha=alpha, k=k) for a, b in zip(flat_u, flat_l, strict=True)]
     return np.stack(rows).reshape(u.shape)
+
+
+def reference_dola_row(final: np.ndarray, premature: list[np.ndarray], *, relative_top: float = 0.1
+                       ) -> tuple[np.ndarray, int]:
+    """DoLa at one position, from the paper (Chuang et al. 2023, eq. 2-4), float64: the candidate with the
+    largest Jensen-Shannon divergence from the mature distribution (scipy's, squared: scipy returns its
+    square root), then log q_N - log q_M on tokens with q_N >= relative_top * max q_N, -inf elsewhere.
+    Returns (scores, index of the chosen candidate)."""
+    from scipy.spatial.distance import jensenshannon
+
+    log_final = _log_softmax(final)
+    divergences = [jensenshannon(np.exp(log_final), np.exp(_log_softmax(p))) ** 2 for p in premature]
+    chosen = int(np.argmax(divergences))
+    log_base = _log_softmax(premature[chosen])
+    probabilities = np.exp(log_final)
+    kept = probabilities >= relative_top * probabilities.max()
+    return np.where(kept, log_final - log_base, -np.inf), chosen

@@ -24,6 +24,10 @@ MODES = {
     "contrast_alpha_k": dict(use_original_head=False, contrast_layer_indices=CONTRAST, alpha=0.4, minimum_candidates=5),
     "contrast_alpha0": dict(use_original_head=False, contrast_layer_indices=CONTRAST, alpha=0.0),
 }
+# DoLa's mature layer is the model's own head: one graph returns it beside the exits where the top exit is the
+# own head and exported (the direct projection); the other tiny bundles keep it in a graph of its own
+WITH_OWN_HEAD = {"dola": dict(use_original_head=False, dola_layers=(1, 2), relative_top=0.05),
+                 "dola_fixed": dict(use_original_head=False, dola_layers=(CONTRAST[1],))}
 SHARED_ONLY = {"contrast_original_upper": dict(use_original_head=False, contrast_layer_indices=("original", 2))}
 BUNDLES = export_cases()
 
@@ -45,7 +49,7 @@ def test_greedy_tokens_equal_pytorch_in_every_mode(arch, projection, tiny_bundle
     generator = Generator(bundle)
     modes = dict(MODES)
     if projection == VocabularyProjectionMode.SHARED_PROJECTION_DIRECT:  # 'original' and exit 2 share a graph
-        modes.update(SHARED_ONLY)
+        modes.update(SHARED_ONLY | WITH_OWN_HEAD)
     mismatches = []
     for name, fields in modes.items():
         config = MultiExitConfiguration(**fields)

@@ -66,8 +66,9 @@ def test_streamed_completion_equals_the_whole_one(client, generator):
 
 @pytest.mark.parametrize("fields", [dict(use_original_head=True),
                                     dict(use_original_head=False, output_layer_index=2),
-                                    dict(use_original_head=False, contrast_layer_indices=list(CONTRAST), alpha=0.3)],
-                         ids=["original", "exit", "contrast_numpy"])
+                                    dict(use_original_head=False, contrast_layer_indices=list(CONTRAST), alpha=0.3),
+                                    dict(use_original_head=False, dola_layers=[1, 2], relative_top=0.05)],
+                         ids=["original", "exit", "contrast_numpy", "dola"])
 def test_multi_exit_per_request_through_extra_body(client, generator, fields):
     out = client.completions.create(model=generator.bundle_dir.name, prompt=PROMPTS[4], max_tokens=12, temperature=0,
                                     extra_body={"multi_exit": fields})
