@@ -45,7 +45,12 @@ class RuntimeSystem:
                 raise ConfigurationError(f"{self.bundle} fuses no contrast; pass --contrast UPPER,LOWER and --exit N")
             self.contrast = (fused.upper, fused.lower)
         exit_ = self.exit_ if self.exit_ is not None else (self.contrast[1] if self.contrast else None)
-        self.multi_exit = configuration_for_mode(mode, {"original": (), "exit": (exit_,)}.get(mode, self.contrast))
+        if mode == "dola":  # over every exit the bundle returns beside its own head
+            from autocontrast.runtime.cli import dola_candidates
+
+            self.multi_exit = configuration_for_mode(mode, dola_candidates(self.generator.manifest))
+        else:
+            self.multi_exit = configuration_for_mode(mode, {"original": (), "exit": (exit_,)}.get(mode, self.contrast))
         self.fused = self.mode_name != "acd-numpy"
         mode = self.generator.mode(self.multi_exit, fused=self.fused)
         self.generator.session(mode.graph)

@@ -10,7 +10,7 @@ from typing import Any
 from autocontrast.errors import ConfigurationError
 
 # Our runtime, in each decoding mode (per provider and variant, see system_specs).
-OURS_MODES = ("original", "exit", "acd-fused", "acd-numpy")
+OURS_MODES = ("original", "exit", "acd-fused", "acd-numpy", "dola")
 # genai-greedy and llamacpp-greedy: one system per --genai-model folder and per GGUF file, named by its label
 PEERS = ("torch-acd", "torch-greedy", "optimum-greedy", "genai-greedy", "llamacpp-greedy")
 # what no step can beat: one ONNX Runtime MatMul over the fp32 bundle's weight bytes (bench/floor.py)

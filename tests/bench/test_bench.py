@@ -8,7 +8,7 @@ import json
 import pytest
 
 from autocontrast.bench.cli import main
-from autocontrast.bench.systems import DEFAULT_SYSTEMS, FLOOR
+from autocontrast.bench.systems import DEFAULT_SYSTEMS, FLOOR, OURS_MODES
 from autocontrast.config import VocabularyProjectionMode
 from autocontrast.errors import ConfigurationError
 
@@ -59,7 +59,7 @@ def test_every_system_has_figures_or_a_skip_reason(results):
 def test_our_systems_run_where_only_the_runtime_is_needed(results):
     data, _ = results
     for scenario in data["scenarios"]:
-        for mode in ("original", "exit", "acd-fused", "acd-numpy"):
+        for mode in OURS_MODES:
             assert "figures" in scenario["systems"][f"ours-{mode}"], scenario["systems"][f"ours-{mode}"]
         assert "figures" in scenario["systems"][FLOOR], scenario["systems"][FLOOR]
 
