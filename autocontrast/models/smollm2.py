@@ -85,6 +85,34 @@ def smollm2_path(*, verbose: bool = True) -> Path:
     return target
 
 
+# Meaningful exits for the demo and the default bundle: least-squares cast matrices (acd-fit-cast) at three
+# depths, fitted on WikiText-2 validation (the package carries it)
+CAST_LAYERS = (10, 15, 20)
+CAST_VECTORS = 40_000  # hidden-state vectors (tokens) the fit reads
+CAST_BLOCK_SIZE = 256
+
+
+def smollm2_cast_path(layers: tuple[int, ...] = CAST_LAYERS, *, max_vectors: int = CAST_VECTORS) -> Path:
+    """SmolLM2 with cast matrices for `layers` (SHARED_PROJECTION_CAST_OUTPUTS), fitted once and cached: the
+    folder's name holds the layers, the vector count and a hash of the fitting code and its text."""
+    import hashlib
+
+    from autocontrast.data import wikitext_path
+    from autocontrast.models import cast_fitting
+
+    data = wikitext_path("valid")
+    digest = hashlib.sha256(Path(cast_fitting.__file__).read_bytes() + data.read_bytes()).hexdigest()[:10]
+    name = f"{MODEL_DIR_NAME}-cast-{'-'.join(map(str, layers))}-{max_vectors}-{digest}"
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    print(f"fitting cast matrices for layers {', '.join(map(str, layers))} on {max_vectors:,} tokens of "
+          f"{data.name} (once) -> {target}", file=sys.stderr)
+    cast_fitting.fit_cast_matrices(smollm2_path(), target, layers=layers, data_files=[data],
+                                   block_size=CAST_BLOCK_SIZE, max_vectors=max_vectors)
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = command_parser(
         prog="acd-prepare-smollm2",

@@ -55,15 +55,28 @@ def contrast_scores(upper: np.ndarray, lower: np.ndarray, *, alpha: float = DEFA
 
 
 def jensen_shannon(log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
-    """JSD(p || q) in nats over the last axis, from log-probabilities (0 log 0 = 0): (..., vocab) -> (...)."""
-    log_m = np.logaddexp(log_p, log_q) - np.log(2.0, dtype=log_p.dtype)
+    """JSD(p || q) in nats over the last axis, from log-probabilities (0 log 0 = 0): (..., vocab) -> (...).
 
-    def kl_to_m(log_x: np.ndarray) -> np.ndarray:
-        x = np.exp(log_x)
-        with np.errstate(invalid="ignore"):
-            return np.where(x > 0, x * (log_x - log_m), 0.0).sum(axis=-1)
+    As (sum p log p + sum q log q) / 2 - sum m log m with m = (p + q) / 2: one exp per distribution, one
+    log, dot products without temporaries (this runs per decode step over the vocabulary, once per DoLa
+    candidate). A zero probability (a -inf log, or m underflowing to 0) makes 0 * -inf: those rows are
+    computed again with the terms at 0."""
+    p, q = np.exp(log_p), np.exp(log_q)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        m = (p + q) * p.dtype.type(0.5)
+        out = (_dot(p, log_p) + _dot(q, log_q)) * 0.5 - _dot(m, np.log(m))
+    bad = np.isnan(out)
+    if bad.any():
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.nan_to_num(0.5 * (p * log_p + q * log_q) - m * np.log(m), nan=0.0)
+        out = np.where(bad, terms.sum(axis=-1), out)
+    return out
 
-    return 0.5 * (kl_to_m(log_p) + kl_to_m(log_q))
+
+def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise dot products over the last axis: (..., vocab), (..., vocab) -> (...)."""
+    a, b = np.broadcast_arrays(a, b)
+    return np.einsum("...v,...v->...", a, b)
 
 
 def dola_scores(final: np.ndarray, premature: np.ndarray, *, relative_top: float = DEFAULT_RELATIVE_TOP) -> np.ndarray:
@@ -72,13 +85,17 @@ def dola_scores(final: np.ndarray, premature: np.ndarray, *, relative_top: float
     The formula is `autocontrast.models.contrast.dola_scores`'; float32 (float64 if given float64).
     """
     dtype = np.result_type(final.dtype, np.float32)
-    log_final = log_softmax(final.astype(dtype, copy=False))
-    log_premature = log_softmax(premature.astype(dtype, copy=False))
-    chosen = jensen_shannon(log_final[None], log_premature).argmax(axis=0)  # (...)
-    base = np.take_along_axis(log_premature, chosen[None, ..., None], axis=0)[0]
+    log_final = log_softmax(final.astype(dtype, copy=False))  # (..., vocab)
+    log_premature = log_softmax(premature.astype(dtype, copy=False))  # (candidates, ..., vocab)
+    if len(log_premature) == 1:
+        base = log_premature[0]
+    else:
+        chosen = jensen_shannon(log_final[None], log_premature).argmax(axis=0)  # (...): the first on ties
+        base = np.take_along_axis(log_premature, chosen[None, ..., None], axis=0)[0]
     kept = log_final >= log_final.max(axis=-1, keepdims=True) + dtype.type(np.log(relative_top))
     with np.errstate(invalid="ignore"):
-        scores = np.where(kept, log_final - base, -np.inf)
+        scores = np.where(kept, log_final - base, dtype.type(-np.inf))
     infinite = scores == np.inf
-    scores = np.where(infinite.any(axis=-1, keepdims=True), np.where(infinite, 0.0, -np.inf), scores)
+    if infinite.any():  # a premature probability of 0 on a kept token: those tokens share the choice
+        scores = np.where(infinite.any(axis=-1, keepdims=True), np.where(infinite, dtype.type(0), -np.inf), scores)
     return scores.astype(dtype, copy=False)
