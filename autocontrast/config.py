@@ -306,6 +306,17 @@ def configuration_for_mode(mode: str, exits: Iterable[Exit] | str | None = None,
 
 
 SHARED_MODES = (VocabularyProjectionMode.SHARED_PROJECTION_DIRECT, VocabularyProjectionMode.SHARED_PROJECTION_CAST_OUTPUTS)
+# how reports name the exits of each projection mode: the direct projection is no trained exit, and says so
+PROJECTION_LABELS = {
+    VocabularyProjectionMode.SHARED_PROJECTION_DIRECT: "direct projection (untrained: the own head on a lower layer)",
+    VocabularyProjectionMode.SHARED_PROJECTION_CAST_OUTPUTS: "cast matrices (fitted) before the own head",
+    VocabularyProjectionMode.LAYER_SPECIFIC_PROJECTION: "layer-specific exit heads (trained)",
+}
+
+
+def projection_label(mode: VocabularyProjectionMode | str) -> str:
+    """What a report says the exits are, e.g. 'direct projection (untrained: ...)'."""
+    return PROJECTION_LABELS[VocabularyProjectionMode.parse(mode)]
 
 
 def is_original_logits(mode: VocabularyProjectionMode | str, exit_: Exit, *, num_layers: int) -> bool:

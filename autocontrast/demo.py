@@ -18,7 +18,7 @@ import textwrap
 from pathlib import Path
 
 from autocontrast.cli_support import command_parser, run_cli
-from autocontrast.config import configuration_for_mode, parse_exit
+from autocontrast.config import configuration_for_mode, parse_exit, projection_label
 from autocontrast.errors import ConfigurationError
 
 # (prompt, through the chat template?): a text continuation, and an instruction to the Instruct model
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from autocontrast.models.smollm2 import CAST_LAYERS
     from autocontrast.runtime import Generator
 
-    exits = "fitted cast matrices" if args.projection == "cast" else "direct projection, untrained"
+    exits = projection_label(PROJECTIONS[args.projection])
     generator = Generator(bundle)
     modes = {"greedy (original head)": configuration_for_mode("original"),
              f"ACD (own head vs exit {lower}; {exits})": configuration_for_mode("contrast", (TOP, lower)),

@@ -48,6 +48,7 @@ class TorchBackend:
         self.model = model if model is not None else load_torch_model(path, projection=projection)
         self.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(path))
         self.base_config = self.model.multi_exit_config
+        self.projection_mode = self.base_config.vocab_projection_mode.name
         eos = self.model.generation_config.eos_token_id
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or [self.tokenizer.eos_token_id]))
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(
@@ -119,6 +120,7 @@ class BundleBackend:
         self.fused_contrast = fused_contrast
         self.eos_token_ids = frozenset(self.generator.manifest.eos_token_ids)
         self.max_length = int(self.generator.manifest.max_positions)
+        self.projection_mode = self.generator.manifest.projection_mode
 
     def encode(self, text: str) -> list[int]:
         return list(self.generator.tokenizer.encode(text, add_special_tokens=False).ids)

@@ -33,6 +33,7 @@ from autocontrast.config import (
     DEFAULT_MINIMUM_CANDIDATES,
     DEFAULT_RELATIVE_TOP,
     parse_exit,
+    projection_label,
     parse_exits,
 )
 from autocontrast.errors import ConfigurationError, DataError
@@ -82,6 +83,7 @@ class SettingResult:
 class QualityReport:
     model: str
     backend: str
+    exits: str  # what the exits are (`projection_label`): a direct projection is labelled untrained
     prompts: int
     prompt_tokens: int
     max_new_tokens: int
@@ -94,7 +96,7 @@ class QualityReport:
         head = (f"{'setting':<34} {'mode':<16} {'rep-2':>6} {'rep-3':>6} {'rep-4':>6} {'divers.':>7} {'coher.':>6} "
                 f"{'MAUVE':>6} {'tokens':>6}")
         lines = [f"{self.prompts} prompts of {self.prompt_tokens} tokens, up to {self.max_new_tokens} new tokens "
-                 f"({self.backend})", head]
+                 f"({self.backend}; exits: {self.exits})", head]
         for s in self.settings:
             coh = "n/a" if s.coherence is None else f"{s.coherence:.3f}"
             mauve = "n/a" if s.mauve is None else f"{s.mauve:.3f}"
@@ -123,7 +125,8 @@ def write_chart(report: QualityReport, path: str | Path) -> None:
     ax.legend(unique.values(), unique.keys(), fontsize=8, title="marker area: MAUVE")
     ax.set_xlabel("diversity (higher: fewer repeated n-grams)")
     ax.set_ylabel("coherence (prompt-continuation cosine)")
-    ax.set_title(f"{Path(report.model).name}: {report.prompts} prompts, {report.max_new_tokens} new tokens")
+    ax.set_title(f"{Path(report.model).name}: {report.prompts} prompts, {report.max_new_tokens} new tokens\n"
+                 f"exits: {report.exits}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -164,7 +167,8 @@ def run_quality(model: str | Path, data: str | Path, *, settings: Sequence[Setti
             mauve=None if embedder is None else mauve_score(human_features, embedder.embed(texts), seed=seed),
             mean_new_tokens=sum(map(len, generated)) / len(generated), seconds=time.perf_counter() - start,
             samples=[{"prompt": p, "continuation": t} for p, t in zip(prompt_texts[:samples], texts[:samples], strict=True)]))
-    return QualityReport(model=str(model), backend=backend.name, prompts=len(prompt_ids), prompt_tokens=prompt_tokens,
+    return QualityReport(model=str(model), backend=backend.name, exits=projection_label(backend.projection_mode),
+                         prompts=len(prompt_ids), prompt_tokens=prompt_tokens,
                          max_new_tokens=max_new_tokens, settings=results)
 
 

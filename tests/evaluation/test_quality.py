@@ -61,6 +61,7 @@ def test_a_study_of_greedy_acd_and_dola_settings_on_a_bundle(llama_bundle, tmp_p
         ("greedy", "original_head"), ("greedy:rp=1.3", "original_head"), ("acd:lower=1,alpha=0.3", "original_vs_1"),
         ("dola:layers=1/2,rt=0.2,rp=1.2", "dola_1_2"), ("dola", "dola_1_2_3")]  # plain dola: every bundle exit
     assert all(s["mauve"] is None and s["coherence"] is None for s in report["settings"])
+    assert report["exits"].startswith("direct projection (untrained")  # the tiny bundle's exits are no trained ones
 
 
 def test_setting_specs_parse_and_refuse_what_a_method_does_not_use():
