@@ -33,8 +33,8 @@ from autocontrast.config import (
     DEFAULT_MINIMUM_CANDIDATES,
     DEFAULT_RELATIVE_TOP,
     parse_exit,
-    projection_label,
     parse_exits,
+    projection_label,
 )
 from autocontrast.errors import ConfigurationError, DataError
 from autocontrast.evaluation.generation_backends import load_backend
