@@ -69,7 +69,9 @@ def collect_layer_outputs(model: MultiExitMixin, blocks: torch.Tensor, layers: S
                 break
             batch = blocks[start: start + batch_size]  # (batch, block_size)
             kwargs = {"decoder_input_ids": batch} if family.is_encoder_decoder else {}
-            outputs = model(input_ids=batch, output_hidden_states=True, **kwargs)
+            # the body alone: its hidden states are the multi-exit model's, without the vocabulary products of
+            # every position (for SmolLM2 those cost several times the layers)
+            outputs = model.base_model(input_ids=batch, output_hidden_states=True, **kwargs)
             hidden = outputs.decoder_hidden_states if family.is_encoder_decoder else outputs.hidden_states
             take = min(batch.numel(), limit - collected)
             for layer in layers:
