@@ -22,7 +22,8 @@ tensor([1.0000])
 
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import torch
 
 from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, DEFAULT_RELATIVE_TOP
@@ -93,7 +94,7 @@ def dola_scores(final_logits: torch.Tensor, premature_logits: torch.Tensor,
     divergence = jensen_shannon(log_final.unsqueeze(0), log_premature)  # (candidates, ...)
     chosen = divergence.argmax(dim=0)  # (...)
     base = torch.gather(log_premature, 0, chosen.unsqueeze(0).unsqueeze(-1).expand_as(log_premature[:1]))[0]
-    kept = log_final >= log_final.max(dim=-1, keepdim=True).values + float(np.log(relative_top))
+    kept = log_final >= log_final.max(dim=-1, keepdim=True).values + math.log(relative_top)
     minus_inf = torch.tensor(float("-inf"), dtype=dtype)
     scores = torch.where(kept, log_final - base, minus_inf)
     infinite = scores == float("inf")
