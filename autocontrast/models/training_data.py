@@ -7,7 +7,7 @@ dropped), as the original library's `group_texts` does. Every token is a label.
 
 Self-sampled text (no corpus needed, `--self-sample N`): N blocks, each the start token (the
 tokenizer's BOS, else its EOS) followed by `block_size - 1` tokens sampled from the model itself
-with HF `generate()` (temperature 1, top-p 0.95, no top-k, seeded; EOS does not stop a block), then
+with HF `generate()` (temperature 1, top-p `SAMPLING_TOP_P`, no top-k, seeded; EOS does not stop a block), then
 used like plain-text blocks. Distilling heads on the model's own samples trains them where the
 model's distribution puts its mass, as the tuned lens does.
 
@@ -121,7 +121,7 @@ def sample_blocks(model: Any, tokenizer: Any, *, blocks: int, block_size: int, s
     the global torch RNG is left as it was. Progress goes to stderr after every batch.
     """
     if blocks < 1:
-        raise DataError(f"--self-sample needs a positive number of blocks (got {blocks})")
+        raise DataError(f"the number of blocks to sample must be positive (got {blocks})")
     check_block_size(block_size)
     start = start_token_id(tokenizer)
     was_training = model.training

@@ -313,10 +313,15 @@ def _logits(model_dir: Path, blocks: torch.Tensor, **config) -> torch.Tensor:
 def test_kl_training_brings_each_head_closer_to_the_top_layer_on_held_out_text(plain_llama, distilled):
     blocks = _held_out_blocks(plain_llama)
     top = _logits(plain_llama, blocks, vocab_projection_mode="SHARED_PROJECTION_DIRECT")
+    fresh = load_for_training(plain_llama, LAYERS).eval()
+    with torch.no_grad():
+        outputs = fresh(input_ids=blocks, output_hidden_states=True)
+        copies = fresh.exit_logits(LAYERS, outputs.logits, outputs.hidden_states)
     for layer in LAYERS:
         # an untrained head is a copy of the model's own head: the direct projection of the layer
         untrained = _logits(plain_llama, blocks, vocab_projection_mode="SHARED_PROJECTION_DIRECT",
                             use_original_head=False, output_layer_index=layer)
+        torch.testing.assert_close(copies[layer], untrained)
         trained = _logits(distilled, blocks, vocab_projection_mode="LAYER_SPECIFIC_PROJECTION",
                           use_original_head=False, output_layer_index=layer)
         before, after = float(_reference_kl(top, [untrained])), float(_reference_kl(top, [trained]))
