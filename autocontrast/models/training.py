@@ -2,10 +2,21 @@
 
 One linear head per chosen layer, each initialised from the model's own vocabulary head (so
 training starts from the shared projection and can only improve on it), trained through the
-Hugging Face `Trainer` on the sum of the heads' cross-entropies (the multi-exit forward computes
-it when given `labels`). The result is saved in the original library's checkpoint format
+Hugging Face `Trainer` on one of two objectives (`HeadTrainingOptions.objective`, `--objective`):
+
+- `ce` (default, the original library's): the sum of the heads' cross-entropies against the next
+  token (the multi-exit forward computes it when given `labels`);
+- `kl` (distillation, as the tuned lens trains its translators): the sum over heads of
+  KL(p_top || p_head), averaged over positions, where p_top is the model's own output
+  distribution from the same forward pass, held fixed (`distillation_loss`). It needs no labels,
+  so it fits text the model samples itself (`--self-sample N`, `training_data.sample_blocks`).
+  It trains heads only (not with `train_base`: the base would be pulled towards its own lower
+  layers with nothing holding the top layer to the data) and reads text blocks only (not task
+  pairs, whose masked sources it would ignore), on decoder-only models.
+
+The result is saved in the original library's checkpoint format
 (`name_to_lm_exit_head.lm_head_<k>.weight`, `lm_head_layer_indices` in config.json), so
-`AutoMultiExitModel` and `acd-export` load it.
+`AutoMultiExitModel` and `acd-export` load it; the objective leaves no trace in it.
 
 >>> from autocontrast.models.training import HeadTrainingOptions, train_heads
 >>> options = HeadTrainingOptions(block_size=128, batch_size=4, max_steps=300)
@@ -15,6 +26,7 @@ it when given `labels`). The result is saved in the original library's checkpoin
 Command line (options after `--` go to `transformers.TrainingArguments`):
 
     acd-train-heads MODEL --layers 8,15,22 --data valid.txt --output DIR [--resume] [-- --warmup_steps 20]
+    acd-train-heads MODEL --layers 8,15,22 --self-sample 256 --objective kl --output DIR
 """
 
 from __future__ import annotations
@@ -34,15 +46,24 @@ from autocontrast.cli_support import command_parser, run_cli
 from autocontrast.config import ORIGINAL, MultiExitConfiguration, VocabularyProjectionMode, parse_exits
 from autocontrast.errors import ConfigurationError, DataError
 from autocontrast.models.multi_exit import HEADS, LM_HEAD_PREFIX, MultiExitMixin
-from autocontrast.models.training_data import PairCollator, task_pairs, text_blocks
+from autocontrast.models.training_data import (
+    SAMPLING_TOP_P,
+    PairCollator,
+    self_sampled_blocks,
+    task_pairs,
+    text_blocks,
+)
 
 TRAINER_DIR = "trainer"  # Trainer checkpoints (for --resume), inside the output directory
+CROSS_ENTROPY, DISTILLATION = "ce", "kl"
+OBJECTIVES = (CROSS_ENTROPY, DISTILLATION)
 
 
 @dataclasses.dataclass(frozen=True)
 class HeadTrainingOptions:
     """How to train. `max_steps` > 0 overrides `epochs`; `train_base` also trains the base (task
-    fine-tuning as the original library does it); `trainer_args` go to `TrainingArguments` as given."""
+    fine-tuning as the original library does it); `objective` is one of `OBJECTIVES` (see the module
+    docstring); `trainer_args` go to `TrainingArguments` as given."""
 
     block_size: int = 512
     batch_size: int = 8
@@ -55,6 +76,7 @@ class HeadTrainingOptions:
     save_total_limit: int = 2
     seed: int = 0
     train_base: bool = False
+    objective: str = CROSS_ENTROPY
     trainer_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -64,6 +86,13 @@ class HeadTrainingOptions:
             raise ConfigurationError(f"learning rate ({self.learning_rate}) must be positive")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigurationError("give a positive number of epochs or of max steps")
+        if self.objective not in OBJECTIVES:
+            raise ConfigurationError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.objective == DISTILLATION and self.train_base:
+            raise ConfigurationError(
+                "--objective kl distils exit heads from the model's own top layer, which must stay fixed; "
+                "--train-base would train the base with nothing but its lower layers' agreement with the top. "
+                "Use --objective ce to fine-tune the base")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,29 +169,123 @@ def training_arguments(options: HeadTrainingOptions, checkpoint_dir: Path) -> An
     return args
 
 
+# -- the distillation objective ---------------------------------------------------------------------
+
+
+def distillation_loss(top_logits: torch.Tensor, head_logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The `kl` objective: every exit head's KL divergence from the top layer, averaged over
+    positions and summed over heads,
+
+        loss = sum_heads mean_positions sum_v p_top(v) * (log p_top(v) - log p_head(v))
+
+    with p_top = softmax(top_logits), held fixed (no gradient reaches the top layer), p_head =
+    softmax of that head's logits, in float32; a token with p_top(v) = 0 adds 0.
+
+    top_logits: (..., vocab); head_logits[i]: (..., vocab), the same positions -> scalar
+    """
+    if not head_logits:
+        raise ConfigurationError("distillation needs at least one exit head")
+    log_p_top = torch.log_softmax(top_logits.detach().float(), dim=-1)
+    p_top = log_p_top.exp()
+    per_head = []
+    for logits in head_logits:
+        log_p_head = torch.log_softmax(logits.float(), dim=-1)
+        pointwise = torch.where(p_top > 0, p_top * (log_p_top - log_p_head), 0.0)
+        per_head.append(pointwise.sum(dim=-1).mean())
+    return torch.stack(per_head).sum()
+
+
+def head_distillation_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+    """The `kl` loss of a batch of token blocks and the model's outputs, from one forward pass.
+
+    The model generates with its own head (as `load_for_training` configures it), so the pass
+    yields the top layer's logits, and the hidden states give every exit head's; labels are not read.
+    """
+    inner = getattr(model, "module", model)  # a DataParallel / DDP wrapper keeps the model in .module
+    if inner.multi_exit_config.required_exits != (ORIGINAL,):
+        raise ConfigurationError("distillation needs a model whose output is its own head's (use_original_head)")
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                    output_hidden_states=True)
+    heads = inner.exit_logits(inner.exit_indices, outputs.logits, outputs.hidden_states)
+    return distillation_loss(outputs.logits, list(heads.values())), outputs
+
+
+def trainer_class(objective: str) -> type:
+    """The `transformers.Trainer` for an objective: the Trainer itself for `ce` (the model's
+    forward computes the loss from `labels`), a subclass computing `head_distillation_loss` for `kl`."""
+    from transformers import Trainer
+
+    if objective == CROSS_ENTROPY:
+        return Trainer
+
+    class DistillationTrainer(Trainer):
+        def compute_loss(self, model: Any, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            loss, outputs = head_distillation_loss(model, inputs)
+            return (loss, outputs) if return_outputs else loss
+
+    return DistillationTrainer
+
+
 def _latest_checkpoint(checkpoint_dir: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
     return get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
 
 
+def check_data_sources(data_files: Sequence[str | Path], task_files: Sequence[str | Path], self_sample: int | None,
+                       objective: str) -> None:
+    """Exactly one source of training data, and one the objective can use."""
+    if self_sample is not None and self_sample < 1:
+        raise DataError(f"--self-sample needs a positive number of blocks (got {self_sample})")
+    given = [flag for flag, value in (("--data", data_files), ("--task-data", task_files),
+                                      ("--self-sample", self_sample is not None)) if value]
+    if len(given) != 1:
+        raise DataError("give one source of training data: text files (--data), task files (--task-data) or "
+                        f"--self-sample N; got {' and '.join(given) if given else 'none'}")
+    if task_files and objective == DISTILLATION:
+        raise ConfigurationError("--objective kl distils every position of text blocks and ignores labels, so it "
+                                 "would train on the task sources that --task-data masks out; give the text with "
+                                 "--data, or use --objective ce for task pairs")
+
+
+def check_model_fits(model: MultiExitMixin, objective: str, self_sample: int | None) -> None:
+    """Distillation and self-sampled text are for decoder-only models."""
+    if model.family.is_encoder_decoder and (objective == DISTILLATION or self_sample is not None):
+        raise ConfigurationError(f"--objective {DISTILLATION} and --self-sample are for decoder-only models; "
+                                 f"{model.config.model_type} is an encoder-decoder: use --objective "
+                                 f"{CROSS_ENTROPY} with --data or --task-data")
+
+
+def _file_data(tokenizer: Any, data_files: Sequence[str | Path], task_files: Sequence[str | Path],
+               block_size: int) -> tuple[Any, Any]:
+    """(dataset, collator) of text files or task files; (None, None) when neither is given."""
+    if task_files:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return task_pairs(tokenizer, task_files, max_length=block_size), PairCollator(pad_token_id=pad or 0)
+    if data_files:
+        return text_blocks(tokenizer, data_files, block_size=block_size), None
+    return None, None
+
+
 def train_heads(model_path: str | Path, output_dir: str | Path, *, layers: Sequence[int] | str,
-                data_files: Sequence[str | Path] = (), task_files: Sequence[str | Path] = (),
+                data_files: Sequence[str | Path] = (), task_files: Sequence[str | Path] = (), self_sample: int | None = None,
                 options: HeadTrainingOptions | None = None, resume: bool = False,
                 callbacks: Sequence[Any] = ()) -> TrainingResult:
-    """Train exit heads at `layers` on text (`data_files`) or task pairs (`task_files`, JSON Lines).
+    """Train exit heads at `layers` on text (`data_files`), task pairs (`task_files`, JSON Lines)
+    or `self_sample` blocks of text the model samples itself (`training_data.sample_blocks`).
 
-    Trainer checkpoints go to `<output_dir>/trainer/` (`resume=True` continues from the latest);
-    the final model and tokenizer are written to a temporary folder and moved into `output_dir`
-    only when complete. `callbacks` are `transformers.TrainerCallback`s added to the Trainer's.
+    Trainer checkpoints go to `<output_dir>/trainer/` (`resume=True` continues from the latest;
+    self-sampled text is sampled again, the same under the same seed); the final model and
+    tokenizer are written to a temporary folder and moved into `output_dir` only when complete.
+    `callbacks` are `transformers.TrainerCallback`s added to the Trainer's.
     """
-    from transformers import AutoTokenizer, Trainer
+    from transformers import AutoTokenizer
 
     options = options or HeadTrainingOptions()
     layers = parse_layers(layers)
     output_dir = Path(output_dir)
-    if bool(data_files) == bool(task_files):
-        raise DataError("give either text files (--data) or task files (--task-data), not both or neither")
+    check_data_sources(data_files, task_files, self_sample, options.objective)
     checkpoint_dir = output_dir / TRAINER_DIR
     latest = _latest_checkpoint(checkpoint_dir)
     if resume and latest is None:
@@ -172,19 +295,19 @@ def train_heads(model_path: str | Path, output_dir: str | Path, *, layers: Seque
                                  "--resume to continue its training")
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    if task_files:
-        dataset = task_pairs(tokenizer, task_files, max_length=options.block_size)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        collator = PairCollator(pad_token_id=pad or 0)
-    else:
-        dataset, collator = text_blocks(tokenizer, data_files, block_size=options.block_size), None
+    dataset, collator = _file_data(tokenizer, data_files, task_files, options.block_size)  # errors before loading
     model = load_for_training(model_path, layers, train_base=options.train_base)
-    print(f"training heads at layers {', '.join(map(str, layers))} on {len(dataset)} examples "
-          f"({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters)",
-          file=sys.stderr)
+    check_model_fits(model, options.objective, self_sample)
+    if self_sample is not None:
+        dataset = self_sampled_blocks(model, tokenizer, blocks=self_sample, block_size=options.block_size,
+                                      seed=options.seed)
+    print(f"training heads at layers {', '.join(map(str, layers))} on {len(dataset)} examples, objective "
+          f"{options.objective} ({sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable "
+          "parameters)", file=sys.stderr)
 
-    trainer = Trainer(model=model, args=training_arguments(options, checkpoint_dir), train_dataset=dataset,
-                      data_collator=collator, callbacks=list(callbacks))
+    trainer = trainer_class(options.objective)(
+        model=model, args=training_arguments(options, checkpoint_dir), train_dataset=dataset,
+        data_collator=collator, callbacks=list(callbacks))
     trainer.train(resume_from_checkpoint=latest if resume else None)
 
     model.eval()
@@ -218,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data", nargs="+", metavar="FILE", help="text files (chunked into blocks)")
     data.add_argument("--task-data", nargs="+", metavar="FILE",
                       help="JSON Lines files of {'source': ..., 'target': ...}; the source is not in the loss")
+    data.add_argument("--self-sample", type=int, metavar="N",
+                      help="train on N blocks of --block-size tokens sampled from the model itself "
+                           f"(temperature 1, top-p {SAMPLING_TOP_P}, seeded by --seed); no corpus needed")
     parser.add_argument("--output", required=True, help="folder for the trained multi-exit model")
     defaults = HeadTrainingOptions()
     parser.add_argument("--block-size", type=int, default=defaults.block_size, help="tokens per training block")
@@ -229,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--logging-steps", type=int, default=defaults.logging_steps)
     parser.add_argument("--save-steps", type=int, default=defaults.save_steps)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--objective", choices=OBJECTIVES, default=defaults.objective,
+                        help="ce: next-token cross-entropy (the original library's); kl: distil each head from "
+                             "the model's own top layer, KL(p_top || p_head) (heads only, text blocks only)")
     parser.add_argument("--train-base", action="store_true",
                         help="also train the base model (the original library does so for task fine-tuning)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest Trainer checkpoint")
@@ -243,9 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     options = HeadTrainingOptions(
         block_size=args.block_size, batch_size=args.batch_size, epochs=args.epochs, max_steps=args.max_steps,
         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps, logging_steps=args.logging_steps,
-        save_steps=args.save_steps, seed=args.seed, train_base=args.train_base, trainer_args=tuple(trainer_args))
+        save_steps=args.save_steps, seed=args.seed, train_base=args.train_base, objective=args.objective,
+        trainer_args=tuple(trainer_args))
     result = train_heads(args.model, args.output, layers=args.layers, data_files=args.data or (),
-                         task_files=args.task_data or (), options=options, resume=args.resume)
+                         task_files=args.task_data or (), self_sample=args.self_sample, options=options,
+                         resume=args.resume)
     losses = result.losses
     if losses:
         print(f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f}", file=sys.stderr)

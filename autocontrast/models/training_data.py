@@ -1,8 +1,15 @@
-"""Training data for exit heads: plain text chunked into blocks, or task (source, target) pairs.
+"""Training data for exit heads: plain text chunked into blocks, text the model samples itself, or
+task (source, target) pairs.
 
 Plain text (language-modelling heads): every file is tokenized whole, the files are joined with the
 end-of-sequence token, and the token stream is cut into fixed-length blocks (the remainder is
 dropped), as the original library's `group_texts` does. Every token is a label.
+
+Self-sampled text (no corpus needed, `--self-sample N`): N blocks, each the start token (the
+tokenizer's BOS, else its EOS) followed by `block_size - 1` tokens sampled from the model itself
+with HF `generate()` (temperature 1, top-p `SAMPLING_TOP_P`, no top-k, seeded; EOS does not stop a block), then
+used like plain-text blocks. Distilling heads on the model's own samples trains them where the
+model's distribution puts its mass, as the tuned lens does.
 
 Task pairs (downstream fine-tuning): JSON Lines with `source` and `target` strings; the model reads
 `source + target` and only the target tokens carry a label, the source is masked out of the loss
@@ -16,6 +23,7 @@ with -100, as the original library's `gpt_preprocess_func(ignore_input_in_loss=T
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +34,8 @@ import torch
 from autocontrast.errors import DataError
 
 IGNORE_INDEX = -100  # the label cross-entropy skips (source tokens, padding)
+SAMPLING_TOP_P = 0.95  # nucleus of self-sampled text (temperature 1, no top-k)
+SAMPLING_BATCH_SIZE = 16  # blocks sampled per generate() call
 
 
 def read_text_files(paths: Sequence[str | Path]) -> list[str]:
@@ -56,10 +66,15 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str]) -> list[int]:
     return stream
 
 
-def chunk_tokens(tokens: Sequence[int], *, block_size: int) -> torch.Tensor:
-    """Cut a token stream into full blocks, dropping the remainder: -> (blocks, block_size)."""
+def check_block_size(block_size: int) -> None:
+    """A block must hold a token and the one it predicts."""
     if block_size < 2:
         raise DataError(f"block size ({block_size}) must be at least 2 (a token and the one it predicts)")
+
+
+def chunk_tokens(tokens: Sequence[int], *, block_size: int) -> torch.Tensor:
+    """Cut a token stream into full blocks, dropping the remainder: -> (blocks, block_size)."""
+    check_block_size(block_size)
     blocks = len(tokens) // block_size
     if blocks == 0:
         raise DataError(f"the data has {len(tokens)} tokens, fewer than one block of {block_size}; "
@@ -84,6 +99,53 @@ class BlockDataset(torch.utils.data.Dataset):
 def text_blocks(tokenizer: Any, paths: Sequence[str | Path], *, block_size: int) -> BlockDataset:
     """The blocks of the given text files (see the module docstring)."""
     return BlockDataset(chunk_tokens(tokenize_texts(tokenizer, read_text_files(paths)), block_size=block_size))
+
+
+# -- self-sampled text -------------------------------------------------------------------------------
+
+
+def start_token_id(tokenizer: Any) -> int:
+    """The token self-sampled blocks start from: the tokenizer's BOS, else its EOS."""
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    raise DataError("the tokenizer has neither a BOS nor an EOS token to start self-sampled text from")
+
+
+def sample_blocks(model: Any, tokenizer: Any, *, blocks: int, block_size: int, seed: int = 0,
+                  top_p: float = SAMPLING_TOP_P, batch_size: int = SAMPLING_BATCH_SIZE) -> torch.Tensor:
+    """`blocks` blocks of text sampled from `model` itself (see the module docstring): -> (blocks, block_size).
+
+    `model` is any HF causal LM (a multi-exit model generating with its own head samples the plain
+    model; its exit heads are unused). Seeded: the same seed, sizes and model give the same blocks;
+    the global torch RNG is left as it was. Progress goes to stderr after every batch.
+    """
+    if blocks < 1:
+        raise DataError(f"the number of blocks to sample must be positive (got {blocks})")
+    check_block_size(block_size)
+    start = start_token_id(tokenizer)
+    was_training = model.training
+    model.eval()
+    sampled = []
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            for first in range(0, blocks, batch_size):
+                rows = min(batch_size, blocks - first)
+                prompt = torch.full((rows, 1), start, dtype=torch.long, device=model.device)  # (rows, 1)
+                out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                     temperature=1.0, top_p=top_p, top_k=0, max_new_tokens=block_size - 1,
+                                     eos_token_id=None, pad_token_id=None)  # (rows, block_size): EOS does not stop
+                sampled.append(out.cpu())
+                print(f"self-sampled {first + rows}/{blocks} blocks of {block_size} tokens", file=sys.stderr)
+    finally:
+        model.train(was_training)
+    return torch.cat(sampled)
+
+
+def self_sampled_blocks(model: Any, tokenizer: Any, *, blocks: int, block_size: int, seed: int = 0) -> BlockDataset:
+    """`sample_blocks` as a training dataset, like `text_blocks`."""
+    return BlockDataset(sample_blocks(model, tokenizer, blocks=blocks, block_size=block_size, seed=seed))
 
 
 # -- task pairs --------------------------------------------------------------------------------------

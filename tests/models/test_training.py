@@ -243,3 +243,205 @@ def test_unknown_trainer_argument_is_a_configuration_error(tmp_path):
 
     with pytest.raises(ConfigurationError, match="invalid Trainer arguments"):
         training_arguments(HeadTrainingOptions(trainer_args=("--no_such_option", "1")), tmp_path)
+
+
+# -- distillation from the top layer (--objective kl) and self-sampled text (--self-sample) ----------
+
+KL_FAST = dict(FAST, batch_size=4, max_steps=10, learning_rate=3e-3, objective="kl")
+
+
+def _reference_kl(top: torch.Tensor, heads: list[torch.Tensor]) -> torch.Tensor:
+    """sum over heads of mean-over-positions KL(softmax(top) || softmax(head)), by torch's kl_div in float64."""
+    target = torch.log_softmax(top.detach().double(), dim=-1).flatten(0, -2)  # (positions, vocab)
+    return sum(torch.nn.functional.kl_div(torch.log_softmax(h.double(), dim=-1).flatten(0, -2), target,
+                                          log_target=True, reduction="batchmean") for h in heads)
+
+
+def test_distillation_loss_and_its_gradient_match_torch_kl_div():
+    from autocontrast.models.training import distillation_loss
+
+    generator = torch.Generator().manual_seed(0)
+    top = torch.randn(2, 5, 50, generator=generator) * 3
+    heads = [(torch.randn(2, 5, 50, generator=generator) * 3).requires_grad_() for _ in range(2)]
+    references = [h.detach().double().requires_grad_() for h in heads]
+    top.requires_grad_()
+
+    loss, expected = distillation_loss(top, heads), _reference_kl(top, references)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    for head, reference in zip(heads, references, strict=True):
+        torch.testing.assert_close(head.grad.double(), reference.grad, rtol=1e-4, atol=1e-7)
+    assert top.grad is None  # the top layer is the fixed teacher
+
+
+def test_distillation_loss_is_zero_for_the_top_itself_and_finite_where_the_top_rules_a_token_out():
+    from autocontrast.models.training import distillation_loss
+
+    top = torch.tensor([[0.5, -1.0, float("-inf"), 2.0]])
+    assert float(distillation_loss(top, [top.clone()])) == pytest.approx(0.0, abs=1e-7)
+    head = torch.tensor([[0.0, 0.0, 5.0, 0.0]])
+    p = torch.softmax(top, dim=-1)[0, [0, 1, 3]]
+    q = torch.softmax(head, dim=-1)[0, [0, 1, 3]]
+    assert float(distillation_loss(top, [head])) == pytest.approx(float((p * (p / q).log()).sum()), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def distilled(plain_llama, text_file, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("distilled") / "heads"
+    train_heads(plain_llama, output, layers=LAYERS, data_files=[text_file], options=HeadTrainingOptions(**KL_FAST))
+    return output
+
+
+def _held_out_blocks(model_dir: Path) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    from autocontrast.data import wikitext_path
+    from autocontrast.models.training_data import tokenize_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    text = wikitext_path("test").read_text(encoding="utf-8")[:20_000]  # training read the validation split
+    return chunk_tokens(tokenize_texts(tokenizer, [text]), block_size=32)[:16]
+
+
+def _logits(model_dir: Path, blocks: torch.Tensor, **config) -> torch.Tensor:
+    model = AutoMultiExitModel.from_pretrained(model_dir, MultiExitConfiguration(**config))
+    with torch.no_grad():
+        return model(input_ids=blocks).logits
+
+
+def test_kl_training_brings_each_head_closer_to_the_top_layer_on_held_out_text(plain_llama, distilled):
+    blocks = _held_out_blocks(plain_llama)
+    top = _logits(plain_llama, blocks, vocab_projection_mode="SHARED_PROJECTION_DIRECT")
+    fresh = load_for_training(plain_llama, LAYERS).eval()
+    with torch.no_grad():
+        outputs = fresh(input_ids=blocks, output_hidden_states=True)
+        copies = fresh.exit_logits(LAYERS, outputs.logits, outputs.hidden_states)
+    for layer in LAYERS:
+        # an untrained head is a copy of the model's own head: the direct projection of the layer
+        untrained = _logits(plain_llama, blocks, vocab_projection_mode="SHARED_PROJECTION_DIRECT",
+                            use_original_head=False, output_layer_index=layer)
+        torch.testing.assert_close(copies[layer], untrained)
+        trained = _logits(distilled, blocks, vocab_projection_mode="LAYER_SPECIFIC_PROJECTION",
+                          use_original_head=False, output_layer_index=layer)
+        before, after = float(_reference_kl(top, [untrained])), float(_reference_kl(top, [trained]))
+        assert after < 0.9 * before, (layer, before, after)
+
+
+def test_kl_training_keeps_the_base_and_the_checkpoint_format(plain_llama, distilled):
+    base = load_file(str(plain_llama / "model.safetensors"))
+    result = load_file(str(distilled / "model.safetensors"))
+    assert set(result) - set(base) == {f"name_to_lm_exit_head.lm_head_{layer}.weight" for layer in LAYERS}
+    assert all(torch.equal(result[name], tensor) for name, tensor in base.items() if name in result)
+    assert json.loads((distilled / "config.json").read_text())["lm_head_layer_indices"] == list(LAYERS)
+
+
+def test_self_sampled_blocks_have_the_block_shape_and_ids_of_the_vocabulary(plain_llama, capsys):
+    from transformers import AutoTokenizer
+
+    from autocontrast.models.training_data import sample_blocks, start_token_id
+
+    tokenizer = AutoTokenizer.from_pretrained(str(plain_llama))
+    model = load_for_training(plain_llama, LAYERS)
+    blocks = sample_blocks(model, tokenizer, blocks=5, block_size=24, seed=1, batch_size=2)
+    assert blocks.shape == (5, 24) and blocks.dtype == torch.long
+    assert int(blocks.min()) >= 0 and int(blocks.max()) < model.config.vocab_size
+    assert (blocks[:, 0] == start_token_id(tokenizer)).all()
+    assert len(set(map(tuple, blocks.tolist()))) == 5  # sampled, not one greedy continuation
+    assert model.training  # left as it was
+    assert "self-sampled 5/5 blocks of 24 tokens" in capsys.readouterr().err
+
+
+def test_self_sampling_is_deterministic_under_a_seed_and_leaves_the_global_rng_alone(plain_llama):
+    from transformers import AutoTokenizer
+
+    from autocontrast.models.training_data import sample_blocks
+
+    tokenizer = AutoTokenizer.from_pretrained(str(plain_llama))
+    model = load_for_training(plain_llama, LAYERS)
+    state = torch.random.get_rng_state()
+    first = sample_blocks(model, tokenizer, blocks=3, block_size=16, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(sample_blocks(model, tokenizer, blocks=3, block_size=16, seed=7), first)
+    assert not torch.equal(sample_blocks(model, tokenizer, blocks=3, block_size=16, seed=8), first)
+
+
+def test_end_of_sequence_does_not_end_a_self_sampled_block(plain_llama):
+    from transformers import AutoTokenizer
+
+    from autocontrast.models.training_data import sample_blocks
+
+    tokenizer = AutoTokenizer.from_pretrained(str(plain_llama))
+    model = load_for_training(plain_llama, LAYERS)
+    eos = model.generation_config.eos_token_id
+
+    def favour_eos(module, args, output):  # make EOS the likeliest next token everywhere
+        output = output.clone()
+        output[..., eos] += 10.0
+        return output
+
+    model.lm_head.register_forward_hook(favour_eos)
+    blocks = sample_blocks(model, tokenizer, blocks=2, block_size=12, seed=0)
+    assert blocks.shape == (2, 12)
+    assert (blocks[:, 1:-1] == eos).float().mean() > 0.5  # sampled EOS, and the block went on after it
+
+
+def test_training_on_self_sampled_text_saves_a_checkpoint_that_reloads(plain_llama, tmp_path, capsys):
+    output = tmp_path / "heads"
+    result = train_heads(plain_llama, output, layers=LAYERS, self_sample=4,
+                         options=HeadTrainingOptions(**{**KL_FAST, "max_steps": 2}))
+    assert len(result.losses) == 2
+    assert "self-sampled 4/4 blocks of 32 tokens" in capsys.readouterr().err
+    model = AutoMultiExitModel.from_pretrained(output, MultiExitConfiguration(
+        vocab_projection_mode="LAYER_SPECIFIC_PROJECTION", use_original_head=False, contrast_layer_indices="3;1"))
+    assert model.available_exits == (1, 3, "original")
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[1, 450, 231]])).logits).all()
+
+
+@pytest.mark.parametrize(("sources", "options", "error", "match"), [
+    (dict(self_sample=4, data_files=["x.txt"]), {}, DataError, "--data and --self-sample"),
+    ({}, {}, DataError, "got none"),
+    (dict(self_sample=0), {}, DataError, "positive number of blocks"),
+    (dict(task_files=["x.jsonl"]), dict(objective="kl"), ConfigurationError, "--task-data"),
+])
+def test_bad_combinations_of_data_and_objective_are_refused_before_any_work(plain_llama, tmp_path, sources, options,
+                                                                            error, match):
+    with pytest.raises(error, match=match):
+        train_heads(plain_llama, tmp_path / "out", layers=LAYERS, options=HeadTrainingOptions(**options), **sources)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    (dict(objective="kl", train_base=True), "--train-base"),
+    (dict(objective="mse"), "unknown objective 'mse'"),
+])
+def test_bad_objective_options_are_configuration_errors(options, match):
+    with pytest.raises(ConfigurationError, match=match):
+        HeadTrainingOptions(**options)
+
+
+@pytest.mark.parametrize("sources", [dict(self_sample=2), dict(data_files=["TEXT"])])
+def test_distillation_and_self_sampling_refuse_an_encoder_decoder(tiny_checkpoint, text_file, tmp_path, sources):
+    checkpoint = tiny_checkpoint("t5", VocabularyProjectionMode.SHARED_PROJECTION_DIRECT)
+    sources = {k: [text_file] if v == ["TEXT"] else v for k, v in sources.items()}
+    with pytest.raises(ConfigurationError, match="encoder-decoder"):
+        train_heads(checkpoint, tmp_path / "out", layers=(2,), options=HeadTrainingOptions(objective="kl"), **sources)
+
+
+def test_cli_reports_a_bad_objective_combination_without_a_traceback(plain_llama, tmp_path, capsys):
+    from autocontrast.cli_support import run_cli
+
+    code = run_cli(main, [str(plain_llama), "--layers", "1", "--self-sample", "2", "--objective", "kl",
+                          "--train-base", "--output", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --objective kl") and "Traceback" not in err
+
+
+def test_cli_takes_one_data_source(plain_llama, text_file, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([str(plain_llama), "--layers", "1", "--self-sample", "2", "--data", str(text_file),
+              "--output", str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
