@@ -1,4 +1,5 @@
-"""The runtime imports and generates with torch, transformers and optimum made unimportable."""
+"""The runtime imports and generates (every mode, structured output) with torch, transformers and optimum made
+unimportable."""
 
 from __future__ import annotations
 
@@ -26,11 +27,16 @@ def test_runtime_generates_without_torch(llama_bundle):
         for fused in (True, False):
             print(len(gen.generate("Hello", multi_exit=acd, max_new_tokens=4, ignore_eos=True,
                                    fused_contrast=fused).token_ids[0]))
+        from autocontrast.runtime.constraint import OutputConstraint
+        print(gen.generate("Hello", max_new_tokens=8, constraint=OutputConstraint.choice(["yes", "no"])).text)
+        dola = MultiExitConfiguration(use_original_head=False, dola_layers=(1, 2))
+        print(len(gen.generate("Hello", multi_exit=dola, max_new_tokens=4, ignore_eos=True).token_ids[0]))
         assert not any(m.split(".")[0] in ("torch", "transformers", "optimum") for m in sys.modules)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["4", "4"]
+    out = proc.stdout.split()
+    assert out[:2] == ["4", "4"] and out[2] in ("yes", "no") and out[3] == "4"  # structured output and DoLa too
 
 
 def test_blocker_really_blocks_torch():
