@@ -57,26 +57,20 @@ def contrast_scores(upper: np.ndarray, lower: np.ndarray, *, alpha: float = DEFA
 def jensen_shannon(log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
     """JSD(p || q) in nats over the last axis, from log-probabilities (0 log 0 = 0): (..., vocab) -> (...).
 
-    As (sum p log p + sum q log q) / 2 - sum m log m with m = (p + q) / 2: one exp per distribution, one
-    log, dot products without temporaries (this runs per decode step over the vocabulary, once per DoLa
-    candidate). A zero probability (a -inf log, or m underflowing to 0) makes 0 * -inf: those rows are
-    computed again with the terms at 0."""
+    Summed per token as p (log p - log m) + q (log q - log m) with m = (p + q) / 2: each term is small
+    where p and q agree, so nothing cancels (a difference of entropies loses the float32 digits that
+    tell close candidates apart). A zero probability (0 * -inf) adds nothing: rows where one occurs are
+    summed again without those terms."""
     p, q = np.exp(log_p), np.exp(log_q)
     with np.errstate(divide="ignore", invalid="ignore"):
-        m = (p + q) * p.dtype.type(0.5)
-        out = (_dot(p, log_p) + _dot(q, log_q)) * 0.5 - _dot(m, np.log(m))
+        log_m = np.log((p + q) * p.dtype.type(0.5))
+        terms = p * (log_p - log_m)
+        terms += q * (log_q - log_m)
+    out = terms.sum(axis=-1)
     bad = np.isnan(out)
     if bad.any():
-        with np.errstate(divide="ignore", invalid="ignore"):
-            terms = np.nan_to_num(0.5 * (p * log_p + q * log_q) - m * np.log(m), nan=0.0)
-        out = np.where(bad, terms.sum(axis=-1), out)
-    return out
-
-
-def _dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise dot products over the last axis: (..., vocab), (..., vocab) -> (...)."""
-    a, b = np.broadcast_arrays(a, b)
-    return np.einsum("...v,...v->...", a, b)
+        out = np.where(bad, np.nan_to_num(terms, nan=0.0).sum(axis=-1), out)
+    return out * 0.5
 
 
 def dola_scores(final: np.ndarray, premature: np.ndarray, *, relative_top: float = DEFAULT_RELATIVE_TOP) -> np.ndarray:
