@@ -26,16 +26,21 @@ from autocontrast.runtime.generator import Generator
 from autocontrast.runtime.params import GenerationParams
 
 
-def bundle_mode(manifest: Manifest, mode: str, exits: str | tuple | None, alpha: float,
-                minimum_candidates: int, relative_top: float = DEFAULT_RELATIVE_TOP) -> MultiExitConfiguration:
+def bundle_mode(manifest: Manifest, mode: str, exits: str | tuple | None, alpha: float | None,
+                minimum_candidates: int | None, relative_top: float = DEFAULT_RELATIVE_TOP) -> MultiExitConfiguration:
     """The MultiExitConfiguration a command line asks for; without --exits, a contrast takes the bundle's fused
-    contrast and DoLa every exported exit below the model's own head (of the decode graph that returns it)."""
+    contrast (its alpha and minimum candidates too, unless given) and DoLa every exported exit below the
+    model's own head (of the decode graph that returns it). `None`: the default (or the fused contrast's)."""
     if mode == "contrast" and exits is None:
         fused = manifest.fused_contrast
         if fused is None:
             raise ConfigurationError("this bundle has no fused contrast: name the exits, e.g. --exits "
                                      f"{manifest.num_layers},{manifest.num_layers // 2}")
         exits = (fused.upper, fused.lower)
+        alpha = fused.alpha if alpha is None else alpha
+        minimum_candidates = fused.minimum_candidates if minimum_candidates is None else minimum_candidates
+    alpha = DEFAULT_ALPHA if alpha is None else alpha
+    minimum_candidates = DEFAULT_MINIMUM_CANDIDATES if minimum_candidates is None else minimum_candidates
     if mode == "dola" and exits is None:
         exits = dola_candidates(manifest)
     return configuration_for_mode(mode, exits, alpha=alpha, minimum_candidates=minimum_candidates,
@@ -63,9 +68,10 @@ def add_mode_arguments(p: argparse.ArgumentParser, *, default: str = "contrast")
                    help=f"decode with the model's own head, one exit, the ACD contrast or DoLa (default {default})")
     p.add_argument("--exits", help="exit for --mode exit (15), UPPER,LOWER for contrast (default: the bundle's fused "
                                    "contrast), premature candidates for dola (default: every exported exit)")
-    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help=f"contrast plausibility threshold ({DEFAULT_ALPHA})")
-    p.add_argument("--minimum-candidates", type=int, default=DEFAULT_MINIMUM_CANDIDATES,
-                   help=f"contrast minimum candidates ({DEFAULT_MINIMUM_CANDIDATES})")
+    p.add_argument("--alpha", type=float, help=f"contrast plausibility threshold (default: the bundle's fused "
+                                                 f"contrast's, else {DEFAULT_ALPHA})")
+    p.add_argument("--minimum-candidates", type=int, help="contrast minimum candidates (default: the fused "
+                                                          f"contrast's, else {DEFAULT_MINIMUM_CANDIDATES})")
     p.add_argument("--relative-top", type=float, default=DEFAULT_RELATIVE_TOP,
                    help=f"DoLa: keep tokens of at least this x the top probability ({DEFAULT_RELATIVE_TOP})")
 

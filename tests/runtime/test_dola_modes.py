@@ -28,3 +28,17 @@ def test_a_dola_candidate_that_is_the_own_head_is_refused(llama_generator):
     config = bundle_mode(llama_generator.manifest, "dola", "2,4", 0.1, 1)
     with pytest.raises(ConfigurationError, match="model's own head"):
         llama_generator.generate("Hi", multi_exit=config, max_new_tokens=2)
+
+
+def test_a_contrast_without_exits_takes_the_fused_contrast_and_its_parameters(llama_bundle):
+    import dataclasses
+
+    manifest = read_manifest(llama_bundle)
+    graphs = tuple(dataclasses.replace(g, contrast=dataclasses.replace(g.contrast, alpha=0.3, minimum_candidates=2))
+                   if g.contrast else g for g in manifest.graphs)
+    manifest = dataclasses.replace(manifest, graphs=graphs)
+    fused = bundle_mode(manifest, "contrast", None, None, None)
+    assert (fused.contrast_layer_indices, fused.alpha, fused.minimum_candidates) == ((3, 1), 0.3, 2)
+    given = bundle_mode(manifest, "contrast", None, 0.5, None)
+    assert (given.alpha, given.minimum_candidates) == (0.5, 2)
+    assert bundle_mode(manifest, "contrast", "4,2", None, None).alpha == 0.1  # named exits: the defaults
