@@ -1,8 +1,9 @@
 """Decoding modes: which graph a `MultiExitConfiguration` runs on, and how its scores come out.
 
 The same configuration that drives the PyTorch models drives the runtime: the original head, one
-exit, the contrast of two exits, or DoLa (the original head against the furthest of its candidates). The graph's fused contrast is used when it is exactly the
-contrast asked for; otherwise the NumPy contrast (or a custom function) runs on the raw exit logits.
+exit, the contrast of two exits, or DoLa (the original head against the furthest of its candidates).
+The graph's fused contrast is used when it is exactly the contrast asked for; otherwise the NumPy
+contrast (or a custom function, or DoLa) runs on the raw exit logits.
 In the shared projection modes the top exit and 'original' are the same logits, so either name
 finds a graph that has the other (the manifest resolves those aliases, see `autocontrast.bundle`).
 `DecodeMode.scores` is the one function from exit logits to a mode's scores: the decode loop, scoring and the lm-eval adapter all use it.

@@ -22,6 +22,7 @@ from autocontrast.config import MultiExitConfiguration
 from autocontrast.errors import AutocontrastError
 from autocontrast.runtime.constraint import OutputConstraint
 from autocontrast.runtime.params import GenerationParams
+from autocontrast.runtime.stopping import CONSTRAINT, EOS, LENGTH, STOP_STRING
 
 MULTI_EXIT_FIELDS = ("use_original_head", "output_layer_index", "contrast_layer_indices", "alpha",
                      "minimum_candidates", "dola_layers", "relative_top")
@@ -45,7 +46,7 @@ READ = ("model", "prompt", "echo", "messages", "max_tokens", "max_completion_tok
         "stream", "stream_options", "n", "best_of", "presence_penalty", "frequency_penalty", "logit_bias",
         "logprobs", "top_logprobs", "response_format")
 MAX_JSON_DEPTH = 32  # deeper request bodies are refused before anything walks them
-FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "constraint": "stop", "length": "length"}
+FINISH_REASONS = {EOS: "stop", STOP_STRING: "stop", CONSTRAINT: "stop", LENGTH: "length"}  # ours -> OpenAI's
 # the structured-output extension (vLLM's `structured_outputs`): its keys -> OutputConstraint's makers
 STRUCTURED_OUTPUTS = {"json": OutputConstraint.json_schema, "regex": OutputConstraint.regex,
                       "grammar": OutputConstraint.grammar, "choice": OutputConstraint.choice}
