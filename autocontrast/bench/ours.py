@@ -46,7 +46,7 @@ class RuntimeSystem:
             self.contrast = (fused.upper, fused.lower)
         exit_ = self.exit_ if self.exit_ is not None else (self.contrast[1] if self.contrast else None)
         if mode == "dola":  # over every exit the bundle returns beside its own head
-            from autocontrast.runtime.cli import dola_candidates
+            from autocontrast.runtime.modes import dola_candidates
 
             self.multi_exit = configuration_for_mode(mode, dola_candidates(self.generator.manifest))
         else:

@@ -224,7 +224,7 @@ def _candidate_exits(model: str, exits: str | None) -> tuple[int, ...] | None:
     manifest = _bundle_manifest(model)
     if manifest is None:
         return None
-    from autocontrast.runtime.cli import dola_candidates
+    from autocontrast.runtime.modes import dola_candidates
 
     return tuple(int(e) for e in dola_candidates(manifest))
 

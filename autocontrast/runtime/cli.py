@@ -9,20 +9,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from autocontrast.bundle import DECODE, Manifest
+from autocontrast.bundle import Manifest
 from autocontrast.cli_support import command_parser, run_cli
 from autocontrast.config import (
     DEFAULT_ALPHA,
     DEFAULT_MINIMUM_CANDIDATES,
     DEFAULT_RELATIVE_TOP,
     MODE_NAMES,
-    ORIGINAL,
-    Exit,
     MultiExitConfiguration,
     configuration_for_mode,
 )
 from autocontrast.errors import ConfigurationError
 from autocontrast.runtime.generator import Generator
+from autocontrast.runtime.modes import dola_candidates
 from autocontrast.runtime.params import GenerationParams
 
 
@@ -45,21 +44,6 @@ def bundle_mode(manifest: Manifest, mode: str, exits: str | tuple | None, alpha:
         exits = dola_candidates(manifest)
     return configuration_for_mode(mode, exits, alpha=alpha, minimum_candidates=minimum_candidates,
                                   relative_top=relative_top)
-
-
-def dola_candidates(manifest: Manifest) -> tuple[Exit, ...]:
-    """DoLa's default premature candidates: the exits returned beside the model's own head by the bundle's
-    decode graph with the most of them."""
-    own = set(manifest.aliases(ORIGINAL))
-    best: tuple[Exit, ...] = ()
-    for graph in manifest.graphs:
-        if graph.kind == DECODE and own & set(graph.exits):
-            below = tuple(sorted(e for e in graph.exits if e not in own))
-            best = max(best, below, key=len)
-    if not best:
-        raise ConfigurationError("no decode graph of this bundle returns exits beside the model's own head: re-export "
-                                 f"with e.g. --exits original,{manifest.num_layers // 2} or name --exits")
-    return best
 
 
 def add_mode_arguments(p: argparse.ArgumentParser, *, default: str = "contrast") -> None:

@@ -152,3 +152,18 @@ def resolve_mode(manifest: Manifest, config: MultiExitConfiguration, *, fused: b
     raise UnknownExitError(f"no single {kind} graph of this bundle returns all of exits {', '.join(map(str, wanted))} "
                            f"(they are in different graphs); re-export with --exits {','.join(map(str, wanted))} so "
                            "one graph returns them all")
+
+
+def dola_candidates(manifest: Manifest) -> tuple[Exit, ...]:
+    """DoLa's default premature candidates: the exits returned beside the model's own head by the bundle's
+    decode graph with the most of them."""
+    own = set(manifest.aliases(ORIGINAL))
+    best: tuple[Exit, ...] = ()
+    for graph in manifest.graphs:
+        if graph.kind == DECODE and own & set(graph.exits):
+            below = tuple(sorted(e for e in graph.exits if e not in own))
+            best = max(best, below, key=len)
+    if not best:
+        raise ConfigurationError("no decode graph of this bundle returns exits beside the model's own head: re-export "
+                                 f"with e.g. --exits original,{manifest.num_layers // 2} or name --exits")
+    return best
