@@ -134,10 +134,9 @@ def write_chart(report: QualityReport, path: str | Path) -> None:
 
 def run_quality(model: str | Path, data: str | Path, *, settings: Sequence[Setting], prompts: int = 100,
                 prompt_tokens: int = 32, max_new_tokens: int = 128, batch_size: int = 8, seed: int = 0,
-                projection: str = "auto", with_coherence: bool = True, samples: int = 3,
-                backend: Any = None) -> QualityReport:
+                projection: str = "auto", with_coherence: bool = True, samples: int = 3) -> QualityReport:
     """Generate and score every setting; see the module docstring."""
-    backend = backend or load_backend(model, projection=projection)
+    backend = load_backend(model, projection=projection)
     encoded = [ids for ids in (backend.encode(p) for p in read_paragraphs(data)) if len(ids) > prompt_tokens][:prompts]
     if not encoded:
         raise DataError(f"{data} has no paragraph longer than {prompt_tokens} tokens")
@@ -220,7 +219,10 @@ def _bundle_lower_exit(model: str) -> int:
 def _candidate_exits(model: str, exits: str | None) -> tuple[int, ...] | None:
     """DoLa's and the study's exits: --exits, else the bundle's exits beside its own head, else None."""
     if exits is not None:
-        return tuple(int(e) for e in parse_exits(exits) or ())
+        parsed = parse_exits(exits) or ()
+        if not all(isinstance(e, int) for e in parsed):
+            raise ConfigurationError(f"--exits {exits!r}: layer indices below the own head, e.g. 10,15,20")
+        return tuple(parsed)
     manifest = _bundle_manifest(model)
     if manifest is None:
         return None

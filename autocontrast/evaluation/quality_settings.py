@@ -133,7 +133,7 @@ def study_settings(exits: Sequence[int]) -> list[str]:
     if not exits:
         raise ConfigurationError("the study needs candidate exits (--exits, or a bundle that exports some)")
     layers = "/".join(map(str, exits))
-    specs = ["greedy", "greedy:rp=1.2", "sampling:top_p=0.95"]
+    specs = ["greedy", "greedy:rp=1.2", f"sampling:top_p={DEFAULT_TOP_P}"]
     specs += [f"acd:lower={e},alpha={a}{rp}" for e in exits for a in (0.1, 0.3) for rp in ("", ",rp=1.2")]
     specs += [f"dola:layers={layers},rt={rt}{rp}" for rt in (0.1, 0.3) for rp in ("", ",rp=1.2")]
     specs += [f"dola:layers={e},rp=1.2" for e in exits]

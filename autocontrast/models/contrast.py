@@ -50,11 +50,8 @@ def calculate_contrasted_logits(upper_layer_logits: torch.Tensor, lower_layer_lo
     scores = log_pu - log_pl
     scores = torch.where(torch.isnan(scores), minus_inf, scores)  # -inf - -inf: no upper mass
     scores = torch.where(plausible, scores, minus_inf)
-    # A lower-exit log-prob of -inf makes s = +inf: in the limit those tokens take all of A's mass.
-    infinite = scores == float("inf")
-    any_infinite = infinite.any(dim=-1, keepdim=True)
+    scores = _infinite_takes_all(scores)
     zero = torch.zeros((), dtype=dtype, device=pu.device)
-    scores = torch.where(any_infinite, torch.where(infinite, zero, minus_inf), scores)
 
     mass = torch.where(plausible, pu, zero).sum(dim=-1, keepdim=True)  # (..., 1)
     # log(softmax(s) * mass) in log space: a candidate whose share underflows keeps a finite score
@@ -93,8 +90,14 @@ def dola_scores(final_logits: torch.Tensor, premature_logits: torch.Tensor,
     chosen = divergence.argmax(dim=0)  # (...)
     base = torch.gather(log_premature, 0, chosen.unsqueeze(0).unsqueeze(-1).expand_as(log_premature[:1]))[0]
     kept = log_final >= log_final.max(dim=-1, keepdim=True).values + math.log(relative_top)
-    minus_inf = torch.tensor(float("-inf"), dtype=dtype)
-    scores = torch.where(kept, log_final - base, minus_inf)
+    minus_inf = torch.tensor(float("-inf"), dtype=dtype, device=log_final.device)
+    return _infinite_takes_all(torch.where(kept, log_final - base, minus_inf))
+
+
+def _infinite_takes_all(scores: torch.Tensor) -> torch.Tensor:
+    """A lower exit's log-probability of -inf on a candidate makes its score +inf: in the limit those tokens take
+    the whole choice (0 each, every other token -inf) in their row; rows without one are unchanged."""
     infinite = scores == float("inf")
-    return torch.where(infinite.any(dim=-1, keepdim=True), torch.where(infinite, torch.zeros((), dtype=dtype),
-                                                                       minus_inf), scores)
+    zero = torch.zeros((), dtype=scores.dtype, device=scores.device)
+    minus_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
+    return torch.where(infinite.any(dim=-1, keepdim=True), torch.where(infinite, zero, minus_inf), scores)

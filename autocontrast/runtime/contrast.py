@@ -42,10 +42,7 @@ def contrast_scores(upper: np.ndarray, lower: np.ndarray, *, alpha: float = DEFA
 
     with np.errstate(invalid="ignore"):
         scores = log_pu - log_pl
-    scores = np.where(np.isnan(scores) | ~plausible, -np.inf, scores)
-    infinite = scores == np.inf
-    any_infinite = infinite.any(axis=-1, keepdims=True)
-    scores = np.where(any_infinite, np.where(infinite, 0.0, -np.inf), scores).astype(dtype, copy=False)
+    scores = _infinite_takes_all(np.where(np.isnan(scores) | ~plausible, -np.inf, scores)).astype(dtype, copy=False)
 
     mass = np.where(plausible, pu, 0.0).sum(axis=-1, keepdims=True)  # (..., 1)
     # log(softmax(s) * mass) in log space: a candidate whose share underflows keeps a finite score
@@ -89,7 +86,13 @@ def dola_scores(final: np.ndarray, premature: np.ndarray, *, relative_top: float
     kept = log_final >= log_final.max(axis=-1, keepdims=True) + dtype.type(np.log(relative_top))
     with np.errstate(invalid="ignore"):
         scores = np.where(kept, log_final - base, dtype.type(-np.inf))
+    return _infinite_takes_all(scores).astype(dtype, copy=False)
+
+
+def _infinite_takes_all(scores: np.ndarray) -> np.ndarray:
+    """A lower exit's log-probability of -inf on a candidate makes its score +inf: in the limit those tokens take
+    the whole choice (0 each, every other token -inf) in their row; rows without one are unchanged."""
     infinite = scores == np.inf
-    if infinite.any():  # a premature probability of 0 on a kept token: those tokens share the choice
-        scores = np.where(infinite.any(axis=-1, keepdims=True), np.where(infinite, dtype.type(0), -np.inf), scores)
-    return scores.astype(dtype, copy=False)
+    if not infinite.any():
+        return scores
+    return np.where(infinite.any(axis=-1, keepdims=True), np.where(infinite, 0.0, -np.inf), scores)
