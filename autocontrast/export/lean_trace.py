@@ -9,7 +9,9 @@ written to the store and turned into an initializer pointing there; the folded t
 soon as they are written. Peak: the model plus one set of folded constants.
 
 The capture reads a private function of the exporter; `torch` is pinned, and a version without it
-gets a clear `ExportError`, never a silently different export.
+gets a clear `ExportError`, never a silently different export. The exporter's shape inference is given
+the small parameters' values only (`_shape_inference_without_weight_values`): it copied every weight
+twice per graph.
 
 >>> export_lean(graph, args, Path("work/decode.onnx"), store, input_names=[...], ...)  # doctest: +SKIP
 """
@@ -27,6 +29,9 @@ import torch
 
 from autocontrast.errors import ExportError
 from autocontrast.export.weights import WeightStore
+
+# floating-point parameters of at least this many values reach the exporter's shape inference as shapes only
+SHAPE_INFERENCE_VALUE_LIMIT = 1 << 16
 
 
 @contextlib.contextmanager
@@ -49,9 +54,36 @@ def _captured_parameters() -> Iterator[dict[str, torch.Tensor]]:
 
     exporter._model_to_graph = capture
     try:
-        yield captured
+        with _shape_inference_without_weight_values():
+            yield captured
     finally:
         exporter._model_to_graph = original
+
+
+@contextlib.contextmanager
+def _shape_inference_without_weight_values() -> Iterator[None]:
+    """While open, the exporter's ONNX shape inference is given the values of small parameters only.
+
+    The pass copies every value it is given into ONNX tensors (twice per graph: 12 of a 135M export's
+    ~30 s of tracing). A shape can depend on a small integer tensor (a Reshape's target), never on a
+    weight matrix, whose shape the graph's inputs already declare; the graphs come out the same
+    (a test compares them node for node).
+    """
+    original = getattr(torch._C, "_jit_pass_onnx_graph_shape_type_inference", None)
+    if original is None:  # another torch: its exporter runs as it is (the capture above pins the version)
+        yield
+        return
+
+    def infer(graph: Any, params: dict[str, torch.Tensor], opset: int) -> Any:
+        small = {name: value for name, value in params.items()
+                 if not value.is_floating_point() or value.numel() < SHAPE_INFERENCE_VALUE_LIMIT}
+        return original(graph, small, opset)
+
+    torch._C._jit_pass_onnx_graph_shape_type_inference = infer
+    try:
+        yield
+    finally:
+        torch._C._jit_pass_onnx_graph_shape_type_inference = original
 
 
 def export_lean(module: torch.nn.Module, args: tuple, target: Path, store: WeightStore, **options: Any) -> Path:

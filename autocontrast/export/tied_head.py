@@ -20,11 +20,20 @@ from onnx import helper, numpy_helper
 from autocontrast.export.weights import read_block
 
 BLOCK_ROWS = 4096  # rows of the embedding compared at a time
+PROBE_ENTRIES = 16  # of the head's first row, compared before any block
 
 
 def _is_transpose(head: onnx.TensorProto, embedding: onnx.TensorProto, base_dir: Path | None) -> bool:
-    """head == embedding.T, compared a block of embedding rows at a time (neither is read whole)."""
+    """head == embedding.T, compared a block of embedding rows at a time (neither is read whole).
+
+    A few leading entries are compared first: most candidates (every square projection of a layer is one
+    for each other) differ there, and a full comparison reads every row of both with a read each.
+    """
     rows = embedding.dims[0]
+    probe = min(PROBE_ENTRIES, rows)
+    if not np.array_equal(read_block(head, base_dir, slice(0, 1), slice(0, probe)),
+                          read_block(embedding, base_dir, slice(0, probe), slice(0, 1)).T):
+        return False
     for i in range(0, rows, BLOCK_ROWS):
         block = slice(i, min(i + BLOCK_ROWS, rows))
         every = slice(None)
