@@ -394,8 +394,10 @@ def _switched_lower_exit(model: Any, options: ExportOptions, stacked: tuple[Exit
         ("the buffer KV layout (GroupQueryAttention)", _kv_layout(family, model.config, options) == BUFFER_LAYOUT),
         ("float32 weights for the CPU (no --dtype float16, no --tensorrt)",
          options.dtype == "float32" and not options.tensorrt),
-        ("exactly two stacked exits: the top layer and a lower one with its early exit",
-         len(stacked) == 2 and upper == L and isinstance(lower, int) and lower in early),
+        ("exactly two stacked exits: the top layer (or 'original', where it is the top layer's logits) and a "
+         "lower one with its early exit",
+         len(stacked) == 2 and upper in exit_aliases(model.vocab_projection_mode, L, num_layers=L)
+         and isinstance(lower, int) and lower in early),
         ("a top exit that is the model's own head (a SHARED_PROJECTION_* mode)",
          ORIGINAL in exit_aliases(model.vocab_projection_mode, L, num_layers=L)),
         ("one head for both exits", len(projection_groups(model, stacked)) == 1 if len(stacked) == 2 else False),

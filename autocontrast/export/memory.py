@@ -118,12 +118,20 @@ class StageMeter:
 BASE_BYTES = 1_000_000_000
 WORKING_SET_FACTOR = 0.75
 WORKING_SET_CAP = 2_600_000_000
+# Validation's float64 reference widens decoder layers whose float64 copy is at most this many bytes once,
+# for the whole check (a 135M model's: 0.85 GB; 6 s quicker than widening each layer each time it runs);
+# the process then holds the model's float32 pages and its float64 copy at once.
+REFERENCE_WHOLE_LAYERS_BYTES = 1 << 30
 
 
 def estimate_export_bytes(float32_weight_bytes: int, embedding_bytes: int) -> int:
     """The estimated peak resident memory of exporting a model with these float32 weight and embedding bytes."""
-    working_set = min(WORKING_SET_FACTOR * float32_weight_bytes, WORKING_SET_CAP)
-    return int(BASE_BYTES + float32_weight_bytes + embedding_bytes + working_set)
+    working_set = embedding_bytes + min(WORKING_SET_FACTOR * float32_weight_bytes, WORKING_SET_CAP)
+    # the layers' float64 copy is widened whole where the smallest they can be (an untied head as large as the
+    # embedding) fits the bound: then the reference holds a float64 copy of every weight
+    if 2 * (float32_weight_bytes - 2 * embedding_bytes) <= REFERENCE_WHOLE_LAYERS_BYTES:
+        working_set = max(working_set, 2 * float32_weight_bytes)
+    return int(BASE_BYTES + float32_weight_bytes + working_set)
 
 
 def embedding_float32_bytes(config: Any, hidden_size: int) -> int:

@@ -27,6 +27,7 @@ import torch
 
 from autocontrast.bundle import DECODE, GraphSpec, KVCacheSpec
 from autocontrast.errors import ExportValidationError
+from autocontrast.export import memory
 from autocontrast.models.contrast import calculate_contrasted_logits
 from autocontrast.runtime.decode_state import open_decode_state
 from autocontrast.runtime.session import ExitSession, shared_file_session
@@ -98,13 +99,18 @@ def float64_reference(model: Any) -> Iterator[str]:
 
     Layer by layer: the embedding, heads and norms are float64 for the block, each decoder layer only
     while it runs, so the reference holds one layer's float64 copy, not the model's (a 1.7B model's
-    would be 13.6 GB). A model whose other parameters exceed `REFERENCE_MAX_PARAMETERS` stays as it is.
+    would be 13.6 GB); layers whose float64 copy is at most `REFERENCE_WHOLE_LAYERS_BYTES` are widened
+    once, with the rest. A model whose other parameters exceed `REFERENCE_MAX_PARAMETERS` stays as it is.
     """
     first = next(model.parameters())
     layers = _decoder_layers(model)
     outside = _tensors(model, skip=layers)
     if first.dtype != torch.float32 or sum(t.numel() for t in outside) > REFERENCE_MAX_PARAMETERS:
         yield str(first.dtype).removeprefix("torch.")
+        return
+    if layers is None or 8 * sum(t.numel() for t in _tensors(layers)) <= memory.REFERENCE_WHOLE_LAYERS_BYTES:
+        with _widened(_tensors(model)):
+            yield "float64"
         return
     running: list[contextlib.ExitStack] = []
 
