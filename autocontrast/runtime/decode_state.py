@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from autocontrast.bundle import BUFFER_LAYOUT
-from autocontrast.runtime.batch_state import StepSession
+from autocontrast.runtime.batch_state import Rewind, StepSession
 from autocontrast.runtime.inplace_state import InPlaceDecodeState
 from autocontrast.runtime.kv_cache import KVCache
 from autocontrast.runtime.session import ExitSession, StepOutput
@@ -127,10 +127,10 @@ class DecodeState:
         self.mask = np.ascontiguousarray(mask[:, first:])
         self.next_position = self.next_position[index]
 
-    def rewind_row(self, row: int, length: int) -> bool:
+    def rewind_row(self, row: int, length: int) -> Rewind:
         """Keep the first `length` cache entries of `row` (its next token goes at position `length`).
 
-        Returns True (done in place), as `EncoderDecoderState.rewind_row` does when it can.
+        Always `Rewind.KEPT`: the dropped columns are masked out (and trimmed where no row uses them).
         """
         have = int(self.mask[row].sum())
         if not 0 <= length <= have:
@@ -143,7 +143,7 @@ class DecodeState:
         if last < self.mask.shape[1]:  # trailing columns nobody uses: trim them
             self.cache.rewind_to(last)
             self.mask = np.ascontiguousarray(self.mask[:, :last])
-        return True
+        return Rewind.KEPT
 
     def prefixes(self) -> list[list[np.ndarray]]:
         """Each row's cache, [(kv_heads, length, head_dim)] per cache input (its own columns only)."""

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from autocontrast.runtime.batch_state import Rewind
 from autocontrast.runtime.kv_buffer import KVBuffer, capacity_for
 from autocontrast.runtime.session import ExitSession, StepOutput
 
@@ -111,16 +112,16 @@ class InPlaceDecodeState:
         self._lengths = self._lengths[index]
         self.cache.select(index, columns=int(self._lengths.max()) if len(index) else 0)
 
-    def rewind_row(self, row: int, length: int) -> bool:
+    def rewind_row(self, row: int, length: int) -> Rewind:
         """Keep the first `length` cache entries of `row` (its next token goes at position `length`).
 
-        Returns True: the buffer is untouched, the next step overwrites the forgotten columns.
+        Always `Rewind.KEPT`: the buffer is untouched, the next step overwrites the forgotten columns.
         """
         have = int(self._lengths[row])
         if not 0 <= length <= have:
             raise ValueError(f"cannot rewind a row of {have} cached tokens to {length}")
         self._lengths[row] = length
-        return True
+        return Rewind.KEPT
 
     def prefixes(self) -> list[list[np.ndarray]]:
         """Each row's cache, [(kv_heads, length, head_dim)] per live cache input: views of the buffer (the

@@ -32,7 +32,7 @@ import numpy as np
 from autocontrast.config import Exit, MultiExitConfiguration
 from autocontrast.errors import GenerationParameterError, RowError, UnknownExitError
 from autocontrast.runtime import sampling
-from autocontrast.runtime.batch_state import BatchState, ChunkedState
+from autocontrast.runtime.batch_state import BatchState, ChunkedState, Rewind
 from autocontrast.runtime.constraint import RowConstraint
 from autocontrast.runtime.contrast import log_softmax
 from autocontrast.runtime.detokenizer import StreamDecoder
@@ -244,9 +244,10 @@ class Stepper:
         row.decoder.emitted = row.decoder.text  # what was streamed before stays streamed
         if row.constraint is not None:
             row.constraint.restart(row.token_ids)
-        if row_id in self._batch and not self.state.rewind_row(self._batch.index(row_id), length - 1):
-            index = self._batch.index(row_id)  # an encoder-decoder's prompt changed: prefill the row anew
-            self._keep([i for i in range(len(self._batch)) if i != index])
+        if row_id in self._batch:
+            index = self._batch.index(row_id)
+            if self.state.rewind_row(index, length - 1) is Rewind.PREFILL_AGAIN:  # an encoder-decoder's prompt
+                self._keep([i for i in range(len(self._batch)) if i != index])
         if row_id not in self._batch:  # prefilled again from the start (a chunked one's partial cache is dropped)
             self._prefills.pop(row_id, None)
             self._prefills[row_id] = _Prefill(ids)
