@@ -32,6 +32,7 @@ from autocontrast.runtime.model import Model, Prompt
 from autocontrast.runtime.modes import graph_with_exits, resolve_mode
 from autocontrast.runtime.params import GenerationParams
 from autocontrast.runtime.prefix_cache import PrefixCache
+from autocontrast.runtime.row_reshape import Align, pad_ragged
 from autocontrast.runtime.stepper import Stepper
 
 __all__ = ["GenerationResult", "Generator", "Prompt", "Timings"]
@@ -135,10 +136,7 @@ class Generator(Model):
             raise UnknownExitError(f"this bundle has no score graph returning exits {list(exits)}; "
                                    "re-export without --no-score-graph and with those exits")
         graph, names = found
-        ids = np.full((len(rows), longest), self.pad_token_id, dtype=np.int64)  # (batch, seq), right-padded
-        mask = np.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)], mask[i, :len(row)] = row, 1
+        ids, mask = pad_ragged(rows, pad=self.pad_token_id, align=Align.LEFT)  # (batch, seq), right-padded
         positions = np.broadcast_to(np.arange(longest, dtype=np.int64), ids.shape).copy()
         out = self.session(graph).step(ids, mask, positions, None)  # (batch, seq, n_exits, vocab)
         picked = out.exit_logits[:, :, [graph.exit_position(n) for n in names], :]

@@ -23,6 +23,7 @@ import numpy as np
 
 from autocontrast.runtime.batch_state import Rewind
 from autocontrast.runtime.kv_buffer import KVBuffer, capacity_for
+from autocontrast.runtime.row_reshape import Align, pad_ragged
 from autocontrast.runtime.session import ExitSession, StepOutput
 
 
@@ -52,14 +53,10 @@ class InPlaceDecodeState:
 
         Returns the new rows' outputs only: (len(rows), n_exits, vocab).
         """
-        lengths = np.array([len(r) for r in rows], dtype=np.int64)
-        width = int(lengths.max())
-        ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)  # (new, width), right-padded
-        for i, row in enumerate(rows):
-            ids[i, :len(row)] = row
-        columns = np.arange(width)
-        mask = (columns[None, :] < lengths[:, None]).astype(np.int64)  # (new, width)
-        positions = np.broadcast_to(columns, ids.shape).copy()  # pads' positions are never cached
+        ids, mask = pad_ragged(rows, pad=self.pad_token_id, align=Align.LEFT)  # (new, width), right-padded
+        lengths = mask.sum(axis=1)  # (new,)
+        width = ids.shape[1]
+        positions = np.broadcast_to(np.arange(width), ids.shape).copy()  # pads' positions are never cached
         buffer = self._buffer(len(rows), capacity_for(width + 1))
         out = self.session.step(ids, mask, positions, buffer)
         if self.batch == 0:
