@@ -70,5 +70,9 @@ class RowError(AutocontrastError, KeyError):
     """A stepping-API call naming a row that is not (or no longer) in the batch."""
 
 
+class RequestStateError(AutocontrastError, RuntimeError):
+    """A request moved where its status does not allow: submitted twice, or driven on after it ended."""
+
+
 class ClusterError(AutocontrastError, RuntimeError):
     """A Ray cluster that cannot be reached, or replicas that cannot be placed or started on it."""

@@ -5,9 +5,11 @@
 >>> gen.generate("Once upon a time", max_new_tokens=16).text  # doctest: +SKIP
 """
 
-from autocontrast.runtime.generator import GenerationResult, Generator, Timings
+from autocontrast.runtime.generator import GenerationResult, Generator, TextStream, Timings
 from autocontrast.runtime.model import Model
 from autocontrast.runtime.params import GenerationParams
-from autocontrast.runtime.stepper import Row, Stepper, TokenEvent
+from autocontrast.runtime.request import Request, RequestStatus, TokenEvent
+from autocontrast.runtime.stepper import Row, Stepper
 
-__all__ = ["GenerationParams", "GenerationResult", "Generator", "Model", "Row", "Stepper", "Timings", "TokenEvent"]
+__all__ = ["GenerationParams", "GenerationResult", "Generator", "Model", "Request", "RequestStatus", "Row", "Stepper",
+           "TextStream", "Timings", "TokenEvent"]

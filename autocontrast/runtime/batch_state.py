@@ -10,6 +10,7 @@ its prompt is the encoder's, read in one pass.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -18,6 +19,16 @@ import numpy as np
 from autocontrast.bundle import KVCacheSpec
 from autocontrast.runtime.kv_store import KVStore
 from autocontrast.runtime.session import ExitSession, StepOutput
+
+
+class Rewind(enum.Enum):
+    """What `BatchState.rewind_row` did with a row's cache."""
+
+    KEPT = "kept"
+    """The cache holds the row's first `length` tokens: its next step continues from there."""
+    PREFILL_AGAIN = "prefill_again"
+    """The cache cannot be cut there (a rewind into an encoder-decoder's prompt changes the encoder's input):
+    nothing was changed; the caller removes the row (`keep`) and prefills it anew."""
 
 
 class StepSession(Protocol):
@@ -57,8 +68,10 @@ class BatchState(Protocol):
         """Keep only `rows` (indices into the batch, in that order)."""
         ...
 
-    def rewind_row(self, row: int, length: int) -> bool:
-        """Keep `length` of the row's tokens; False when the row must be prefilled anew."""
+    def rewind_row(self, row: int, length: int) -> Rewind:
+        """Keep `length` of the row's tokens (prompt + generated): `Rewind.KEPT` when done, its next token
+        then goes at position `length`; `Rewind.PREFILL_AGAIN` when this state cannot cut the row there
+        (the row is untouched: remove it with `keep` and prefill it anew)."""
         ...
 
 

@@ -24,9 +24,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from autocontrast.bundle import BUFFER_LAYOUT
-from autocontrast.runtime.batch_state import StepSession
+from autocontrast.runtime.batch_state import Rewind, StepSession
 from autocontrast.runtime.inplace_state import InPlaceDecodeState
 from autocontrast.runtime.kv_cache import KVCache
+from autocontrast.runtime.row_reshape import Align, append_rows, gather, pad_ragged, resize, unused_columns
 from autocontrast.runtime.session import ExitSession, StepOutput
 
 
@@ -62,11 +63,7 @@ class DecodeState:
         the interface shared with `EncoderDecoderState`: a decoder-only model reads prompt and
         generated tokens alike.
         """
-        width = max(len(r) for r in rows)
-        ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)  # (new, width), left-padded
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+        ids, mask = pad_ragged(rows, pad=self.pad_token_id, align=Align.RIGHT)  # (new, width), left-padded
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # (new, width)
         cache = KVCache(self.session.kv, len(rows))
         out = self.session.step(ids, mask, positions, cache)
@@ -74,8 +71,7 @@ class DecodeState:
             self.cache, self.mask = cache, mask
         else:
             self.cache.append_rows(cache)
-            columns = max(self.mask.shape[1], width)
-            self.mask = np.concatenate([_left_pad(self.mask, columns), _left_pad(mask, columns)])
+            self.mask = append_rows(self.mask, mask, axis=1, align=Align.RIGHT)
         self.next_position = np.concatenate([self.next_position, positions[:, -1] + 1])
         return out
 
@@ -113,24 +109,21 @@ class DecodeState:
             self.cache, self.mask, self.next_position = other.cache, other.mask, other.next_position
             return
         self.cache.append_rows(other.cache)
-        columns = max(self.mask.shape[1], other.mask.shape[1])
-        self.mask = np.concatenate([_left_pad(self.mask, columns), _left_pad(other.mask, columns)])
+        self.mask = append_rows(self.mask, other.mask, axis=1, align=Align.RIGHT)
         self.next_position = np.concatenate([self.next_position, other.next_position])
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only `rows` (indices into the batch, in that order); columns no kept row uses are dropped."""
         index = np.asarray(rows, dtype=np.int64)
-        mask = self.mask[index]
-        used = np.flatnonzero(mask.any(axis=0))
-        first = int(used[0]) if used.size else mask.shape[1]
+        first, _ = unused_columns(self.mask[index])  # leading columns no kept row uses: dropped
         self.cache.select(index, first_column=first)
-        self.mask = np.ascontiguousarray(mask[:, first:])
+        self.mask = gather([(self.mask, index)], axis=1, width=self.mask.shape[1] - first, align=Align.RIGHT)
         self.next_position = self.next_position[index]
 
-    def rewind_row(self, row: int, length: int) -> bool:
+    def rewind_row(self, row: int, length: int) -> Rewind:
         """Keep the first `length` cache entries of `row` (its next token goes at position `length`).
 
-        Returns True (done in place), as `EncoderDecoderState.rewind_row` does when it can.
+        Always `Rewind.KEPT`: the dropped columns are masked out (and trimmed where no row uses them).
         """
         have = int(self.mask[row].sum())
         if not 0 <= length <= have:
@@ -138,12 +131,12 @@ class DecodeState:
         columns = np.flatnonzero(self.mask[row])
         self.mask[row, columns[length:]] = 0
         self.next_position[row] = length
-        used = np.flatnonzero(self.mask.any(axis=0))
-        last = int(used[-1]) + 1 if used.size else 0
-        if last < self.mask.shape[1]:  # trailing columns nobody uses: trim them
+        _, trailing = unused_columns(self.mask)
+        if trailing:  # trailing columns nobody uses: trim them
+            last = self.mask.shape[1] - trailing
             self.cache.rewind_to(last)
-            self.mask = np.ascontiguousarray(self.mask[:, :last])
-        return True
+            self.mask = resize(self.mask, last, axis=1, align=Align.LEFT)
+        return Rewind.KEPT
 
     def prefixes(self) -> list[list[np.ndarray]]:
         """Each row's cache, [(kv_heads, length, head_dim)] per cache input (its own columns only)."""
@@ -155,8 +148,3 @@ class DecodeState:
         """Every row's cached entries, rows one after another: [(sum of lengths, kv_heads, head_dim)] in graph order."""
         real = self.mask.astype(bool)  # (batch, past)
         return [a.transpose(0, 2, 1, 3)[real] for a in self.cache.arrays()]
-
-
-def _left_pad(mask: np.ndarray, columns: int) -> np.ndarray:
-    """(batch, past) -> (batch, columns): zeros before."""
-    return np.pad(mask, ((0, 0), (columns - mask.shape[1], 0)))

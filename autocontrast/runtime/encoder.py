@@ -21,6 +21,7 @@ import numpy as np
 
 from autocontrast.bundle import EncoderDecoderSpec, GraphSpec, Manifest
 from autocontrast.errors import BundleError, InferenceError
+from autocontrast.runtime.row_reshape import Align, append_rows, gather, pad_ragged, unused_columns
 from autocontrast.runtime.session import load_session
 
 
@@ -50,23 +51,16 @@ class CrossKV:
     def select(self, rows: Sequence[int]) -> CrossKV:
         """Only `rows`, in that order; source columns no kept row uses are dropped."""
         index = np.asarray(rows, dtype=np.int64)
-        mask = self.mask[index]
-        used = np.flatnonzero(mask.any(axis=0))
-        first = int(used[0]) if used.size else mask.shape[1]
-        return CrossKV(self.spec, mask[:, first:], [a[index, :, first:, :] for a in self.arrays])
+        first, _ = unused_columns(self.mask[index])  # leading source columns no kept row uses: dropped
+        width = self.mask.shape[1] - first
+        return CrossKV(self.spec, gather([(self.mask, index)], axis=1, width=width, align=Align.RIGHT),
+                       [gather([(a, index)], axis=2, width=width, align=Align.RIGHT) for a in self.arrays])
 
     def append(self, other: CrossKV) -> CrossKV:
         """This batch's rows, then `other`'s, left-padded to the longer source (pads are masked out)."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-
-        def pad(x: np.ndarray, axis: int) -> np.ndarray:
-            widths = [(0, 0)] * x.ndim
-            widths[axis] = (width - x.shape[axis], 0)
-            return np.pad(x, widths)
-
-        mask = np.concatenate([pad(self.mask, 1), pad(other.mask, 1)])
-        arrays = [np.concatenate([pad(a, 2), pad(b, 2)]) for a, b in zip(self.arrays, other.arrays, strict=True)]
-        return CrossKV(self.spec, mask, arrays)
+        return CrossKV(self.spec, append_rows(self.mask, other.mask, axis=1, align=Align.RIGHT),
+                       [append_rows(a, b, axis=2, align=Align.RIGHT) for a, b in zip(self.arrays, other.arrays,
+                                                                                     strict=True)])
 
 
 class EncoderSession:
@@ -88,11 +82,7 @@ class EncoderSession:
 
     def encode(self, prompts: Sequence[Sequence[int]]) -> CrossKV:
         """Encode prompts (token ids; left-padded together) into their cross-attention KV."""
-        width = max(len(p) for p in prompts)
-        ids = np.full((len(prompts), width), self.pad_token_id, dtype=np.int64)  # (batch, source)
-        mask = np.zeros((len(prompts), width), dtype=np.int64)
-        for i, prompt in enumerate(prompts):
-            ids[i, width - len(prompt):], mask[i, width - len(prompt):] = prompt, 1
+        ids, mask = pad_ragged(prompts, pad=self.pad_token_id, align=Align.RIGHT)  # (batch, source), left-padded
         try:
             arrays: list[Any] = self.session.run(self.spec.cross_names(), {"input_ids": ids, "attention_mask": mask})
         except Exception as err:  # ORT's own exception types: name the graph and the input's shape

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from autocontrast.runtime.batch_state import Rewind
 from autocontrast.runtime.decode_state import DecodeState
 from autocontrast.runtime.encoder import CrossKV, EncoderSession
 from autocontrast.runtime.session import ExitSession, StepOutput
@@ -84,11 +85,10 @@ class EncoderDecoderState:
         self._session.cross = self.cross
         self.prompt_lengths = [self.prompt_lengths[i] for i in rows]
 
-    def rewind_row(self, row: int, length: int) -> bool:
-        """Keep the first `length` of the row's tokens (prompt + generated) in the cache; False when that
-        cuts into the prompt (the encoder's input changes: the caller prefills the row anew)."""
+    def rewind_row(self, row: int, length: int) -> Rewind:
+        """Keep the first `length` of the row's tokens (prompt + generated) in the cache: `Rewind.KEPT`, or
+        `Rewind.PREFILL_AGAIN` when that cuts into the prompt (the encoder's input changes; nothing is touched)."""
         kept = length + 1 - self.prompt_lengths[row]  # decoder entries: start + generated before the last
         if kept < 0:
-            return False
-        self.decoder.rewind_row(row, kept)
-        return True
+            return Rewind.PREFILL_AGAIN
+        return self.decoder.rewind_row(row, kept)

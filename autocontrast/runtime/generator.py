@@ -9,10 +9,10 @@
 ...     print(delta, end="", flush=True)
 
 A `Generator` is a loaded `Model` (`autocontrast.runtime.model`: manifest, sessions, tokenizer,
-modes) with the drivers on top: `generate` and `stream` are thin drivers of the stepping engine
-(`Generator.stepper`, see `autocontrast.runtime.stepper`), in the caller's thread: breaking out of a stream stops all
-computation at once. Every call keeps its state (KV cache, RNG) to itself, so one Generator serves
-many threads at once.
+modes) with the drivers on top: `generate` and `stream` make a `Request` per prompt (`Model.request`,
+checked there) and drive the stepping engine (`Generator.stepper`, see `autocontrast.runtime.stepper`)
+in the caller's thread: breaking out of a stream stops all computation at once. Every call keeps its
+state (KV cache, RNG) to itself, so one Generator serves many threads at once.
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ from autocontrast.runtime.model import Model, Prompt
 from autocontrast.runtime.modes import graph_with_exits, resolve_mode
 from autocontrast.runtime.params import GenerationParams
 from autocontrast.runtime.prefix_cache import PrefixCache
+from autocontrast.runtime.request import Request
+from autocontrast.runtime.row_reshape import Align, pad_ragged
 from autocontrast.runtime.stepper import Stepper
 
-__all__ = ["GenerationResult", "Generator", "Prompt", "Timings"]
+__all__ = ["GenerationResult", "Generator", "Prompt", "TextStream", "Timings"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,7 @@ class GenerationResult:
     finish_reasons: list[str]  # 'eos', 'stop_string', 'constraint' or 'length'
     prompt_token_ids: list[list[int]]
     timings: Timings
+    requests: tuple[Request, ...] = ()  # one per prompt, each FINISHED
 
     @property
     def text(self) -> str:
@@ -96,8 +99,10 @@ class Generator(Model):
         """
         params = self.params(params, param_fields)
         batch = _as_batch(prompts)
-        stepper = self.stepper(multi_exit, fused_contrast=fused_contrast)
-        rows = [stepper.add(p, params, chat=chat) for p in batch]
+        mode = self.mode(multi_exit, fused=fused_contrast)
+        requests = [self.request(p, params, multi_exit=mode, chat=chat) for p in batch]
+        stepper = Stepper(self, mode)
+        rows = [stepper.submit(r) for r in requests]
         start = time.perf_counter()
         stamps = []
         while not stepper.done:
@@ -107,18 +112,21 @@ class Generator(Model):
         # a row's tokens are chosen at steps 1..n: its timings are those of the longest row
         timings = Timings(ttft_s=stamps[0], step_s=tuple(np.diff(stamps)))
         return GenerationResult([r.token_ids for r in done], [r.text for r in done],
-                                [str(r.finish_reason) for r in done], [r.prompt_ids for r in done], timings)
+                                [str(r.finish_reason) for r in done], [r.prompt_ids for r in done], timings,
+                                tuple(requests))
 
     def stream(self, prompt: Prompt, params: GenerationParams | None = None, *,
                multi_exit: MultiExitConfiguration | None = None, chat: bool = False, fused_contrast: bool = True,
-               **param_fields: Any) -> Iterator[str]:
+               **param_fields: Any) -> TextStream:
         """Text deltas of one prompt as they are generated; joined, they equal `generate(...).text`.
 
-        A plain generator in the caller's thread: `break` (or `close()`) stops the computation at once.
+        An iterator in the caller's thread, computing only when asked for the next delta: `break` stops
+        the computation at once, `close()` (or `request.cancel()`, from any thread) ends it.
         """
-        stepper = self.stepper(multi_exit, fused_contrast=fused_contrast)
-        stepper.add(prompt, self.params(params, param_fields), chat=chat)
-        return _deltas(stepper)
+        mode = self.mode(multi_exit, fused=fused_contrast)
+        request = self.request(prompt, params, multi_exit=mode, chat=chat, **param_fields)
+        stepper = Stepper(self, mode)
+        return TextStream(stepper, stepper.submit(request))
 
     # -- scoring ------------------------------------------------------------------------------
 
@@ -135,10 +143,7 @@ class Generator(Model):
             raise UnknownExitError(f"this bundle has no score graph returning exits {list(exits)}; "
                                    "re-export without --no-score-graph and with those exits")
         graph, names = found
-        ids = np.full((len(rows), longest), self.pad_token_id, dtype=np.int64)  # (batch, seq), right-padded
-        mask = np.zeros_like(ids)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)], mask[i, :len(row)] = row, 1
+        ids, mask = pad_ragged(rows, pad=self.pad_token_id, align=Align.LEFT)  # (batch, seq), right-padded
         positions = np.broadcast_to(np.arange(longest, dtype=np.int64), ids.shape).copy()
         out = self.session(graph).step(ids, mask, positions, None)  # (batch, seq, n_exits, vocab)
         picked = out.exit_logits[:, :, [graph.exit_position(n) for n in names], :]
@@ -187,8 +192,28 @@ def _as_batch(prompts: Any) -> list[Any]:
     return list(prompts)
 
 
-def _deltas(stepper: Stepper) -> Iterator[str]:
-    while not stepper.done:
-        for event in stepper.step():
-            if event.text:
-                yield event.text
+class TextStream(Iterator[str]):
+    """The text deltas of one request (`Generator.stream`), each step run when the next delta is asked for.
+
+    `request` is its `Request`: FINISHED when the stream is exhausted; `close()`, or `request.cancel()`
+    before the next delta, drops it (CANCELLED) and ends the stream.
+    """
+
+    def __init__(self, stepper: Stepper, row: int) -> None:
+        self._stepper, self._row = stepper, row
+        self.request = stepper.row(row).request
+
+    def __next__(self) -> str:
+        while not self.request.status.final:
+            if self.request.cancel_requested:
+                self.close()
+                break
+            for event in self._stepper.step():  # one row: at most one event
+                if event.text:
+                    return event.text
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop now: the request is CANCELLED unless it has ended, and its cache is let go."""
+        if not self.request.status.final:
+            self._stepper.drop(self._row)

@@ -21,7 +21,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from autocontrast.runtime.batch_state import Rewind
 from autocontrast.runtime.kv_buffer import KVBuffer, capacity_for
+from autocontrast.runtime.row_reshape import Align, pad_ragged
 from autocontrast.runtime.session import ExitSession, StepOutput
 
 
@@ -51,14 +53,10 @@ class InPlaceDecodeState:
 
         Returns the new rows' outputs only: (len(rows), n_exits, vocab).
         """
-        lengths = np.array([len(r) for r in rows], dtype=np.int64)
-        width = int(lengths.max())
-        ids = np.full((len(rows), width), self.pad_token_id, dtype=np.int64)  # (new, width), right-padded
-        for i, row in enumerate(rows):
-            ids[i, :len(row)] = row
-        columns = np.arange(width)
-        mask = (columns[None, :] < lengths[:, None]).astype(np.int64)  # (new, width)
-        positions = np.broadcast_to(columns, ids.shape).copy()  # pads' positions are never cached
+        ids, mask = pad_ragged(rows, pad=self.pad_token_id, align=Align.LEFT)  # (new, width), right-padded
+        lengths = mask.sum(axis=1)  # (new,)
+        width = ids.shape[1]
+        positions = np.broadcast_to(np.arange(width), ids.shape).copy()  # pads' positions are never cached
         buffer = self._buffer(len(rows), capacity_for(width + 1))
         out = self.session.step(ids, mask, positions, buffer)
         if self.batch == 0:
@@ -111,16 +109,16 @@ class InPlaceDecodeState:
         self._lengths = self._lengths[index]
         self.cache.select(index, columns=int(self._lengths.max()) if len(index) else 0)
 
-    def rewind_row(self, row: int, length: int) -> bool:
+    def rewind_row(self, row: int, length: int) -> Rewind:
         """Keep the first `length` cache entries of `row` (its next token goes at position `length`).
 
-        Returns True: the buffer is untouched, the next step overwrites the forgotten columns.
+        Always `Rewind.KEPT`: the buffer is untouched, the next step overwrites the forgotten columns.
         """
         have = int(self._lengths[row])
         if not 0 <= length <= have:
             raise ValueError(f"cannot rewind a row of {have} cached tokens to {length}")
         self._lengths[row] = length
-        return True
+        return Rewind.KEPT
 
     def prefixes(self) -> list[list[np.ndarray]]:
         """Each row's cache, [(kv_heads, length, head_dim)] per live cache input: views of the buffer (the

@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from autocontrast.bundle import KVCacheSpec
 from autocontrast.runtime import huge_pages
+from autocontrast.runtime.row_reshape import Align, gather
 
 CAPACITY_STEP = 256  # columns are allocated in multiples of this
 
@@ -108,13 +109,9 @@ class KVBuffer:
         batch = sum(len(rows) for _, rows in sources)
         first = sources[0][0][0]
         block = huge_pages.zeros((len(self.input_names), batch, first.shape[1], capacity, first.shape[3]), first.dtype)
-        at = 0
-        for arrays, rows in sources:
-            for live, array in zip(block, arrays, strict=False):  # inputs past the live ones stay unwritten
-                width = min(array.shape[2], capacity)
-                for j, row in enumerate(rows):
-                    live[at + j, :, :width] = array[row, :, :width]
-            at += len(rows)
+        for i in range(len(sources[0][0])):  # the live inputs; those past them stay unwritten
+            gather([(arrays[i], rows) for arrays, rows in sources], axis=2, width=capacity, align=Align.LEFT,
+                   out=block[i])
         self.batch = batch
         self._set(block)
 

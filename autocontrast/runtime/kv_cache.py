@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from autocontrast.bundle import KVCacheSpec
+from autocontrast.runtime.row_reshape import Align, append_rows, gather, resize
 
 
 class KVCache:
@@ -67,19 +68,19 @@ class KVCache:
         """Forget every column after the first `length` (copies, to host)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot rewind a cache of length {self.length} to {length}")
-        self._set([a[:, :, :length, :] for a in self.arrays()], length)
+        self._set([resize(a, length, axis=2, align=Align.LEFT) for a in self.arrays()], length)
 
     def select(self, rows: Sequence[int], *, first_column: int = 0) -> None:
         """Keep only `rows` (in that order) and the columns from `first_column` on (copies, to host)."""
-        index = np.asarray(rows, dtype=np.int64)
-        self._set([a[index, :, first_column:, :] for a in self.arrays()], self.length - first_column)
-        self.batch = len(index)
+        width = self.length - first_column
+        self._set([gather([(a, rows)], axis=2, width=width, align=Align.RIGHT) for a in self.arrays()], width)
+        self.batch = len(rows)
 
     def append_rows(self, other: KVCache) -> None:
         """Add `other`'s rows after this cache's, both right-aligned to the wider past (copies, to host)."""
-        width = max(self.length, other.length)
-        mine, theirs = (_left_pad(c.arrays(), width - c.length) for c in (self, other))
-        self._set([np.concatenate([a, b], axis=0) for a, b in zip(mine, theirs, strict=True)], width)
+        self._set([append_rows(a, b, axis=2, align=Align.RIGHT) for a, b in zip(self.arrays(), other.arrays(),
+                                                                                  strict=True)],
+                  max(self.length, other.length))
         self.batch += other.batch
 
     def load(self, arrays: list[np.ndarray], length: int) -> None:
@@ -89,13 +90,6 @@ class KVCache:
     def _set(self, arrays: list[np.ndarray], length: int) -> None:
         self._values = [np.ascontiguousarray(a) for a in arrays]
         self.length = length
-
-
-def _left_pad(arrays: list[np.ndarray], columns: int) -> list[np.ndarray]:
-    """Zero columns before the past: (batch, kv_heads, past, head_dim) -> (batch, kv_heads, columns + past, head_dim)."""
-    if columns == 0:
-        return arrays
-    return [np.pad(a, ((0, 0), (0, 0), (columns, 0), (0, 0))) for a in arrays]
 
 
 def _to_numpy(value: Any) -> np.ndarray:

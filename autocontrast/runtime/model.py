@@ -2,10 +2,11 @@
 
 It owns the manifest, the tokenizer and chat template, the ONNX Runtime sessions of the graphs
 (opened on first use, one per graph, shared by every thread) and the resolution of a decoding
-mode to the graph that serves it; it checks and encodes prompts and generation parameters. It
-runs nothing by itself: a `Stepper` (`autocontrast.runtime.stepper`) is one run over it, with
-its batch's decode state (`decode_state`), and `Generator` (`autocontrast.runtime.generator`)
-is the convenient face that drives steppers for `generate`, `stream` and scoring.
+mode to the graph that serves it; it checks and encodes prompts and generation parameters, and
+makes every `Request` (`request`: the one place a generation is checked). It runs nothing by
+itself: a `Stepper` (`autocontrast.runtime.stepper`) is one run over it, with its batch's decode
+state (`decode_state`), and `Generator` (`autocontrast.runtime.generator`) is the convenient face
+that drives steppers for `generate`, `stream` and scoring.
 
 >>> model = Model("smollm2-acd")  # doctest: +SKIP
 >>> ids = model.encode("The history of Paris")  # doctest: +SKIP
@@ -19,7 +20,7 @@ import json
 import numbers
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,14 @@ from autocontrast.runtime.constraint import grammar_tokenizer
 from autocontrast.runtime.decode_state import open_decode_state
 from autocontrast.runtime.encoder import EncoderSession, open_encoder
 from autocontrast.runtime.encoder_decoder_state import EncoderDecoderState
-from autocontrast.runtime.modes import DecodeMode, resolve_mode
+from autocontrast.runtime.modes import DecodeMode, mode_on_graph, resolve_mode
 from autocontrast.runtime.params import GenerationParams
+from autocontrast.runtime.request import Request, Sink
 from autocontrast.runtime.session import ExitSession, open_session, shared_file_session
 from autocontrast.runtime.text import chat_template, load_tokenizer, render_chat
 
 Prompt = str | Sequence[int]
+Messages = Sequence[Mapping[str, str]]  # a conversation: [{role, content}, ...] (with chat=True)
 
 
 class Model:
@@ -118,8 +121,45 @@ class Model:
     def mode(self, multi_exit: MultiExitConfiguration | None = None, *, fused: bool = True) -> DecodeMode:
         return resolve_mode(self.manifest, multi_exit or MultiExitConfiguration(), fused=fused)
 
-    def encode(self, prompt: Prompt, *, chat: bool = False) -> list[int]:
-        """Token ids of a prompt (text through the tokenizer, optionally the chat template; ids as given)."""
+    def request(self, prompt: Prompt | Messages, params: GenerationParams | None = None, *,
+                multi_exit: MultiExitConfiguration | DecodeMode | None = None, chat: bool = False,
+                fused_contrast: bool = True, graph: GraphSpec | None = None, fit_context: bool = False,
+                sink: Sink | None = None, **param_fields: Any) -> Request:
+        """A `Request` for `prompt`, checked here, once: the parameters (`params` with `param_fields`
+        replaced), the prompt encoded (text, token ids, or with `chat` a conversation through the chat
+        template), its length with `max_new_tokens` within the model's positions, stop and bias ids within
+        its vocabulary, and the mode resolved: `multi_exit` as a configuration (on `graph` when given, else
+        on the cheapest graph serving it; default the original head) or a `DecodeMode` resolved before.
+        `fit_context`: `max_new_tokens` is cut to what the context leaves after the prompt (at least 1).
+
+        >>> request = model.request("The history of Paris", max_new_tokens=8)  # doctest: +SKIP
+        """
+        params = self.params(params, param_fields)
+        ids = self.encode(prompt, chat=chat)
+        if fit_context:
+            room = self.manifest.max_positions - len(ids)
+            params = dataclasses.replace(params, max_new_tokens=max(1, min(params.max_new_tokens, room)))
+        self.check_length(len(ids), params.max_new_tokens)
+        params.check_vocabulary(self.manifest.vocab_size)
+        mode = multi_exit if isinstance(multi_exit, DecodeMode) else self._mode_on(multi_exit, fused_contrast, graph)
+        return Request(ids, params, mode, sink=sink)
+
+    def _mode_on(self, config: MultiExitConfiguration | None, fused: bool, graph: GraphSpec | None) -> DecodeMode:
+        config = config or MultiExitConfiguration()
+        if graph is None:
+            return self.mode(config, fused=fused)
+        mode = mode_on_graph(self.manifest, config, graph, fused=fused)
+        if mode is None:
+            raise GenerationParameterError(f"graph {graph.name!r} (exits {', '.join(map(str, graph.exits))}) cannot "
+                                           f"serve {config.description}; a stepper runs one graph: use one made for "
+                                           "that mode")
+        return mode
+
+    def encode(self, prompt: Prompt | Messages, *, chat: bool = False) -> list[int]:
+        """Token ids of a prompt (text through the tokenizer, optionally the chat template; ids as given; with
+        `chat`, a conversation [{role, content}, ...] through the chat template)."""
+        if chat and _is_conversation(prompt):
+            return self.encode_chat(prompt)
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise PromptError("the prompt is empty")
@@ -147,7 +187,7 @@ class Model:
             raise PromptError(f"token id {bad[0]} is outside the vocabulary 0..{self.manifest.vocab_size - 1}")
         return ids
 
-    def encode_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: Messages) -> list[int]:
         """Token ids of a conversation ([{role, content}, ...]) through the bundle's chat template."""
         if not messages:
             raise PromptError("the conversation has no messages")
@@ -178,6 +218,8 @@ class Model:
                                            f"{', '.join(sorted(known))}")
         if params is not None and not isinstance(params, GenerationParams):
             raise GenerationParameterError(f"params must be a GenerationParams, not {type(params).__name__}")
+        if params is not None and not fields:  # checked when it was made
+            return params
         return dataclasses.replace(params, **fields) if params is not None else GenerationParams(**fields)
 
     def _special_token_strings(self) -> dict[str, str]:
@@ -186,3 +228,9 @@ class Model:
             return {}
         found = json.loads(path.read_text(encoding="utf-8"))
         return {k: (v["content"] if isinstance(v, dict) else v) for k, v in found.items() if isinstance(v, (str, dict))}
+
+
+def _is_conversation(prompt: object) -> bool:
+    """A non-empty list of {role, content} messages (not text, not token ids)."""
+    return (isinstance(prompt, Sequence) and not isinstance(prompt, (str, bytes)) and len(prompt) > 0
+            and all(isinstance(m, Mapping) for m in prompt))

@@ -25,6 +25,7 @@ when its prompt is in; with a `PrefixCache` it starts from the longest stored pr
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import numpy as np
@@ -32,39 +33,18 @@ import numpy as np
 from autocontrast.config import Exit, MultiExitConfiguration
 from autocontrast.errors import GenerationParameterError, RowError, UnknownExitError
 from autocontrast.runtime import sampling
-from autocontrast.runtime.batch_state import BatchState, ChunkedState
+from autocontrast.runtime.batch_state import BatchState, ChunkedState, Rewind
 from autocontrast.runtime.constraint import RowConstraint
 from autocontrast.runtime.contrast import log_softmax
 from autocontrast.runtime.detokenizer import StreamDecoder
 from autocontrast.runtime.model import Model, Prompt
-from autocontrast.runtime.modes import DecodeMode, checked_scores, mode_on_graph
+from autocontrast.runtime.modes import DecodeMode, checked_scores
 from autocontrast.runtime.params import GenerationParams
 from autocontrast.runtime.prefix_cache import PrefixCache
+from autocontrast.runtime.request import ExitLogprobs, Request, RequestStatus, TokenEvent
 from autocontrast.runtime.session import StepOutput
 from autocontrast.runtime.step_plan import Pending, PromptChunk, StepPlan, plan_step
 from autocontrast.runtime.stopping import finish_reason
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenEvent:
-    """One row's new token after a step."""
-
-    row: int
-    token: int
-    text: str  # the new text (whole characters, held back before a possible stop string; may be '')
-    finish_reason: str | None  # 'eos', 'stop_string', 'constraint', 'length' or None (goes on)
-    logprob: float | None = None  # with params.logprobs: the token's log-probability under the row's mode
-    top_logprobs: tuple[tuple[int, float], ...] = ()  # ... and the params.logprobs most likely (id, logprob)
-    exit_logprobs: tuple[ExitLogprobs, ...] = ()  # with params.exit_logprobs: the same under each exit the mode reads
-
-
-@dataclasses.dataclass(frozen=True)
-class ExitLogprobs:
-    """A token's log-probability under one exit alone, and that exit's most likely tokens (id, logprob)."""
-
-    exit: str
-    logprob: float
-    top: tuple[tuple[int, float], ...]
 
 
 @dataclasses.dataclass(eq=False)
@@ -84,21 +64,33 @@ class _Prefill:
 
 
 class Row:
-    """One sequence of a stepper's batch: its prompt, its tokens so far, why it stopped."""
+    """One sequence of a stepper's batch: its `request` (prompt, parameters, mode, status), its tokens so
+    far, why it stopped."""
 
-    def __init__(self, row_id: int, prompt: list[int], params: GenerationParams, mode: DecodeMode,
-                 stop_ids: frozenset[int], decoder: StreamDecoder, *, vocab_size: int) -> None:
-        self.id, self.params, self.mode, self.stop_ids = row_id, params, mode, stop_ids
+    def __init__(self, row_id: int, request: Request, stop_ids: frozenset[int], decoder: StreamDecoder, *,
+                 vocab_size: int) -> None:
+        self.id, self.request, self.stop_ids = row_id, request, stop_ids
         # what min_new_tokens suppresses: stop ids of the vocabulary only, as HF's MinNewTokensLengthLogitsProcessor
         # (a checkpoint may keep an end-of-sequence id beyond its vocabulary: GPT-2's 50256 over a resized one)
         self.suppressed_ids = np.array(sorted(i for i in stop_ids if 0 <= i < vocab_size), dtype=np.int64)
-        self.prompt_ids = list(prompt)
         self.token_ids: list[int] = []  # generated, prompt excluded
         self.finish_reason: str | None = None
         self.decoder = decoder
-        self.rng = np.random.default_rng(params.seed)
+        self.rng = np.random.default_rng(request.params.seed)
         self.decoder_start_token_id: int | None = None  # set for an encoder-decoder model's rows
         self.constraint: RowConstraint | None = None  # with params.constraint: its mask and progress
+
+    @property
+    def params(self) -> GenerationParams:
+        return self.request.params
+
+    @property
+    def mode(self) -> DecodeMode:
+        return self.request.mode
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.request.prompt_ids
 
     @property
     def done(self) -> bool:
@@ -180,42 +172,46 @@ class Stepper:
             **param_fields: Any) -> int:
         """Queue a prompt; it is prefilled at the next `step()`, which gives it its first token. Returns its row id.
 
-        `multi_exit` (default: the stepper's mode) must be servable by the stepper's graph.
+        Makes its `Request` (`Model.request`, where it is checked) and `submit`s it; `multi_exit`
+        (default: the stepper's mode) must be servable by the stepper's graph.
         """
-        gen = self.model
-        params = gen.params(params, param_fields)
-        params.check_vocabulary(gen.manifest.vocab_size)
-        ids = gen.encode(prompt, chat=chat)
-        gen.check_length(len(ids), params.max_new_tokens)
-        mode = self.default_mode if multi_exit is None else self._mode_for(multi_exit, fused_contrast)
+        mode = self.default_mode if multi_exit is None else multi_exit
+        return self.submit(self.model.request(prompt, params, multi_exit=mode, chat=chat,
+                                              fused_contrast=fused_contrast, graph=self.graph, **param_fields))
+
+    def submit(self, request: Request) -> int:
+        """Queue a request made by `Model.request` whose mode runs on this stepper's graph; it is prefilled at
+        the next `step()` (PREFILLING from now on). Returns its row id (`row(id).request` is `request`)."""
+        if request.mode.graph is None or request.mode.graph.name != self.graph.name:
+            where = "no graph" if request.mode.graph is None else f"graph {request.mode.graph.name!r}"
+            raise GenerationParameterError(f"this stepper runs graph {self.graph.name!r}; the request's mode runs on "
+                                           f"{where}: submit it to a stepper made for that mode")
+        request.admit()
+        gen, params = self.model, request.params
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos
                                                        else frozenset(gen.manifest.eos_token_ids))
-        row = Row(self._next_id, ids, params, mode, stop_ids,
-                  StreamDecoder(gen.tokenizer, stop_strings=params.stop_strings), vocab_size=gen.manifest.vocab_size)
+        row = Row(self._next_id, request, stop_ids, StreamDecoder(gen.tokenizer, stop_strings=params.stop_strings),
+                  vocab_size=gen.manifest.vocab_size)
         if gen.manifest.encoder_decoder is not None:
             row.decoder_start_token_id = gen.manifest.encoder_decoder.decoder_start_token_id
         if params.constraint is not None:
             row.constraint = RowConstraint(params.constraint, gen.grammar_tokenizer())
         self._next_id += 1
         self._rows[row.id] = row
-        self._prefills[row.id] = _Prefill(ids)
+        self._prefills[row.id] = _Prefill(list(request.prompt_ids))
         return row.id
-
-    def _mode_for(self, config: MultiExitConfiguration, fused: bool) -> DecodeMode:
-        mode = mode_on_graph(self.model.manifest, config, self.graph, fused=fused)
-        if mode is None:
-            raise GenerationParameterError(f"this stepper runs graph {self.graph.name!r} (exits "
-                                           f"{', '.join(map(str, self.graph.exits))}), which cannot serve "
-                                           f"{config.description}; use a stepper made for that mode")
-        return mode
 
     def drop(self, row_id: int) -> Row:
         """Remove a row (running or finished) now; its computation stops. Returns its final state."""
         return self.drop_rows([row_id])[0]
 
     def drop_rows(self, row_ids: list[int]) -> list[Row]:
-        """Remove several rows at once: one reshaping of the batch's cache, however many leave."""
+        """Remove several rows at once: one reshaping of the batch's cache, however many leave. A request that
+        had not ended is CANCELLED."""
         rows = [self.row(r) for r in row_ids]
+        for row in rows:
+            if not row.request.status.final:
+                row.request.move(RequestStatus.CANCELLED)
         leaving = set(row_ids)
         for row_id in leaving:
             self._prefills.pop(row_id, None)
@@ -228,7 +224,8 @@ class Stepper:
     def rewind_to(self, row_id: int, length: int) -> None:
         """Cut a row back to its first `length` tokens (prompt + generated); the next step continues from there.
 
-        A finished row comes back to life. Rewinding into the prompt shortens the prompt.
+        A finished row comes back to life. Rewinding into the prompt shortens the prompt (the request's).
+        The request is DECODING again, or PREFILLING when its prompt is computed anew.
         """
         row = self.row(row_id)
         total = len(row.all_ids)
@@ -236,7 +233,7 @@ class Stepper:
             raise GenerationParameterError(f"rewind length ({length!r}) must be within 1..{total} (row {row_id} has "
                                            f"{total} tokens)")
         ids = row.all_ids[:length]
-        row.prompt_ids, row.token_ids = ids[:len(row.prompt_ids)], ids[len(row.prompt_ids):]
+        row.request.prompt_ids, row.token_ids = ids[:len(row.prompt_ids)], ids[len(row.prompt_ids):]
         row.finish_reason = None
         row.decoder = StreamDecoder(self.model.tokenizer, stop_strings=row.params.stop_strings)
         for token in row.token_ids:
@@ -244,19 +241,34 @@ class Stepper:
         row.decoder.emitted = row.decoder.text  # what was streamed before stays streamed
         if row.constraint is not None:
             row.constraint.restart(row.token_ids)
-        if row_id in self._batch and not self.state.rewind_row(self._batch.index(row_id), length - 1):
-            index = self._batch.index(row_id)  # an encoder-decoder's prompt changed: prefill the row anew
-            self._keep([i for i in range(len(self._batch)) if i != index])
+        if row_id in self._batch:
+            index = self._batch.index(row_id)
+            if self.state.rewind_row(index, length - 1) is Rewind.PREFILL_AGAIN:  # an encoder-decoder's prompt
+                self._keep([i for i in range(len(self._batch)) if i != index])
         if row_id not in self._batch:  # prefilled again from the start (a chunked one's partial cache is dropped)
             self._prefills.pop(row_id, None)
             self._prefills[row_id] = _Prefill(ids)
+        row.request.move(RequestStatus.DECODING if row_id in self._batch else RequestStatus.PREFILLING)
 
     # -- stepping --------------------------------------------------------------------------------
 
     def step(self) -> list[TokenEvent]:
         """Give every decoding row one more token and joining rows their prompt (or its next chunk); a
-        joining row gets its first token in the step its prompt is in. Finished rows leave at the next step."""
-        return self.run(self.plan())
+        joining row gets its first token in the step its prompt is in. Finished rows leave at the next step.
+
+        Each row's request gets its token (`Request.deliver`: status, timing, sink). A step that raises fails
+        every request not ended (FAILED, the exception to its sink): the stepper is spent."""
+        try:
+            plan = self.plan()
+        except Exception as err:
+            self._fail(err)
+            raise
+        return self.run(plan)
+
+    def _fail(self, err: Exception) -> None:
+        for row in self._rows.values():
+            if not row.request.status.final:
+                row.request.fail(err)
 
     def plan(self) -> StepPlan:
         """The next step's plan (finished rows leave the batch first)."""
@@ -271,7 +283,14 @@ class Stepper:
         return plan_step(self._batch, pending, self.max_step_tokens)
 
     def run(self, plan: StepPlan) -> list[TokenEvent]:
-        """Run a plan made by `plan()` (nothing changed since); the tokens chosen."""
+        """Run a plan made by `plan()` (nothing changed since); the tokens chosen, each delivered to its request."""
+        try:
+            return self._run(plan)
+        except Exception as err:
+            self._fail(err)
+            raise
+
+    def _run(self, plan: StepPlan) -> list[TokenEvent]:
         parts, joined = [], []
         if plan.decode:
             pending = np.array([self._rows[r].all_ids[-1] for r in self._batch], dtype=np.int64)  # (batch,)
@@ -356,6 +375,7 @@ class Stepper:
                 [self._last_rows[i] for i in keep]
 
     def _choose(self) -> list[TokenEvent]:
+        """Each row's next token, delivered to its request."""
         rows = [self._rows[r] for r in self._last_rows]
         scores = self._mode_scores(rows)
         events = []
@@ -374,6 +394,9 @@ class Stepper:
             events.append(TokenEvent(row.id, token, delta, row.finish_reason,
                                      *_logprobs(scores[i], token, row.params.logprobs),
                                      self._exit_logprobs(i, row, token)))
+        now = time.perf_counter()
+        for row, event in zip(rows, events, strict=True):
+            row.request.deliver(event, now)
         return events
 
     def _exit_logprobs(self, position: int, row: Row, token: int) -> tuple[ExitLogprobs, ...]:

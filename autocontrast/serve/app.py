@@ -1,9 +1,10 @@
 """The OpenAI-compatible HTTP app (Starlette): routes, auth, limits, streaming, errors.
 
-Thin over the scheduler: a request is parsed (`protocol`), encoded and submitted as one
-`autocontrast.serve.request.Request` (here `Generation`, beside Starlette's HTTP `Request`); its
-`TokenEvent`s come back from the scheduler thread through its sink, an asyncio queue, and go out as one JSON
-body or as server-sent events. A client that disconnects has its job cancelled (its row leaves the
+Thin over the scheduler: a request is parsed (`protocol`), made into one
+`autocontrast.runtime.request.Request` per choice (`Model.request`: checked and encoded there; here
+`Generation`, beside Starlette's HTTP `Request`) and submitted; its `TokenEvent`s come back from the
+scheduler thread through its sink, an asyncio queue, and go out as one JSON body or as server-sent
+events. A client that disconnects has its job cancelled (its row leaves the
 batch before the next step). Every error is OpenAI's error body; the server keeps serving.
 
 >>> app = create_app(Generator("smollm2-acd"), ServerConfig(model_name="smollm2"))  # doctest: +SKIP
@@ -33,9 +34,9 @@ from autocontrast.config import MultiExitConfiguration
 from autocontrast.errors import AutocontrastError, ConfigurationError, PromptError
 from autocontrast.runtime.contrast import log_softmax
 from autocontrast.runtime.generator import Generator
-from autocontrast.runtime.params import GenerationParams
+from autocontrast.runtime.request import Request as Generation
+from autocontrast.runtime.request import Sink, TokenEvent
 from autocontrast.runtime.sampling import most_likely
-from autocontrast.runtime.stepper import TokenEvent
 from autocontrast.serve.metrics import CONTENT_TYPE, Metrics
 from autocontrast.serve.protocol import (
     MAX_JSON_DEPTH,
@@ -52,7 +53,6 @@ from autocontrast.serve.protocol import (
     parse_request,
     usage_chunk,
 )
-from autocontrast.serve.request import Request as Generation
 from autocontrast.serve.scheduler import (
     DEFAULT_MAX_STEP_TOKENS,
     DEFAULT_PREFIX_CACHE_BYTES,
@@ -237,20 +237,20 @@ class _Server:
             raise OpenAIError(404, f"the model {spec.model!r} does not exist; this server serves "
                               f"{self.config.model_name!r}", param="model", code="model_not_found")
         gen = self.generator
+        # a chat's default budget fits the context
+        fit = chat and "max_tokens" not in body and "max_completion_tokens" not in body
+        answer = _Answer(asyncio.get_running_loop())
         try:
-            prompts = [gen.encode_chat(spec.messages)] if chat else [gen.encode(p) for p in spec.prompts]
-            answer = _Answer(asyncio.get_running_loop(), prompt_tokens=sum(len(ids) for ids in prompts))
-            for ids in prompts:
-                params = spec.params
-                if chat and "max_tokens" not in body and "max_completion_tokens" not in body:
-                    room = gen.manifest.max_positions - len(ids)  # the default budget fits the context
-                    params = dataclasses.replace(params, max_new_tokens=max(1, min(params.max_new_tokens, room)))
-                gen.check_length(len(ids), params.max_new_tokens)
-                params.check_vocabulary(gen.manifest.vocab_size)
-                for j in range(spec.n):  # a seeded request's choices draw differently, reproducibly: seed + j
-                    seeded = params if params.seed is None or j == 0 else dataclasses.replace(params,
-                                                                                            seed=params.seed + j)
-                    answer.add(ids, seeded, spec.multi_exit or self.config.default_mode)
+            mode = gen.mode(spec.multi_exit or self.config.default_mode)
+            for prompt in [spec.messages] if chat else spec.prompts:
+                first = gen.request(prompt, spec.params, multi_exit=mode, chat=chat, fit_context=fit,
+                                    sink=answer.sink())
+                answer.add(first, counted=True)
+                for j in range(1, spec.n):  # a seeded request's choices draw differently, reproducibly: seed + j
+                    params = first.params if first.params.seed is None else dataclasses.replace(
+                        first.params, seed=first.params.seed + j)
+                    answer.add(dataclasses.replace(first, prompt_ids=list(first.prompt_ids), params=params,
+                                                   sink=answer.sink()))
         except AutocontrastError as err:
             raise self._refusal(err, chat=chat) from None
         if spec.echo:
@@ -291,8 +291,6 @@ class _Server:
                               headers={"Retry-After": str(self.config.retry_after_s)}) from None
         except SchedulerStoppedError as err:
             raise OpenAIError(503, str(err), type="server_error", code="shutting_down") from None
-        except AutocontrastError as err:
-            raise self._refusal(err, chat=False) from None
 
     @staticmethod
     def _refusal(err: AutocontrastError, *, chat: bool) -> OpenAIError:
@@ -402,8 +400,8 @@ class _Answer:
     """One HTTP request's generations (choice i is `jobs[i]`): their events arrive on one queue, tagged with
     the choice index, crossing from the scheduler thread into the event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, *, prompt_tokens: int) -> None:
-        self.loop, self.prompt_tokens = loop, prompt_tokens  # each prompt counted once, whatever n
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.prompt_tokens = loop, 0  # each prompt counted once, whatever n
         self.events: asyncio.Queue[tuple[int, TokenEvent | BaseException]] = asyncio.Queue()
         self.jobs: list[Generation] = []
         self.echo_texts: list[str] | None = None  # per choice, with `echo`
@@ -419,10 +417,15 @@ class _Answer:
     def echo_logprob(self, index: int) -> list[TokenLogprob]:
         return [] if self.echo_logprobs is None else self.echo_logprobs[index]
 
-    def add(self, ids: list[int], params: GenerationParams, mode: MultiExitConfiguration) -> None:
+    def sink(self) -> Sink:
+        """The sink of the next choice added: its events onto the queue, tagged with its index."""
         index = len(self.jobs)
-        self.jobs.append(Generation(ids, params, mode, sink=lambda event: self.loop.call_soon_threadsafe(
-            self.events.put_nowait, (index, event))))
+        return lambda event: self.loop.call_soon_threadsafe(self.events.put_nowait, (index, event))
+
+    def add(self, job: Generation, *, counted: bool = False) -> None:
+        """The next choice (made with `sink()` just before); `counted`: its prompt counts in the usage."""
+        self.jobs.append(job)
+        self.prompt_tokens += len(job.prompt_ids) if counted else 0
 
     @property
     def generated(self) -> int:

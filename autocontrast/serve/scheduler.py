@@ -2,9 +2,10 @@
 
 The scheduler owns one `Stepper` per decode graph (requests whose modes share a graph share a
 batch; a fused-contrast request and a NumPy-contrast request both run on the exits graph). Every
-loop it drops rows whose client left, admits queued requests up to `max_batch` rows, and runs one
-planned step of each stepper with work, handing each request its `TokenEvent`. A step's plan
-(`autocontrast.runtime.step_plan`) gives every decoding row its token first and joining prompts
+loop it drops rows whose client left, admits queued requests up to `max_batch` rows
+(`Stepper.submit`), and runs one planned step of each stepper with work, which hands each request its
+`TokenEvent`. Requests come checked (`Model.request`, at the HTTP edge): only their status is looked
+at here. A step's plan (`autocontrast.runtime.step_plan`) gives every decoding row its token first and joining prompts
 what is left of `max_step_tokens`, so a long prompt joins over several steps instead of freezing
 every stream; prompts start from the longest prefix a `PrefixCache` holds (one per graph, within
 `prefix_cache_bytes`). ONNX Runtime releases the GIL while it computes, so the HTTP event loop
@@ -22,15 +23,14 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 from autocontrast.errors import AutocontrastError
 from autocontrast.runtime.generator import Generator
 from autocontrast.runtime.prefix_cache import PrefixCache
+from autocontrast.runtime.request import Request, RequestStatus
 from autocontrast.runtime.stepper import Stepper
-from autocontrast.serve.request import Request, RequestStatus
 
 log = logging.getLogger("autocontrast.serve")
 
@@ -91,14 +91,14 @@ class Scheduler:
         return self._thread is not None and self._thread.is_alive()
 
     def submit(self, request: Request) -> None:
-        """Queue a request (its mode resolved now, so a bad one fails here); `QueueFullError` when full."""
+        """Queue a request made by `generator.request` (QUEUED); `QueueFullError` when full."""
         self.submit_all([request])
 
     def submit_all(self, requests: list[Request]) -> None:
         """Queue several requests (one HTTP request's choices) together: all of them, or none
         (`QueueFullError` when they do not all fit)."""
-        for request in requests:
-            request.graph = self.generator.mode(request.multi_exit).graph.name
+        for request in requests:  # refused here, in the caller's thread, not when the scheduler takes it in
+            request.check_queued()
         with self._wake:
             if self._stopping:
                 raise SchedulerStoppedError("the server is shutting down and takes no new requests")
@@ -147,53 +147,43 @@ class Scheduler:
         for graph, rows in self._rows.items():
             gone = [row for row, request in rows.items() if request.cancel_requested]
             if gone:
-                self._steppers[graph].drop_rows(gone)
+                self._steppers[graph].drop_rows(gone)  # CANCELLED there
                 for row in gone:
-                    rows.pop(row).status = RequestStatus.CANCELLED
+                    del rows[row]
                 self._observe("cancelled", len(gone))
         kept = [r for r in self._queue if not r.cancel_requested]
         if len(kept) != len(self._queue):
             for request in self._queue:
                 if request.cancel_requested:
-                    request.status = RequestStatus.CANCELLED
+                    request.move(RequestStatus.CANCELLED)
             self._queue = collections.deque(kept)
 
     def _admit(self) -> None:
         while self._queue and self.running < self.max_batch:
             request = self._queue.popleft()
-            stepper = self._steppers.get(request.graph)
+            graph = request.mode.graph.name
+            stepper = self._steppers.get(graph)
             if stepper is None:
-                stepper = self._steppers[request.graph] = self.generator.stepper(
-                    request.multi_exit, max_step_tokens=self.max_step_tokens,
+                stepper = self._steppers[graph] = Stepper(
+                    self.generator, request.mode, max_step_tokens=self.max_step_tokens,
                     prefix_cache=PrefixCache(self.prefix_cache_bytes) if self.prefix_cache_bytes else None)
-            try:
-                row = stepper.add(request.prompt_ids, request.params, multi_exit=request.multi_exit)
-            except AutocontrastError as err:  # checked at submit; a stepper-specific refusal lands here
-                request.fail(err)
-                continue
-            request.status = RequestStatus.PREFILLING
-            self._rows.setdefault(request.graph, {})[row] = request
+            row = stepper.submit(request)  # PREFILLING
+            self._rows.setdefault(graph, {})[row] = request
         self._observe("queue_depth", len(self._queue))
 
     def _step(self, graph: str) -> None:
         stepper, rows = self._steppers[graph], self._rows[graph]
         try:
             events = stepper.step()
-        except Exception as err:  # noqa: BLE001 - one failed step fails its batch, not the server
-            log.exception("step of graph %s failed; failing its %d request(s)", graph, len(rows))
-            for request in rows.values():
-                request.fail(err)
+        except Exception:  # noqa: BLE001 - one failed step fails its batch (the stepper did), not the server
+            log.exception("step of graph %s failed; its %d request(s) failed", graph, len(rows))
             rows.clear()
             del self._steppers[graph]
             return
-        now = time.perf_counter()
-        for event in events:
+        for event in events:  # delivered by the stepper: status, timing, sink
             request = rows.get(event.row)
-            if request is None:
-                continue
-            self._observe("ttft" if request.last_token is None else "inter_token",
-                          now - (request.submitted if request.last_token is None else request.last_token))
-            request.deliver(event, now)
+            if request is not None and request.since_last is not None:
+                self._observe("ttft" if request.generated == 1 else "inter_token", request.since_last)
         finished = [e.row for e in events if e.finish_reason is not None and e.row in rows]
         if finished:  # release their cache now, in one reshaping; nothing of them is read again
             stepper.drop_rows(finished)

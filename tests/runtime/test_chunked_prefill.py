@@ -226,7 +226,8 @@ def test_a_stored_prompt_survives_its_row_rewinding_and_writing_over_its_cache(g
     row = stepper.add(ids, max_new_tokens=N, ignore_eos=True)  # joins an empty batch: its buffer becomes the batch's
     _run(stepper)
     stepper.rewind_to(row, 6)  # back into its prompt: the next steps write over the prompt's columns
-    stepper.row(row).params = dataclasses.replace(stepper.row(row).params, max_new_tokens=N + len(ids))
+    request = stepper.row(row).request  # the one holder of its parameters
+    request.params = dataclasses.replace(request.params, max_new_tokens=N + len(ids))
     _run(stepper)
     again = stepper.add(ids, max_new_tokens=N, ignore_eos=True)  # seeded from the stored prompt
     _run(stepper)
