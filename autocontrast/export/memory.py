@@ -111,13 +111,13 @@ class StageMeter:
 # the process's own libraries, the model (memory-mapped float32 weights, touched by the trace), one folded
 # copy of the embedding (the tied head, transposed for the trace), and the working set of the largest
 # pass (validation's float64 layer and head, the sessions), which grows with the model up to a few GB.
-# Fitted to the five runs where the machine had room (SmolLM2-135M to the SmolLM2-1.7B shape): it bounds
-# each from above, by 1.2x at most. The Llama-3.2-3B shape (18.0 GB estimated) exported on a 24 GB
-# machine: its resident peak, 24.6 GB, was mostly mapped weight pages the kernel reclaimed as it needed
-# (anonymous memory peaked at 4.6 GB), so the estimate is conservative there.
+# Fitted to the five runs of 2026-12-07 (SmolLM2-135M to the SmolLM2-1.7B shape): it bounds each from
+# above, by 1.2x at most. The Llama-3.2-3B shape (17.6 GB estimated) exported on a 24 GB machine: its
+# resident peak, 24.6 GB, was mostly mapped weight pages the kernel reclaimed as it needed (anonymous
+# memory peaked at 4.6 GB), so the estimate is conservative there.
 BASE_BYTES = 1_000_000_000
-WORKING_SET_FACTOR = 0.75
-WORKING_SET_CAP = 2_600_000_000
+WORKING_SET_FACTOR = 0.35
+WORKING_SET_CAP = 2_200_000_000
 # Validation's float64 reference widens decoder layers whose float64 copy is at most this many bytes once,
 # for the whole check (a 135M model's: 0.85 GB; 6 s quicker than widening each layer each time it runs);
 # the process then holds the model's float32 pages and its float64 copy at once.
