@@ -39,18 +39,21 @@ class RuntimeSystem:
                                    share_weights=self.share_weights)
         mode = "contrast" if self.mode_name.startswith("acd") else self.mode_name  # acd-fused, acd-numpy
         needs_contrast = mode == "contrast" or (mode == "exit" and self.exit_ is None)
+        contrast_parameters = {}
         if needs_contrast and self.contrast is None:
             fused = self.generator.manifest.fused_contrast  # a generic tool takes its exits from the bundle
             if fused is None:
                 raise ConfigurationError(f"{self.bundle} fuses no contrast; pass --contrast UPPER,LOWER and --exit N")
-            self.contrast = (fused.upper, fused.lower)
+            self.contrast = (fused.upper, fused.lower)  # ... and the parameters they are fused with
+            contrast_parameters = {"alpha": fused.alpha, "minimum_candidates": fused.minimum_candidates}
         exit_ = self.exit_ if self.exit_ is not None else (self.contrast[1] if self.contrast else None)
         if mode == "dola":  # over every exit the bundle returns beside its own head
             from autocontrast.runtime.modes import dola_candidates
 
             self.multi_exit = configuration_for_mode(mode, dola_candidates(self.generator.manifest))
         else:
-            self.multi_exit = configuration_for_mode(mode, {"original": (), "exit": (exit_,)}.get(mode, self.contrast))
+            self.multi_exit = configuration_for_mode(mode, {"original": (), "exit": (exit_,)}.get(mode, self.contrast),
+                                                     **(contrast_parameters if mode == "contrast" else {}))
         self.fused = self.mode_name != "acd-numpy"
         mode = self.generator.mode(self.multi_exit, fused=self.fused)
         self.generator.session(mode.graph)

@@ -26,9 +26,9 @@ The bundle holds these graphs, sharing one weights file:
   decode_exit_K    an early exit: only layers 1..K run (decoding with exit K alone costs ~K/L);
                    by default one per chosen exit below the top layer (--early-exits)
   score            every position's logits of every exit (perplexity, lm-eval log-likelihoods)
-With exits (top layer, K) the first three are one switched file, decode.onnx: boolean inputs pick
-which layers and exits run, and one session (one copy of the weights) serves all three modes
-(--decode-graphs separate for three files).
+With exits (top layer or 'original', K) the first three are one switched file, decode.onnx:
+boolean inputs pick which layers and exits run, and one session (one copy of the weights) serves
+all three modes (--decode-graphs separate for three files).
 Every graph is checked against PyTorch (a prefill and cached decode steps); an export that does
 not match within tolerance fails and leaves nothing behind. So does one stopped by Ctrl-C, SIGTERM
 or SIGHUP; what a killed export (SIGKILL) left beside OUTPUT, the next export to OUTPUT removes.

@@ -42,14 +42,15 @@ def calculate_contrasted_logits(upper_layer_logits: torch.Tensor, lower_layer_lo
     pu = log_pu.exp()
 
     top = pu.max(dim=-1, keepdim=True).values  # (..., 1)
-    kth = torch.topk(pu, minimum_candidates, dim=-1).values[..., -1:]  # (..., 1)
+    # the k-th largest; for k = 1 that is the maximum (no TopK pass over the vocabulary in the graph)
+    kth = top if minimum_candidates == 1 else torch.topk(pu, minimum_candidates, dim=-1).values[..., -1:]
     threshold = torch.minimum(top * alpha, kth)
     plausible = pu >= threshold  # (..., vocab): the candidate set A
 
     minus_inf = torch.tensor(float("-inf"), dtype=dtype, device=pu.device)
     scores = log_pu - log_pl
-    scores = torch.where(torch.isnan(scores), minus_inf, scores)  # -inf - -inf: no upper mass
-    scores = torch.where(plausible, scores, minus_inf)
+    # off A, and where -inf - -inf left NaN (no upper mass): -inf, in one pass
+    scores = torch.where(plausible & ~torch.isnan(scores), scores, minus_inf)
     scores = _infinite_takes_all(scores)
     zero = torch.zeros((), dtype=dtype, device=pu.device)
 
@@ -100,4 +101,6 @@ def _infinite_takes_all(scores: torch.Tensor) -> torch.Tensor:
     infinite = scores == float("inf")
     zero = torch.zeros((), dtype=scores.dtype, device=scores.device)
     minus_inf = torch.tensor(float("-inf"), dtype=scores.dtype, device=scores.device)
-    return torch.where(infinite.any(dim=-1, keepdim=True), torch.where(infinite, zero, minus_inf), scores)
+    # a row holds +inf exactly where its maximum is +inf (no NaN reaches here): one max, not a count
+    any_infinite = scores.max(dim=-1, keepdim=True).values == float("inf")
+    return torch.where(any_infinite, torch.where(infinite, zero, minus_inf), scores)

@@ -156,6 +156,19 @@ def test_our_systems_take_the_bundles_fused_contrast_when_none_is_given(mode, ti
     assert system.multi_exit.required_exits == wanted
 
 
+def test_acd_fused_runs_the_bundles_fused_contrast_with_the_alpha_it_was_fused_with(tiny_bundle):
+    """A bundle fused at alpha 0.3 (the demo's): the system takes that alpha, so the fused graph serves it."""
+    from autocontrast.bench.ours import RuntimeSystem
+    from autocontrast.bundle import read_manifest
+
+    bundle = tiny_bundle("llama", "SHARED_PROJECTION_DIRECT", fuse_contrast=(3, 1), alpha=0.3)
+    assert read_manifest(bundle).fused_contrast.alpha == 0.3
+    system = RuntimeSystem(str(bundle), mode="acd-fused", provider="cpu", contrast=None)
+    system.load()  # raised "has no fused contrast" when it asked for the default alpha
+    assert system.multi_exit.alpha == 0.3
+    assert system.generator.mode(system.multi_exit, fused=True).fused
+
+
 def test_memory_table_measures_each_weights_policy_after_each_mode(llama_bundle, tmp_path, capsys):
     code = main(["--bundle", str(llama_bundle), "--memory", "--contrast", "3,1", "--exit", "2", "--repeats", "1",
                  "--out", str(tmp_path)])
