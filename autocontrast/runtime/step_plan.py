@@ -55,6 +55,15 @@ class StepPlan:
         return len(self.decode) + sum(c.tokens for c in self.chunks)
 
 
+def step_budget_problem(max_step_tokens: object) -> str | None:
+    """What is wrong with a step's token budget (a positive integer, or None for whole prompts), or None.
+    The one home of that rule: the stepper, the server's scheduler and its configuration all ask here."""
+    if max_step_tokens is None or (isinstance(max_step_tokens, int) and not isinstance(max_step_tokens, bool)
+                                   and max_step_tokens >= 1):
+        return None
+    return f"max_step_tokens ({max_step_tokens!r}) must be a positive integer or None (whole prompts)"
+
+
 def plan_step(decode: Sequence[int], pending: Sequence[Pending], budget: int | None) -> StepPlan:
     """The step's plan: every decode row, then chunks of `pending` rows (in order) within `budget` tokens.
 

@@ -43,7 +43,7 @@ from autocontrast.runtime.params import GenerationParams
 from autocontrast.runtime.prefix_cache import PrefixCache
 from autocontrast.runtime.request import ExitLogprobs, Request, RequestStatus, TokenEvent
 from autocontrast.runtime.session import StepOutput
-from autocontrast.runtime.step_plan import Pending, PromptChunk, StepPlan, plan_step
+from autocontrast.runtime.step_plan import Pending, PromptChunk, StepPlan, plan_step, step_budget_problem
 from autocontrast.runtime.stopping import finish_reason
 
 
@@ -120,9 +120,8 @@ class Stepper:
 
     def __init__(self, model: Model, mode: DecodeMode, *, max_step_tokens: int | None = None,
                  prefix_cache: PrefixCache | None = None) -> None:
-        if max_step_tokens is not None and (not isinstance(max_step_tokens, int) or max_step_tokens < 1):
-            raise GenerationParameterError(f"max_step_tokens ({max_step_tokens!r}) must be a positive integer "
-                                           "or None (whole prompts)")
+        if problem := step_budget_problem(max_step_tokens):
+            raise GenerationParameterError(problem)
         self.model = model  # the loaded bundle this run is over (a Generator is one)
         self.default_mode = mode
         self.graph = mode.graph

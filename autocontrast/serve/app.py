@@ -37,6 +37,7 @@ from autocontrast.runtime.generator import Generator
 from autocontrast.runtime.request import Request as Generation
 from autocontrast.runtime.request import Sink, TokenEvent
 from autocontrast.runtime.sampling import most_likely
+from autocontrast.runtime.step_plan import step_budget_problem
 from autocontrast.serve.metrics import CONTENT_TYPE, Metrics
 from autocontrast.serve.protocol import (
     MAX_JSON_DEPTH,
@@ -81,9 +82,10 @@ class ServerConfig:
         if self.max_batch < 1 or self.max_queue < 0 or self.max_body_bytes < 1:
             raise ConfigurationError(f"max_batch ({self.max_batch}) must be >= 1, max_queue ({self.max_queue}) >= 0 "
                                      f"and max_body_bytes ({self.max_body_bytes}) >= 1")
-        if (self.max_step_tokens is not None and self.max_step_tokens < 1) or self.prefix_cache_bytes < 0:
-            raise ConfigurationError(f"max_step_tokens ({self.max_step_tokens}) must be >= 1 (or None) and "
-                                     f"prefix_cache_bytes ({self.prefix_cache_bytes}) >= 0")
+        if problem := step_budget_problem(self.max_step_tokens):
+            raise ConfigurationError(problem)
+        if self.prefix_cache_bytes < 0:
+            raise ConfigurationError(f"prefix_cache_bytes ({self.prefix_cache_bytes}) must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

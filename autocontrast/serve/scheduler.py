@@ -30,6 +30,7 @@ from autocontrast.errors import AutocontrastError
 from autocontrast.runtime.generator import Generator
 from autocontrast.runtime.prefix_cache import PrefixCache
 from autocontrast.runtime.request import Request, RequestStatus
+from autocontrast.runtime.step_plan import step_budget_problem
 from autocontrast.runtime.stepper import Stepper
 
 log = logging.getLogger("autocontrast.serve")
@@ -53,10 +54,11 @@ class Scheduler:
                  max_step_tokens: int | None = DEFAULT_MAX_STEP_TOKENS,
                  prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
                  observe: Callable[[str, float], None] | None = None) -> None:
-        if max_batch < 1 or max_queue < 0 or (max_step_tokens is not None and max_step_tokens < 1) \
-                or prefix_cache_bytes < 0:
-            raise ValueError(f"max_batch ({max_batch}) must be >= 1, max_queue ({max_queue}) >= 0, max_step_tokens "
-                             f"({max_step_tokens}) >= 1 or None, prefix_cache_bytes ({prefix_cache_bytes}) >= 0")
+        if problem := step_budget_problem(max_step_tokens):
+            raise ValueError(problem)
+        if max_batch < 1 or max_queue < 0 or prefix_cache_bytes < 0:
+            raise ValueError(f"max_batch ({max_batch}) must be >= 1, max_queue ({max_queue}) >= 0, "
+                             f"prefix_cache_bytes ({prefix_cache_bytes}) >= 0")
         self.generator, self.max_batch, self.max_queue = generator, max_batch, max_queue
         self.max_step_tokens, self.prefix_cache_bytes = max_step_tokens, prefix_cache_bytes
         self._observe = observe or (lambda kind, value: None)
