@@ -10,7 +10,7 @@
 
 A `Generator` is a loaded `Model` (`autocontrast.runtime.model`: manifest, sessions, tokenizer,
 modes) with the drivers on top: `generate` and `stream` make a `Request` per prompt (`Model.request`,
-checked there) and drive the stepping engine (`Generator.stepper`, see `autocontrast.runtime.stepper`)
+checked there) and drive a `Stepper` over their mode (`autocontrast.runtime.stepper`; `Generator.stepper` makes one)
 in the caller's thread: breaking out of a stream stops all computation at once. Every call keeps its
 state (KV cache, RNG) to itself, so one Generator serves many threads at once.
 """
