@@ -14,7 +14,8 @@ Graph conventions (all graphs of a bundle share them):
 - decode graphs output `GraphSpec.logits_output` (default `exit_logits`, (batch, n_exits, vocab))
   for the last position only, exits in `GraphSpec.exits` order, plus the present KV cache
   (batch, kv_heads, past+seq, head_dim), and optionally the fused contrast named by
-  `ContrastSpec.output` (batch, vocab). A prefill passes a past of length 0.
+  `ContrastSpec.output` (batch, vocab) and fused DoLa named by `DolaSpec.output` (batch, vocab),
+  in that order after the logits. A prefill passes a past of length 0.
 - score graphs take no past and output `logits_output` (batch, seq, n_exits, vocab) for every
   position (and the fused contrast, if any, as (batch, seq, vocab)).
 - `GraphSpec.external_data`: files holding a graph's weights; acd-export writes one shared,
@@ -98,6 +99,7 @@ POSITION_IDS = "position_ids"
 TOKEN_INPUTS = (INPUT_IDS, ATTENTION_MASK, POSITION_IDS)
 LOGITS_OUTPUT = "exit_logits"
 CONTRAST_OUTPUT = "contrast_scores"
+DOLA_OUTPUT = "dola_scores"
 PAST_KEY, PAST_VALUE = "past_key_values.{layer}.key", "past_key_values.{layer}.value"
 PRESENT_KEY, PRESENT_VALUE = "present.{layer}.key", "present.{layer}.value"
 ENCODER = "encoder"
@@ -180,6 +182,17 @@ class ContrastSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class DolaSpec:
+    """DoLa fused into a graph: its output name, the mature exit (the model's own head), the premature
+    candidates (in the order the first-on-ties choice reads them) and relative_top."""
+
+    output: str
+    mature: Exit
+    candidates: tuple[Exit, ...]
+    relative_top: float
+
+
+@dataclasses.dataclass(frozen=True)
 class GraphSpec:
     name: str
     file: str
@@ -187,6 +200,7 @@ class GraphSpec:
     exits: tuple[Exit, ...]
     logits_output: str = LOGITS_OUTPUT
     contrast: ContrastSpec | None = None
+    dola: DolaSpec | None = None
     external_data: tuple[str, ...] = ()  # files the graph's weights live in, relative to the bundle
     layers: int | None = None  # decoder layers the graph computes (an early exit); None: all of them
     # a switched graph's boolean inputs and the values this entry runs it with (several entries name one file)
@@ -201,8 +215,8 @@ class GraphSpec:
         return self.exits.index(exit_)
 
     def cost(self, num_layers: int) -> tuple[int, int, bool]:
-        """Sort key of the work one step of this graph does: layers computed, exits projected, fused contrast."""
-        return (self.layers or num_layers, len(self.exits), self.contrast is not None)
+        """Sort key of the work one step of this graph does: layers computed, exits projected, fused contrasts."""
+        return (self.layers or num_layers, len(self.exits), (self.contrast is not None) + (self.dola is not None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,6 +295,11 @@ class Manifest:
     def fused_contrast(self) -> ContrastSpec | None:
         """The contrast the bundle's decode graphs fuse (the exporter's choice), if any."""
         return next((g.contrast for g in self.graphs if g.kind == DECODE and g.contrast), None)
+
+    @property
+    def fused_dola(self) -> DolaSpec | None:
+        """The DoLa the bundle's decode graphs fuse (`acd-export --fuse-dola`), if any."""
+        return next((g.dola for g in self.graphs if g.kind == DECODE and g.dola), None)
 
     @property
     def is_encoder_decoder(self) -> bool:
@@ -365,6 +384,10 @@ def _graph_from_dict(data: dict[str, Any]) -> GraphSpec:
         c = dict(fields["contrast"])
         c["upper"], c["lower"] = parse_exit(c["upper"]), parse_exit(c["lower"])
         fields["contrast"] = ContrastSpec(**c)
+    if fields.get("dola"):
+        d = dict(fields["dola"])
+        d["mature"], d["candidates"] = parse_exit(d["mature"]), tuple(parse_exit(e) for e in d["candidates"])
+        fields["dola"] = DolaSpec(**d)
     if fields["kind"] not in KINDS:
         raise ValueError(f"graph {fields.get('name')!r} has unknown kind {fields['kind']!r}")
     return GraphSpec(**fields)

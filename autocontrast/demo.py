@@ -7,7 +7,7 @@
    WikiText-2 validation (`acd-fit-cast`; once, cached). `--projection direct` skips this and reads
    the layers through the final norm and head directly (untrained exits, labelled so);
 3. exports it with `acd-export` (the own head and the three exits in one graph, the demo's contrast
-   fused; cached);
+   and DoLa fused; cached);
 4. generates with the torch-free runtime: plain greedy (the model's own head), ACD and DoLa.
 """
 
@@ -37,7 +37,8 @@ DEMO_REPETITION_PENALTY = 1.2
 
 def demo_bundle(projection: str = "cast", lower: int = DEMO_LOWER) -> Path:
     """The cached SmolLM2 bundle: the own head and exits CAST_LAYERS in one decode graph, the contrast of the own
-    head with `lower` fused; exits through fitted cast matrices ('cast') or the head directly ('direct')."""
+    head with `lower` and DoLa over CAST_LAYERS fused (the demo's settings); exits through fitted cast matrices
+    ('cast') or the head directly ('direct')."""
     from autocontrast.export.cache import cached_bundle
     from autocontrast.export.exporter import ExportOptions
     from autocontrast.models.smollm2 import CAST_LAYERS, smollm2_cast_path, smollm2_path
@@ -45,7 +46,8 @@ def demo_bundle(projection: str = "cast", lower: int = DEMO_LOWER) -> Path:
     if lower not in CAST_LAYERS:
         raise ConfigurationError(f"--lower {lower}: the demo's exits are layers {', '.join(map(str, CAST_LAYERS))}")
     options = ExportOptions(projection=PROJECTIONS[projection], exits=(TOP, *sorted(CAST_LAYERS, reverse=True)),
-                            fuse_contrast=(TOP, lower), alpha=DEMO_ALPHA)
+                            fuse_contrast=(TOP, lower), alpha=DEMO_ALPHA, fuse_dola=tuple(CAST_LAYERS),
+                            relative_top=DEMO_RELATIVE_TOP)
     if projection == "direct":
         return cached_bundle(smollm2_path, options, identity="smollm2-135m-instruct")
     model = smollm2_cast_path()

@@ -45,8 +45,8 @@ def tiny_checkpoint(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_checkpoint):
-    """Factory: tiny_bundle(arch, mode, *, fuse_contrast=None, early_exits=None, kv_layout=None, alpha=None) -> Path of
-    an exported, validated tiny bundle.
+    """Factory: tiny_bundle(arch, mode, *, fuse_contrast=None, early_exits=None, kv_layout=None, alpha=None,
+    fuse_dola=None, relative_top=None) -> Path of an exported, validated tiny bundle.
 
     Exits are the tiny checkpoint's (tests/tiny_models.py exits_for) plus 'original'; cached on disk
     under <cache>/exports keyed by the exporter's sources and the options.
@@ -59,11 +59,13 @@ def tiny_bundle(tiny_checkpoint):
 
     tiny_source = hashlib.sha256((Path(__file__).parent / "tiny_models.py").read_bytes()).hexdigest()[:12]
 
-    def make(arch: str, mode, *, fuse_contrast=None, early_exits=None, kv_layout=None, alpha=None) -> Path:
+    def make(arch: str, mode, *, fuse_contrast=None, early_exits=None, kv_layout=None, alpha=None, fuse_dola=None,
+             relative_top=None) -> Path:
         mode = VocabularyProjectionMode.parse(mode)
+        given = {"alpha": alpha, "fuse_dola": tuple(fuse_dola) if fuse_dola else None, "relative_top": relative_top}
         options = ExportOptions(projection=mode.name, fuse_contrast=tuple(fuse_contrast) if fuse_contrast else None,
                                 early_exits=early_exits, kv_layout=kv_layout,
-                                **({} if alpha is None else {"alpha": alpha}))
+                                **{k: v for k, v in given.items() if v is not None})
         return cached_bundle(lambda: tiny_checkpoint(arch, mode), options,
                              identity=f"tiny-{arch}-{mode.name.lower()}-{tiny_source}")
 

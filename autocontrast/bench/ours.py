@@ -50,7 +50,9 @@ class RuntimeSystem:
         if mode == "dola":  # over every exit the bundle returns beside its own head
             from autocontrast.runtime.modes import dola_candidates
 
-            self.multi_exit = configuration_for_mode(mode, dola_candidates(self.generator.manifest))
+            manifest = self.generator.manifest  # the fused DoLa's candidates and relative_top where it has one
+            rt = {"relative_top": manifest.fused_dola.relative_top} if manifest.fused_dola else {}
+            self.multi_exit = configuration_for_mode(mode, dola_candidates(manifest), **rt)
         else:
             self.multi_exit = configuration_for_mode(mode, {"original": (), "exit": (exit_,)}.get(mode, self.contrast),
                                                      **(contrast_parameters if mode == "contrast" else {}))

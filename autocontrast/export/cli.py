@@ -10,7 +10,7 @@ import sys
 
 from autocontrast.bundle import KV_LAYOUTS
 from autocontrast.cli_support import command_parser, run_cli
-from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, parse_exits
+from autocontrast.config import DEFAULT_ALPHA, DEFAULT_MINIMUM_CANDIDATES, DEFAULT_RELATIVE_TOP, parse_exits
 from autocontrast.errors import ExportError
 from autocontrast.export.exporter import DECODE_GRAPHS
 from autocontrast.export.variants import QUANTIZATIONS
@@ -22,7 +22,7 @@ runtime runs: ONNX graphs with a KV cache, the tokenizer, and manifest.json.
 
 The bundle holds these graphs, sharing one weights file:
   decode_original  the checkpoint's own head, last position only (plain decoding pays nothing extra)
-  decode_exits     the chosen exits stacked, last position only, plus the fused contrast if asked
+  decode_exits     the chosen exits stacked, last position only, plus the fused contrast and DoLa if asked
   decode_exit_K    an early exit: only layers 1..K run (decoding with exit K alone costs ~K/L);
                    by default one per chosen exit below the top layer (--early-exits)
   score            every position's logits of every exit (perplexity, lm-eval log-likelihoods)
@@ -39,6 +39,7 @@ EXAMPLES = """\
 examples:
   acd-export ~/models/SmolLM2-135M-Instruct smollm2-acd --exits 30,15 --fuse-contrast 30,15
   acd-export IBM/gpt2-medium-multiexit gpt2-acd --exits 24,12 --fuse-contrast 24,12 --alpha 0.1
+  acd-export CAST_CHECKPOINT smollm2-dola --exits original,10,15,20 --fuse-contrast original,15 --fuse-dola 10,15,20
   acd-export ~/models/SmolLM2-135M-Instruct smollm2-int8 --exits 30,15 --fuse-contrast 30,15 --quantize int8
   acd-export ~/models/SmolLM2-135M-Instruct smollm2-int4 --exits 30,15 --fuse-contrast 30,15 --quantize int4
 """
@@ -78,6 +79,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="plausibility threshold of the fused contrast")
     p.add_argument("--minimum-candidates", type=int, default=DEFAULT_MINIMUM_CANDIDATES,
                    help="minimum plausible candidates of the fused contrast")
+    p.add_argument("--fuse-dola", type=parse_exits, default=None, metavar="K[,K...]",
+                   help="compute DoLa of the model's own head against these premature candidate exits inside "
+                        "decode_exits (output dola_scores; one candidate: fixed)")
+    p.add_argument("--relative-top", type=float, default=DEFAULT_RELATIVE_TOP,
+                   help=f"relative_top of the fused DoLa (default {DEFAULT_RELATIVE_TOP})")
     p.add_argument("--early-exits", type=_early_exits, default=None, metavar="K[,K...]|none",
                    help="exits that get an early-exit graph computing only their layers (default: the chosen "
                         "exits below the top layer, none when the exits are a checkpoint's own list)")
@@ -124,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ExportError("--trt-max-batch must be >= 1 and --trt-max-length >= 2")
     options = ExportOptions(exits=args.exits, projection=args.projection, fuse_contrast=args.fuse_contrast,
                             alpha=args.alpha, minimum_candidates=args.minimum_candidates,
-                            score_graph=not args.no_score_graph, dtype=args.dtype, optimize=args.optimize,
+                            fuse_dola=args.fuse_dola, relative_top=args.relative_top, score_graph=not args.no_score_graph, dtype=args.dtype, optimize=args.optimize,
                             quantize=args.quantize, quant_block_size=args.quant_block_size, tensorrt=args.tensorrt,
                             trt_max_batch=args.trt_max_batch, trt_max_length=args.trt_max_length, early_exits=args.early_exits,
                             kv_layout=args.kv_layout, decode_graphs=args.decode_graphs,

@@ -31,6 +31,7 @@ from autocontrast.bundle import (
     CONCAT_LAYOUT,
     CONTRAST_OUTPUT,
     DECODE,
+    DOLA_OUTPUT,
     DECODE_EXITS,
     DECODE_ORIGINAL,
     EXITS_METADATA_KEY,
@@ -40,6 +41,7 @@ from autocontrast.bundle import (
     SCORE_GRAPH,
     SWITCHED_DECODE_FILE,
     ContrastSpec,
+    DolaSpec,
     GraphSpec,
     KVCacheSpec,
     Manifest,
@@ -50,6 +52,7 @@ from autocontrast.bundle import (
 from autocontrast.config import (
     DEFAULT_ALPHA,
     DEFAULT_MINIMUM_CANDIDATES,
+    DEFAULT_RELATIVE_TOP,
     ORIGINAL,
     Exit,
     contrast_parameters_problem,
@@ -87,6 +90,9 @@ class ExportOptions:
     fuse_contrast: tuple[Exit, Exit] | None = None  # (upper, lower)
     alpha: float = DEFAULT_ALPHA
     minimum_candidates: int = DEFAULT_MINIMUM_CANDIDATES
+    # DoLa of the model's own head against these premature candidates, computed inside decode_exits
+    fuse_dola: tuple[Exit, ...] | None = None
+    relative_top: float = DEFAULT_RELATIVE_TOP
     score_graph: bool = True
     dtype: str = "float32"
     optimize: bool | None = None  # graph fusions; None: the family's default (`Family.fuses_by_default`)
@@ -131,6 +137,14 @@ class ExportOptions:
         problem = contrast_parameters_problem(self.alpha, self.minimum_candidates)
         if problem:
             raise ExportError(f"fused contrast: {problem}")
+        if self.fuse_dola is not None:
+            from autocontrast.config import MultiExitConfiguration
+            from autocontrast.errors import ConfigurationError
+
+            try:  # the runtime's own rules for candidates and relative_top
+                MultiExitConfiguration(use_original_head=False, dola_layers=self.fuse_dola, relative_top=self.relative_top)
+            except ConfigurationError as err:
+                raise ExportError(f"--fuse-dola: {err}") from None
 
     @property
     def quant_recipe(self) -> QuantRecipe | None:
@@ -359,22 +373,37 @@ def _plan(loaded: _Loaded, options: ExportOptions) -> tuple[tuple[Exit, ...], li
     problem = contrast_problem(*contrast) if contrast is not None else None
     if problem:
         raise ExportError(f"--fuse-contrast: {problem}")
+    premature = tuple(parse_exit(e) for e in options.fuse_dola) if options.fuse_dola is not None else ()
+    if premature:
+        own = exit_aliases(model.vocab_projection_mode, ORIGINAL, num_layers=L)
+        inside = [e for e in premature if e in own]
+        if inside:
+            raise ExportError(f"--fuse-dola: candidate {inside[0]} is the model's own head in "
+                              f"{model.vocab_projection_mode.name} (DoLa's mature layer): choose lower layers")
+        if model.family.is_encoder_decoder:
+            raise ExportError("--fuse-dola is for decoder-only models (leave it out for an encoder-decoder bundle)")
+        mature = next((e for e in chosen if e in own), ORIGINAL)
+        chosen = tuple(dict.fromkeys(chosen + (mature,) + premature))
     early = _early_exits(options, chosen, L, from_checkpoint=options.exits is None and loaded.checkpoint_exits is not None,
                          encoder_decoder=model.family.is_encoder_decoder)
     layered = tuple(e for e in chosen if e != ORIGINAL)
     explicit_original = ORIGINAL in chosen
     stacked = graph_exit_order(model, chosen if explicit_original else layered) if layered else ()
     fused = (contrast + (options.alpha, options.minimum_candidates)) if contrast else None
+    dola = None
+    if premature:  # the mature head under the name the stacked graph gives it
+        names = exit_aliases(model.vocab_projection_mode, ORIGINAL, num_layers=L)
+        dola = (next(e for e in stacked if e in names), premature, options.relative_top)
     lower = _switched_lower_exit(model, options, stacked, early)
     switched = lower is not None  # traced once, as decode_exits; the other two entries name the same file
     graphs = [PlannedGraph(DECODE_ORIGINAL, DECODE, (ORIGINAL,), traced=not switched)]
     if stacked:
-        graphs.append(PlannedGraph(DECODE_EXITS, DECODE, stacked, fused, switched_lower=lower))
+        graphs.append(PlannedGraph(DECODE_EXITS, DECODE, stacked, fused, dola, switched_lower=lower))
     graphs += [PlannedGraph(early_exit_graph(k), DECODE, (k,), layers=k, traced=not (switched and k == lower))
                for k in early]
     all_exits = tuple(sort_exits(set(chosen) | {ORIGINAL}))
     if options.score_graph:
-        graphs.append(PlannedGraph(SCORE_GRAPH, SCORE, graph_exit_order(model, all_exits), fused))
+        graphs.append(PlannedGraph(SCORE_GRAPH, SCORE, graph_exit_order(model, all_exits), fused, dola))
     return all_exits, graphs
 
 
@@ -401,6 +430,7 @@ def _switched_lower_exit(model: Any, options: ExportOptions, stacked: tuple[Exit
         ("a top exit that is the model's own head (a SHARED_PROJECTION_* mode)",
          ORIGINAL in exit_aliases(model.vocab_projection_mode, L, num_layers=L)),
         ("one head for both exits", len(projection_groups(model, stacked)) == 1 if len(stacked) == 2 else False),
+        ("no --fuse-dola (the switched graph fuses ACD only)", options.fuse_dola is None),
     ]
     missing = [what for what, ok in reasons if not ok]
     if missing:
@@ -461,14 +491,16 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[Pla
     traced = [g for g in plan if g.traced]
     for i, g in enumerate(traced):
         log(f"[2/6] tracing graph {i + 1}/{len(traced)} {g.describe()}")
-        early = {"layers": g.layers} if g.layers else {}  # only decoder-only graphs have early exits
+        # only decoder-only graphs have early exits and fused DoLa (T5's tracer takes neither)
+        extra = ({"layers": g.layers} if g.layers else {}) | ({"dola": g.dola} if g.dola else {})
         paths[g.name] = trace(model, g.exits, kind=g.kind, contrast=g.contrast, kv=kv.for_layers(g.layers),
-                              target=work / g.file, store=store, opset=OPSET, **early)
+                              target=work / g.file, store=store, opset=OPSET, **extra)
         release_freed_memory()  # the trace's folded constants
     for g in plan:
         spec_contrast = ContrastSpec(CONTRAST_OUTPUT, *g.contrast) if g.contrast else None
+        spec_dola = DolaSpec(DOLA_OUTPUT, *g.dola) if g.dola else None
         specs.append(GraphSpec(g.name, g.file, g.kind, tuple(g.exits), logits_output=LOGITS_OUTPUT,
-                               contrast=spec_contrast, external_data=(WEIGHTS_FILE,), layers=g.layers))
+                               contrast=spec_contrast, dola=spec_dola, external_data=(WEIGHTS_FILE,), layers=g.layers))
     if options.dtype == "float16" and kv.layout == BUFFER_LAYOUT:  # attention writes the buffer in its own dtype
         kv = dataclasses.replace(kv, dtype="float16")
     fusions = fusions_for(family, options.optimize)
@@ -542,6 +574,7 @@ def summary(result: ExportResult) -> str:
         diffs = m.validation.get("graphs", {}).get(g.name, {})
         worst = ", ".join(f"{k} {v:.2g}" for k, v in diffs.items())
         fused = f", contrast {g.contrast.upper} vs {g.contrast.lower}" if g.contrast else ""
+        fused += f", DoLa vs {','.join(map(str, g.dola.candidates))}" if g.dola else ""
         early = f", layers 1..{g.layers} only" if g.layers else ""
         lines.append(f"  {g.file}: {g.kind}, exits {', '.join(map(str, g.exits))}{fused}{early}; max |diff| {worst}")
     fused: dict[str, int] = {}

@@ -34,7 +34,8 @@ from transformers import DynamicCache
 from autocontrast.bundle import DECODE, SCORE
 from autocontrast.config import Exit
 from autocontrast.export.attention import group_query_attention, last_valid, rotary_tables
-from autocontrast.models.contrast import calculate_contrasted_logits
+from autocontrast.export.plan import FusedContrast, FusedDola
+from autocontrast.models.contrast import calculate_contrasted_logits, dola_scores
 
 
 def projection_groups(model: Any, exits: tuple[Exit, ...]) -> list[tuple[nn.Linear, tuple[Exit, ...]]]:
@@ -76,7 +77,8 @@ class ExitGraph(nn.Module):
     """A multi-exit model as a function of flat tensors (what the ONNX graph computes).
 
     kind DECODE: (input_ids, attention_mask, position_ids, *past) ->
-        (exit_logits (batch, n_exits, vocab) of the last position, [contrast (batch, vocab)], *present)
+        (exit_logits (batch, n_exits, vocab) of the last position, [contrast (batch, vocab)], [DoLa (batch, vocab)],
+         *present)
     kind SCORE: (input_ids, attention_mask, position_ids) -> exit_logits (batch, seq, n_exits, vocab)
     `layers=k`: only the first k layers run (an early exit; every exit must be a layer <= k), and
     the past and present caches have k layers. `buffered`: GroupQueryAttention over in-place KV
@@ -84,8 +86,8 @@ class ExitGraph(nn.Module):
     """
 
     def __init__(self, model: Any, exits: tuple[Exit, ...], *, kind: str,
-                 contrast: tuple[Exit, Exit, float, int] | None = None, layers: int | None = None,
-                 buffered: bool = False) -> None:
+                 contrast: FusedContrast | None = None, layers: int | None = None,
+                 buffered: bool = False, dola: FusedDola | None = None) -> None:
         super().__init__()
         if kind not in (DECODE, SCORE):
             raise ValueError(f"unknown graph kind {kind!r}")
@@ -97,6 +99,7 @@ class ExitGraph(nn.Module):
         self.groups = projection_groups(model, exits)
         self.exits = tuple(e for _, members in self.groups for e in members)
         self.contrast = contrast
+        self.dola = dola  # (mature exit, premature candidates, relative_top)
         self.layers = layers
         self.buffered = buffered and kind == DECODE
         self.rotary = rotary_tables(model) if self.buffered else None  # the op rotates where it can
@@ -150,7 +153,7 @@ class ExitGraph(nn.Module):
 
     def project(self, final: torch.Tensor, hidden_states: Any,
                 keep: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
-        """[exit logits, (contrast)] from the top's output and every layer's recorded hidden state.
+        """[exit logits, (contrast), (DoLa)] from the top's output and every layer's recorded hidden state.
 
         final: (batch, [seq,] hidden), what the original head multiplies; hidden_states[i]: (batch, seq, hidden),
         of which `keep` takes the positions the graph projects
@@ -169,6 +172,10 @@ class ExitGraph(nn.Module):
             u = logits.select(-2, self.exits.index(upper))  # (batch, [seq,] vocab)
             lo = logits.select(-2, self.exits.index(lower))
             results.append(calculate_contrasted_logits(u, lo, minimum_candidates=k, alpha=alpha))
+        if self.dola is not None:
+            mature, candidates, relative_top = self.dola
+            premature = torch.stack([logits.select(-2, self.exits.index(e)) for e in candidates])  # (n, batch, [seq,] vocab)
+            results.append(dola_scores(logits.select(-2, self.exits.index(mature)), premature, relative_top=relative_top))
         return results
 
 

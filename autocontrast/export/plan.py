@@ -1,7 +1,7 @@
 """`PlannedGraph`: one graph `acd-export` will write, decided before anything is traced.
 
 The exporter's plan is a list of these, in manifest order: the decode graphs (the original head, the
-stacked exits with their fused contrast, early exits), the score graph, and for an encoder-decoder
+stacked exits with their fused contrast and DoLa, early exits), the score graph, and for an encoder-decoder
 model the encoder first. A graph that another graph's file serves (the switched decode graph) is
 planned but not traced.
 """
@@ -13,6 +13,7 @@ import dataclasses
 from autocontrast.config import Exit
 
 FusedContrast = tuple[Exit, Exit, float, int]  # upper exit, lower exit, alpha, minimum candidates
+FusedDola = tuple[Exit, tuple[Exit, ...], float]  # mature exit (the model's own head), candidates, relative_top
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +22,7 @@ class PlannedGraph:
     kind: str  # bundle.DECODE, SCORE or ENCODER
     exits: tuple[Exit, ...]
     contrast: FusedContrast | None = None
+    dola: FusedDola | None = None
     layers: int | None = None  # an early exit: only layers 1..layers run
     traced: bool = True  # False: served by another graph's file (decode_original and decode_exit_K in the switched graph)
     switched_lower: int | None = None  # decode_exits: merged with decode_original and the early exit at this layer
@@ -32,4 +34,4 @@ class PlannedGraph:
     def describe(self) -> str:
         """What the progress line says about it."""
         return (f"{self.name!r} ({self.kind}, exits {', '.join(map(str, self.exits))}"
-                f"{', fused contrast' if self.contrast else ''}{f', layers 1..{self.layers}' if self.layers else ''})")
+                f"{', fused contrast' if self.contrast else ''}{', fused DoLa' if self.dola else ''}{f', layers 1..{self.layers}' if self.layers else ''})")

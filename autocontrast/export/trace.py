@@ -20,6 +20,7 @@ from autocontrast.bundle import (
     BUFFER_LAYOUT,
     CONTRAST_OUTPUT,
     DECODE,
+    DOLA_OUTPUT,
     INPUT_IDS,
     LOGITS_OUTPUT,
     POSITION_IDS,
@@ -31,17 +32,19 @@ from autocontrast.export.attention import CUSTOM_OPSETS
 from autocontrast.export.graph import ExitGraph
 from autocontrast.export.lean_trace import export_lean
 from autocontrast.export.patcher import export_patches
+from autocontrast.export.plan import FusedContrast, FusedDola
 from autocontrast.export.weights import WeightStore
 
 
-def trace_graph(model: Any, exits: tuple[Exit, ...], *, kind: str, contrast: tuple[Exit, Exit, float, int] | None,
-                kv: KVCacheSpec, target: Path, store: WeightStore, opset: int = 17, layers: int | None = None) -> Path:
+def trace_graph(model: Any, exits: tuple[Exit, ...], *, kind: str, contrast: FusedContrast | None,
+                kv: KVCacheSpec, target: Path, store: WeightStore, opset: int = 17, layers: int | None = None,
+                dola: FusedDola | None = None) -> Path:
     """Export one graph to `target` (beside `store`, its weights written there once); returns `target`.
 
     `kv` is the graph's own cache layout (an early-exit graph of `layers` layers caches that many).
     """
     buffered = kind == DECODE and kv.layout == BUFFER_LAYOUT
-    graph = ExitGraph(model, exits, kind=kind, contrast=contrast, layers=layers, buffered=buffered)
+    graph = ExitGraph(model, exits, kind=kind, contrast=contrast, dola=dola, layers=layers, buffered=buffered)
     batch, seq, past = 2, 3, 4
     capacity = past + seq + 1 if buffered else past  # a buffer holds the past and room for the new tokens
     vocab = model.config.vocab_size
@@ -51,15 +54,15 @@ def trace_graph(model: Any, exits: tuple[Exit, ...], *, kind: str, contrast: tup
     dtype = next(model.parameters()).dtype
     past_kv = [torch.zeros(batch, kv.num_kv_heads, capacity, kv.head_dim, dtype=dtype)  # (batch, kv_heads, past, head_dim)
                for _ in range(2 * kv.num_layers)] if kind == DECODE else []
-    outputs = [LOGITS_OUTPUT] + ([CONTRAST_OUTPUT] if contrast else [])
+    outputs = [LOGITS_OUTPUT] + ([CONTRAST_OUTPUT] if contrast else []) + ([DOLA_OUTPUT] if dola else [])
     dynamic = {INPUT_IDS: {0: "batch", 1: "sequence"}, ATTENTION_MASK: {0: "batch", 1: "total_length"},
                POSITION_IDS: {0: "batch", 1: "sequence"}, LOGITS_OUTPUT: {0: "batch"},
-               CONTRAST_OUTPUT: {0: "batch"}}
+               CONTRAST_OUTPUT: {0: "batch"}, DOLA_OUTPUT: {0: "batch"}}
     if kind != DECODE:
         mask = torch.ones(batch, seq, dtype=torch.int64)
         positions = torch.arange(seq).expand(batch, seq).contiguous()
         dynamic[ATTENTION_MASK] = {0: "batch", 1: "sequence"}
-        dynamic[LOGITS_OUTPUT] = dynamic[CONTRAST_OUTPUT] = {0: "batch", 1: "sequence"}
+        dynamic[LOGITS_OUTPUT] = dynamic[CONTRAST_OUTPUT] = dynamic[DOLA_OUTPUT] = {0: "batch", 1: "sequence"}
     else:
         past_axis, present_axis = ("capacity", "capacity") if buffered else ("past_length", "total_length")
         dynamic.update({n: {0: "batch", 2: past_axis} for n in kv.past_names()})

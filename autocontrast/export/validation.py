@@ -28,9 +28,9 @@ import torch
 from autocontrast.bundle import DECODE, GraphSpec, KVCacheSpec
 from autocontrast.errors import ExportValidationError
 from autocontrast.export import memory
-from autocontrast.models.contrast import calculate_contrasted_logits
+from autocontrast.models.contrast import calculate_contrasted_logits, dola_scores
 from autocontrast.runtime.decode_state import open_decode_state
-from autocontrast.runtime.session import ExitSession, shared_file_session
+from autocontrast.runtime.session import ExitSession, fused_output_names, shared_file_session
 
 VALIDATION_TEXT = ("The quick brown fox jumps over the lazy dog, and then it runs into the forest",
                    "Paris is the capital of")
@@ -50,7 +50,8 @@ class Tolerance:
 
 # fp32: ORT and PyTorch sum in different orders; ~1e-5 typical, 1e-4 is optimum's own bar for logits,
 # we allow 1e-3 because a 30-layer model accumulates more. Contrast scores are log-probabilities of
-# the same logits, but a token exactly at the plausibility threshold may switch sides: recorded only.
+# the same logits, but a token exactly at the plausibility threshold may switch sides (DoLa's: at the
+# relative-top cut, or two candidates' divergences close enough to swap the choice): recorded only.
 TOLERANCES = {
     "float32": Tolerance(logits=1e-3, present=1e-3, contrast=None),
     "float16": Tolerance(logits=0.25, present=0.05, contrast=None),
@@ -179,10 +180,20 @@ def torch_step(model: Any, exits: Sequence[Any], ids: np.ndarray, mask: np.ndarr
 def expected_outputs(spec: GraphSpec, by_exit: dict[Any, torch.Tensor]) -> dict[str, np.ndarray]:
     """What a decode graph should return for one step, from the PyTorch exits' logits."""
     expected = {spec.logits_output: torch.stack([by_exit[e] for e in spec.exits], dim=1).numpy()}
+    return expected | fused_outputs(spec, by_exit)
+
+
+def fused_outputs(spec: GraphSpec, by_exit: dict[Any, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The fused contrast and DoLa a graph should return, from the PyTorch exits' (float64) logits."""
+    expected = {}
     if spec.contrast is not None:
         c = spec.contrast
         expected[c.output] = calculate_contrasted_logits(by_exit[c.upper], by_exit[c.lower], alpha=c.alpha,
                                                          minimum_candidates=c.minimum_candidates).numpy()
+    if spec.dola is not None:
+        d = spec.dola
+        premature = torch.stack([by_exit[e] for e in d.candidates])  # (candidates, ..., vocab)
+        expected[d.output] = dola_scores(by_exit[d.mature], premature, relative_top=d.relative_top).numpy()
     return expected
 
 
@@ -241,12 +252,9 @@ def _reference_outputs(model: Any, graphs: Sequence[GraphSpec], kv: KVCacheSpec,
                         position_ids=torch.from_numpy(positions_for(mask)), use_cache=False,
                         output_hidden_states=True)
             by_exit = model.exit_logits(g.exits, out.logits, out.hidden_states)
-        want = {g.logits_output: torch.stack([by_exit[e].double() for e in g.exits], dim=2).numpy()}
-        if g.contrast is not None:
-            c = g.contrast
-            want[c.output] = calculate_contrasted_logits(by_exit[c.upper].double(), by_exit[c.lower].double(),
-                                                         alpha=c.alpha, minimum_candidates=c.minimum_candidates).numpy()
-        expected.score[g.name] = want
+        by_exit = {e: v.double() for e, v in by_exit.items()}
+        want = {g.logits_output: torch.stack([by_exit[e] for e in g.exits], dim=2).numpy()}
+        expected.score[g.name] = want | fused_outputs(g, by_exit)
     decode = [g for g in graphs if g.kind == DECODE]
     if not decode:
         return expected
@@ -274,7 +282,7 @@ def _compare(bundle_dir: Path, graphs: Sequence[GraphSpec], kv: KVCacheSpec, exp
     figures: dict[str, dict[str, float]] = {g.name: {} for g in graphs}
     for g in (g for g in graphs if g.kind != DECODE):
         out = sessions[g.name].step(ids, mask, positions_for(mask), None)
-        got = {g.logits_output: out.exit_logits, **({g.contrast.output: out.contrast} if g.contrast else {})}
+        got = out.by_output(g)
         valid = mask.astype(bool)  # padded positions' logits are meaningless: compare real tokens only
         figures[g.name] = {name: max_abs_diff(want[valid], got[name][valid]) for name, want in expected.score[g.name].items()}
     decode = [g for g in graphs if g.kind == DECODE]
@@ -293,7 +301,7 @@ def _compare_decode(decode: Sequence[GraphSpec], sessions: dict[str, Any], kv: K
             computed = g.layers or kv.num_layers  # a switched early exit's cache also holds layers it leaves alone
             state = states[g.name]
             out = state.extend(rows) if step == 0 else state.advance(expected.fed[step - 1][:, 0])
-            got = {g.logits_output: out.exit_logits, **({g.contrast.output: out.contrast} if g.contrast else {})}
+            got = out.by_output(g)
             graph_figures = figures[g.name]
             for name, want in outputs[g.name].items():
                 graph_figures[name] = max(graph_figures.get(name, 0.0), max_abs_diff(want, got[name]))
@@ -310,7 +318,7 @@ def _check(report: dict[str, Any], graphs: Sequence[GraphSpec], tolerance: Toler
     for g in graphs:
         for name, diff in report["graphs"][g.name].items():
             limit = (tolerance.present if name.endswith(".*") else  # KV caches: present.*, cross_key_values.*
-                     tolerance.contrast if g.contrast is not None and name == g.contrast.output else tolerance.logits)
+                     tolerance.contrast if name in fused_output_names(g) else tolerance.logits)
             if limit is not None and not diff <= limit:
                 failures.append(f"{g.name}:{name} differs by {diff:.3g} (tolerance {limit:g})")
     report["passed"] = not failures

@@ -26,10 +26,11 @@ from autocontrast.runtime.params import GenerationParams
 
 
 def bundle_mode(manifest: Manifest, mode: str, exits: str | tuple | None, alpha: float | None,
-                minimum_candidates: int | None, relative_top: float = DEFAULT_RELATIVE_TOP) -> MultiExitConfiguration:
+                minimum_candidates: int | None, relative_top: float | None = None) -> MultiExitConfiguration:
     """The MultiExitConfiguration a command line asks for; without --exits, a contrast takes the bundle's fused
-    contrast (its alpha and minimum candidates too, unless given) and DoLa every exported exit below the
-    model's own head (of the decode graph that returns it). `None`: the default (or the fused contrast's)."""
+    contrast (its alpha and minimum candidates too, unless given) and DoLa the bundle's fused DoLa (its
+    relative_top too, unless given), else every exported exit below the model's own head (of the decode graph
+    that returns it). `None`: the default (or the fused contrast's or DoLa's)."""
     if mode == "contrast" and exits is None:
         fused = manifest.fused_contrast
         if fused is None:
@@ -42,6 +43,9 @@ def bundle_mode(manifest: Manifest, mode: str, exits: str | tuple | None, alpha:
     minimum_candidates = DEFAULT_MINIMUM_CANDIDATES if minimum_candidates is None else minimum_candidates
     if mode == "dola" and exits is None:
         exits = dola_candidates(manifest)
+        if manifest.fused_dola is not None and relative_top is None:
+            relative_top = manifest.fused_dola.relative_top
+    relative_top = DEFAULT_RELATIVE_TOP if relative_top is None else relative_top
     return configuration_for_mode(mode, exits, alpha=alpha, minimum_candidates=minimum_candidates,
                                   relative_top=relative_top)
 
@@ -56,8 +60,9 @@ def add_mode_arguments(p: argparse.ArgumentParser, *, default: str = "contrast")
                                                  f"contrast's, else {DEFAULT_ALPHA})")
     p.add_argument("--minimum-candidates", type=int, help="contrast minimum candidates (default: the fused "
                                                           f"contrast's, else {DEFAULT_MINIMUM_CANDIDATES})")
-    p.add_argument("--relative-top", type=float, default=DEFAULT_RELATIVE_TOP,
-                   help=f"DoLa: keep tokens of at least this x the top probability ({DEFAULT_RELATIVE_TOP})")
+    p.add_argument("--relative-top", type=float,
+                   help="DoLa: keep tokens of at least this x the top probability (default: the bundle's fused "
+                        f"DoLa's, else {DEFAULT_RELATIVE_TOP})")
 
 
 def _parser() -> argparse.ArgumentParser:

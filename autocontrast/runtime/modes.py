@@ -2,8 +2,8 @@
 
 The same configuration that drives the PyTorch models drives the runtime: the original head, one
 exit, the contrast of two exits, or DoLa (the original head against the furthest of its candidates).
-The graph's fused contrast is used when it is exactly the contrast asked for; otherwise the NumPy
-contrast (or a custom function, or DoLa) runs on the raw exit logits.
+The graph's fused contrast (or fused DoLa) is used when it is exactly the one asked for; otherwise the
+NumPy contrast (or a custom function, or DoLa) runs on the raw exit logits.
 In the shared projection modes the top exit and 'original' are the same logits, so either name
 finds a graph that has the other (the manifest resolves those aliases, see `autocontrast.bundle`).
 `DecodeMode.scores` is the one function from exit logits to a mode's scores: the decode loop, scoring and the lm-eval adapter all use it.
@@ -55,6 +55,8 @@ class DecodeMode:
     def scores(self, out: StepOutput) -> np.ndarray:
         """(..., vocab) scores from (..., n_exits, vocab) exit logits (decode: (batch, vocab))."""
         if self.name == "dola":
+            if self.fused:
+                return out.dola
             candidates = np.moveaxis(out.exit_logits[..., list(self.positions[1:]), :], -2, 0)  # (n, ..., vocab)
             return dola_scores(out.exit_logits[..., self.positions[0], :], candidates, relative_top=self.relative_top)
         if self.name != "contrast":
@@ -115,7 +117,7 @@ def mode_over_exits(config: MultiExitConfiguration, exits: Sequence[Exit]) -> De
 
 def mode_on_graph(manifest: Manifest, config: MultiExitConfiguration, graph: GraphSpec, *,
                   fused: bool = True) -> DecodeMode | None:
-    """`config` as a mode on `graph` (its fused contrast when it is exactly this one), or None if it cannot."""
+    """`config` as a mode on `graph` (its fused contrast or DoLa when it is exactly this one), or None if it cannot."""
     _check_config(manifest, config)
     wanted = config.required_exits
     names = manifest.graph_names(graph, wanted)
@@ -127,9 +129,21 @@ def mode_on_graph(manifest: Manifest, config: MultiExitConfiguration, graph: Gra
             and c.minimum_candidates == config.minimum_candidates and abs(c.alpha - config.alpha) <= 1e-12):
         return DecodeMode(graph, "contrast", (graph.exit_position(c.upper), graph.exit_position(c.lower)), fused=True,
                           alpha=config.alpha, minimum_candidates=config.minimum_candidates)
+    if config.mode == "dola" and fused and _fused_dola_serves(manifest, graph, config):
+        return DecodeMode(graph, "dola", tuple(graph.exit_position(n) for n in names), fused=True,
+                          relative_top=config.relative_top)
     return DecodeMode(graph, config.mode, tuple(graph.exit_position(n) for n in names),
                       alpha=config.alpha, minimum_candidates=config.minimum_candidates,
                       contrast_function=config.contrast_function, relative_top=config.relative_top)
+
+
+def _fused_dola_serves(manifest: Manifest, graph: GraphSpec, config: MultiExitConfiguration) -> bool:
+    """Whether `graph`'s fused DoLa is exactly `config`'s: the model's own head against the same candidates in the
+    same order (the first on ties is chosen), with the same relative_top."""
+    d = graph.dola
+    return (d is not None and d.mature in manifest.aliases(ORIGINAL) and len(d.candidates) == len(config.dola_layers)
+            and all(c in manifest.aliases(e) for c, e in zip(d.candidates, config.dola_layers, strict=True))
+            and abs(d.relative_top - config.relative_top) <= 1e-12)
 
 
 def resolve_mode(manifest: Manifest, config: MultiExitConfiguration, *, fused: bool = True,
@@ -140,7 +154,7 @@ def resolve_mode(manifest: Manifest, config: MultiExitConfiguration, *, fused: b
     candidates = [g for g in (manifest.graphs if graphs is None else graphs) if g.kind == kind]
     modes = [m for g in candidates if (m := mode_on_graph(manifest, config, g, fused=fused)) is not None]
     if modes:
-        # a fused contrast first, then the least work: an early-exit graph computes fewer layers
+        # a fused contrast (or DoLa) first, then the least work: an early-exit graph computes fewer layers
         return min(modes, key=lambda m: (not m.fused, m.graph.cost(manifest.num_layers)))
     wanted = config.required_exits
     have = {str(e) for g in candidates for e in g.exits}
@@ -155,8 +169,10 @@ def resolve_mode(manifest: Manifest, config: MultiExitConfiguration, *, fused: b
 
 
 def dola_candidates(manifest: Manifest) -> tuple[Exit, ...]:
-    """DoLa's default premature candidates: the exits returned beside the model's own head by the bundle's
-    decode graph with the most of them."""
+    """DoLa's default premature candidates: the fused DoLa's, else the exits returned beside the model's own head
+    by the bundle's decode graph with the most of them."""
+    if manifest.fused_dola is not None:
+        return manifest.fused_dola.candidates
     own = set(manifest.aliases(ORIGINAL))
     best: tuple[Exit, ...] = ()
     for graph in manifest.graphs:

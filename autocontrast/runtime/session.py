@@ -52,18 +52,29 @@ from autocontrast.runtime.weights import shared_initializers
 class StepOutput:
     exit_logits: np.ndarray  # (batch, n_exits, vocab) decode; (batch, seq, n_exits, vocab) score
     contrast: np.ndarray | None  # (batch, vocab) decode; (batch, seq, vocab) score; None without fusion
+    dola: np.ndarray | None = None  # fused DoLa, shaped as `contrast`; None without it
 
     def rows(self, index: np.ndarray | slice) -> StepOutput:
         """The outputs of some rows of the batch."""
-        return StepOutput(self.exit_logits[index], None if self.contrast is None else self.contrast[index])
+        return StepOutput(self.exit_logits[index], *(None if a is None else a[index] for a in (self.contrast, self.dola)))
 
     @staticmethod
     def concat(parts: list[StepOutput]) -> StepOutput:
         """Outputs of several runs, rows one after another."""
         if len(parts) == 1:
             return parts[0]
-        contrast = None if parts[0].contrast is None else np.concatenate([p.contrast for p in parts])
-        return StepOutput(np.concatenate([p.exit_logits for p in parts]), contrast)
+        fused = [None if getattr(parts[0], f) is None else np.concatenate([getattr(p, f) for p in parts])
+                 for f in ("contrast", "dola")]
+        return StepOutput(np.concatenate([p.exit_logits for p in parts]), *fused)
+
+    def by_output(self, graph: GraphSpec) -> dict[str, np.ndarray]:
+        """The arrays under `graph`'s output names (what validation compares)."""
+        named = {graph.logits_output: self.exit_logits}
+        if graph.contrast is not None:
+            named[graph.contrast.output] = self.contrast
+        if graph.dola is not None:
+            named[graph.dola.output] = self.dola
+        return named
 
 
 def load_session(graph_dir: Path, file: str, *, provider: str = "cpu", device_id: int = 0, threads: int | None = None,
@@ -134,8 +145,7 @@ class ExitSession:
         if self.graph.kind == DECODE:
             want_in |= set(self.kv.past_names())
             want_out |= set(self.kv.present_names())
-        if self.graph.contrast is not None:
-            want_out.add(self.graph.contrast.output)
+        want_out |= set(fused_output_names(self.graph))
         missing = sorted(want_in - inputs) + sorted(want_out - outputs)
         if missing:
             raise BundleError(f"bundle manifest does not match graph {self.graph.file}: the graph lacks "
@@ -171,10 +181,8 @@ class ExitSession:
                 binding.bind_cpu_input(name, value)
         for name, value in self.switches.items():
             binding.bind_cpu_input(name, value)
-        names = [self.graph.logits_output]
-        if self.graph.contrast is not None:
-            names.append(self.graph.contrast.output)
-        for name in names:
+        fused = fused_output_names(self.graph)
+        for name in [self.graph.logits_output, *fused]:
             binding.bind_output(name, "cpu")  # only what the loop reads comes back to the host
         try:
             self.session.run_with_iobinding(binding)
@@ -185,8 +193,16 @@ class ExitSession:
         first = 0 if cache is None else len(cache.output_names)
         if cache is not None:
             cache.update(outputs[:first], input_ids.shape[1])
-        contrast = outputs[first + 1].numpy() if self.graph.contrast is not None else None
-        return StepOutput(exit_logits=outputs[first].numpy(), contrast=contrast)
+        arrays = dict(zip(fused, (o.numpy() for o in outputs[first + 1:first + 1 + len(fused)]), strict=True))
+        contrast, dola = self.graph.contrast, self.graph.dola
+        return StepOutput(exit_logits=outputs[first].numpy(),
+                          contrast=arrays[contrast.output] if contrast is not None else None,
+                          dola=arrays[dola.output] if dola is not None else None)
+
+
+def fused_output_names(graph: GraphSpec) -> list[str]:
+    """The fused outputs a graph returns after its logits, in order: the contrast, then DoLa."""
+    return [spec.output for spec in (graph.contrast, graph.dola) if spec is not None]
 
 
 def check_attention_kernels(graph: GraphSpec, kv: KVCacheSpec, provider: str) -> None:
