@@ -53,6 +53,8 @@ def main() -> int:
                         "(for example --no-memory-check)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/autocontrast-shapes"))
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--keep-bundles", action="store_true",
+                        help="keep each acd-export bundle as WORK/bundle-NAME (for acd-bench) instead of removing it")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -69,7 +71,8 @@ def main() -> int:
         print(f"== acd-export {shape}", file=sys.stderr, flush=True)
         row["acd_export"] = timed([str(BIN / "acd-export"), str(folder), str(bundle), *extra,
                                    *args.export_args.split()])
-        shutil.rmtree(bundle, ignore_errors=True)
+        if not args.keep_bundles:
+            shutil.rmtree(bundle, ignore_errors=True)
         if shape in args.optimum.split(","):
             target = args.work / f"optimum-{folder.name}"
             shutil.rmtree(target, ignore_errors=True)

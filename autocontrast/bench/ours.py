@@ -37,7 +37,8 @@ class RuntimeSystem:
         # Only this mode's graph is loaded: the memory figure is that of a service running this mode.
         self.generator = Generator(self.bundle, provider=self.provider, threads=self.threads, preload=(),
                                    share_weights=self.share_weights)
-        mode = "contrast" if self.mode_name.startswith("acd") else self.mode_name  # acd-fused, acd-numpy
+        # acd-fused, acd-numpy -> contrast; dola, dola-numpy -> dola
+        mode = "contrast" if self.mode_name.startswith("acd") else self.mode_name.removesuffix("-numpy")
         needs_contrast = mode == "contrast" or (mode == "exit" and self.exit_ is None)
         contrast_parameters = {}
         if needs_contrast and self.contrast is None:
@@ -56,7 +57,7 @@ class RuntimeSystem:
         else:
             self.multi_exit = configuration_for_mode(mode, {"original": (), "exit": (exit_,)}.get(mode, self.contrast),
                                                      **(contrast_parameters if mode == "contrast" else {}))
-        self.fused = self.mode_name != "acd-numpy"
+        self.fused = not self.mode_name.endswith("-numpy")
         mode = self.generator.mode(self.multi_exit, fused=self.fused)
         self.generator.session(mode.graph)
         if self.mode_name == "acd-fused" and not mode.fused:

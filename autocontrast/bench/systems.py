@@ -10,12 +10,14 @@ from typing import Any
 from autocontrast.errors import ConfigurationError
 
 # Our runtime, in each decoding mode (per provider and variant, see system_specs).
-OURS_MODES = ("original", "exit", "acd-fused", "acd-numpy", "dola")
+# dola: the bundle's fused DoLa where it has one (acd-export --fuse-dola), else NumPy; dola-numpy: always NumPy
+OURS_MODES = ("original", "exit", "acd-fused", "acd-numpy", "dola", "dola-numpy")
 # genai-greedy and llamacpp-greedy: one system per --genai-model folder and per GGUF file, named by its label
 PEERS = ("torch-acd", "torch-greedy", "optimum-greedy", "genai-greedy", "llamacpp-greedy")
 # what no step can beat: one ONNX Runtime MatMul over the fp32 bundle's weight bytes (bench/floor.py)
 FLOOR = "ort-matmul-floor"
 DEFAULT_SYSTEMS = tuple(f"ours-{m}" for m in OURS_MODES) + PEERS + (FLOOR,)
+LABELLED_PEERS = ("genai-greedy", "llamacpp-greedy")  # one system per --genai-model / --gguf, named PEER-LABEL
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,10 +145,15 @@ def _native_peer_specs(args: argparse.Namespace, wanted: list[str], threads: int
 
 def system_specs(args: argparse.Namespace) -> list[SystemSpec]:
     """Every system the command line asks for, with its provider/variant expanded."""
-    wanted = [s.strip() for s in args.systems.split(",") if s.strip()]
+    named = [s.strip() for s in args.systems.split(",") if s.strip()]
+    # a labelled peer as --list-systems shows it (llamacpp-greedy-f32) asks for that label of its peer only
+    labelled = {s for s in named if s not in DEFAULT_SYSTEMS and s.startswith(LABELLED_PEERS)}
+    wanted = [s for s in named if s not in labelled] + [p for p in LABELLED_PEERS
+                                                        if any(s.startswith(p + "-") for s in labelled)]
     unknown = [s for s in wanted if s not in DEFAULT_SYSTEMS]
     if unknown:
-        raise ConfigurationError(f"unknown system(s) {unknown}; known: {', '.join(DEFAULT_SYSTEMS)}")
+        raise ConfigurationError(f"unknown system(s) {unknown}; known: {', '.join(DEFAULT_SYSTEMS)} (a labelled "
+                                 f"peer as {'-LABEL, '.join(LABELLED_PEERS)}-LABEL)")
     # None: the bundle's fused contrast and its lower exit, read where the bundle is opened
     contrast = exits_option(args.contrast) if args.contrast else None
     if contrast is not None and len(contrast) != 2:
@@ -184,7 +191,15 @@ def system_specs(args: argparse.Namespace) -> list[SystemSpec]:
         cache = cache_dir() / "optimum" / (model_identity(args.model) if args.model else "none")
         specs.append(SystemSpec("optimum-greedy", "optimum", {"model": model, "cache_dir": str(cache),
                                                                "threads": threads}))
-    return specs + _native_peer_specs(args, wanted, threads)
+    def asked(spec: SystemSpec) -> bool:  # named itself, or its peer named without a label
+        peer = next((p for p in LABELLED_PEERS if spec.name.startswith(p)), None)
+        return peer is None or peer in named or spec.name in labelled
+
+    peers = [spec for spec in _native_peer_specs(args, wanted, threads) if asked(spec)]
+    missing = sorted(labelled - {spec.name for spec in peers})
+    if missing:
+        raise ConfigurationError(f"no such labelled peer: {', '.join(missing)} (--list-systems shows the labels)")
+    return specs + peers
 
 
 def build(spec: SystemSpec) -> Any:

@@ -108,6 +108,20 @@ def test_unknown_system_is_a_clear_error(tmp_path):
         main(["--bundle", str(tmp_path), "--systems", "ours-magic", "--out", str(tmp_path)])
 
 
+def test_a_labelled_peer_is_asked_for_by_the_name_list_systems_shows(tmp_path, capsys):
+    files = []
+    for label in ("a", "b"):
+        path = tmp_path / f"{label}.gguf"
+        path.write_bytes(b"GGUF" + bytes(60))
+        files += ["--gguf", f"{label}={path}"]
+    assert main(["--bundle", str(tmp_path), *files, "--systems", "ours-original,llamacpp-greedy-b", "--list-systems"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["ours-original", "llamacpp-greedy-b"]
+    assert main(["--bundle", str(tmp_path), *files, "--systems", "llamacpp-greedy", "--list-systems"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["llamacpp-greedy-a", "llamacpp-greedy-b"]
+    with pytest.raises(ConfigurationError, match="no such labelled peer: llamacpp-greedy-c"):
+        main(["--bundle", str(tmp_path), *files, "--systems", "llamacpp-greedy-c", "--list-systems"])
+
+
 def test_providers_expand_into_one_system_per_provider(tmp_path, capsys):
     code = main(["--bundle", str(tmp_path), "--providers", "cpu,GPU,cuda", "--systems", "ours-original,ours-acd-fused",
                  "--list-systems"])
