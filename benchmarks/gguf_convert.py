@@ -2,10 +2,13 @@
 
 llama.cpp's own converter (`convert_hf_to_gguf.py`, in the llama.cpp source tree; llama-cpp-python's
 source distribution carries one under `vendor/llama.cpp`) reads a Llama folder's vocabulary as
-SentencePiece or by the hash of a known BPE pre-tokenizer. The shape folders borrow SmolLM2's GPT-2
-style BPE tokenizer (49,152 tokens), which neither path takes, and the Llama-3.2 shapes keep their
-128,256 embedding rows. This runs the converter with the Llama model's vocabulary read as GPT-2 BPE,
-which pads the vocabulary to the embedding's rows; everything else is the converter's own.
+SentencePiece, as a Hugging Face Llama vocabulary (which must have as many tokens as the embedding
+has rows) or as a BPE vocabulary whose pre-tokenizer it knows by the hash of a test string's tokens.
+The shape folders borrow SmolLM2's tokenizer (49,152 tokens; its hash under this environment's
+tokenizers is not in the converter's table), and the Llama-3.2 shapes keep their 128,256 embedding
+rows. This runs the converter with the Llama model's vocabulary read as BPE with SmolLM's
+pre-tokenizer (`smollm`, what the folders' tokenizer is), which pads the vocabulary to the
+embedding's rows; everything else is the converter's own.
 
     python benchmarks/gguf_convert.py --llama-cpp /tmp/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp \
         /tmp/shapes/llama-3.2-1b --outtype f32 --outfile /tmp/gguf/llama-3.2-1b-f32.gguf
@@ -35,6 +38,7 @@ def main() -> None:
     import conversion.llama as llama  # the converter's own module, importable once the tree is on the path
 
     llama.LlamaModel.set_vocab = lambda self: self._set_vocab_gpt2()
+    llama.LlamaModel.get_vocab_base_pre = lambda self, tokenizer: "smollm"
     sys.argv = [str(script), *converter_args]
     runpy.run_path(str(script), run_name="__main__")
 
