@@ -81,7 +81,10 @@ class Worker:
 
     def run(self, prompts: list[list[int]], new_tokens: int, *, timeout: float) -> RunTiming | str:
         """A timing, or a string saying why the run failed."""
-        self._conn.send(("run", prompts, new_tokens))
+        try:
+            self._conn.send(("run", prompts, new_tokens))
+        except OSError:  # BrokenPipeError: it died after loading (another system's load woke the OOM killer)
+            return f"its worker died before the run ({self._died()})"
         if not self._conn.poll(timeout):
             self.close()
             return f"run did not finish within {timeout:.0f} s"

@@ -257,3 +257,19 @@ def test_a_worker_that_dies_during_a_run_is_a_failed_run_not_a_crash():
     assert worker.skipped is None
     assert worker.run([[1, 2]], 4, timeout=60) == "its worker died during the run (exit status 3)"
     worker.close()
+
+
+def test_a_worker_killed_after_loading_is_a_failed_run_naming_the_killer():
+    import os
+    import signal
+
+    from autocontrast.bench.workers import Worker
+
+    worker = Worker("loaded-then-killed", _dies_when_run)
+    worker.wait_ready(60)
+    assert worker.skipped is None
+    os.kill(worker._process.pid, signal.SIGKILL)  # the OOM killer, woken by the next system's load
+    worker._process.join(timeout=10)
+    outcome = worker.run([[1, 2]], 4, timeout=60)
+    assert outcome.startswith("its worker died before the run (killed by SIGKILL, most likely the kernel's OOM killer")
+    worker.close()
