@@ -26,6 +26,8 @@ Graph conventions (all graphs of a bundle share them):
 - `GraphSpec.switches`: entries naming one switched decode graph (`UPPER_SWITCH`, `LOWER_SWITCH`:
   boolean scalar inputs) feed it these values at every run; such a graph's KV cache has every layer
   (`GraphSpec.cache_layers`), of which an early-exit entry writes only its `layers`.
+- A decode graph fusing both the contrast and DoLa takes, for each, a boolean scalar input
+  `output_switch(output)`: false skips that output (it comes back empty).
 
 Encoder-decoder bundles (T5; `Manifest.encoder_decoder` is set) add an `encoder` graph: inputs
 `input_ids` and `attention_mask` (batch, source) int64 of the prompt; outputs every decoder layer's
@@ -73,9 +75,10 @@ from autocontrast.errors import BundleError
 
 FORMAT = "autocontrast-bundle"
 # 2: `files` (SHA-256 of every file); 3: `GraphSpec.layers` (early-exit graphs); 4: `KVCacheSpec.layout`;
-# 5: `GraphSpec.switches` (several entries naming one switched graph)
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (1, 2, 3, 4, 5)  # each adds optional fields only: an older manifest reads as it was
+# 5: `GraphSpec.switches` (several entries naming one switched graph); 6: `output_switch` inputs of a
+# decode graph fusing both the contrast and DoLa
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)  # each adds optional fields only: an older manifest reads as it was
 MANIFEST_FILE = "manifest.json"
 
 # graph kinds and the graphs acd-export writes
@@ -115,6 +118,13 @@ KV_LAYOUTS = (CONCAT_LAYOUT, BUFFER_LAYOUT)
 # and ACD; autocontrast.export.switched_graph): which parts of the graph run.
 UPPER_SWITCH = "compute_upper"  # the layers above the lower exit, and the upper exit's row
 LOWER_SWITCH = "compute_lower"  # the lower exit's row
+
+
+def output_switch(output: str) -> str:
+    """The boolean scalar input of a decode graph fusing both the contrast and DoLa that says whether a run
+    computes fused output `output` (autocontrast.export.output_gates; bundle format 6)."""
+    return f"compute_{output}"
+
 # ONNX metadata key under which each graph records the exits it returns (JSON list, graph order),
 # so a reader can refuse a manifest that does not describe the graph it sits beside.
 EXITS_METADATA_KEY = "autocontrast.exits"

@@ -71,6 +71,7 @@ from autocontrast.export.output import (
     remove_stale_work,
     replace_output,
 )
+from autocontrast.export.output_gates import gate_bundle_graphs
 from autocontrast.export.plan import PlannedGraph
 from autocontrast.export.variants import QUANTIZATIONS, QuantRecipe
 
@@ -526,6 +527,9 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[Pla
             f"switched graph ({SWITCHED_DECODE_FILE})")
         specs = switch_decode_graphs(work, specs, lower=switched, kv=kv,
                                      hidden_size=family.hidden_size(config))
+    gated = gate_bundle_graphs(work, specs)
+    if gated:
+        log(f"[4/6] switches for the fused contrast and DoLa in {', '.join(gated)}: a step computes the one it reads")
     log(f"[5/6] validating against PyTorch (prefill + {options.validation_steps} cached decode steps)")
     # the model is needed no more unless quantization agreement runs it: its memory goes before the sessions open
     release = {} if family.is_encoder_decoder else {"release_model": not options.quantize}

@@ -11,7 +11,7 @@ its prompt is the encoder's, read in one pass.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -39,7 +39,7 @@ class StepSession(Protocol):
     def kv(self) -> KVCacheSpec: ...
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             cache: KVStore | None) -> StepOutput: ...
+             cache: KVStore | None, *, fused: Collection[str] | None = None) -> StepOutput: ...
 
 
 @runtime_checkable
@@ -51,6 +51,9 @@ class BatchState(Protocol):
 
     @property
     def batch(self) -> int: ...
+
+    fused_outputs: frozenset[str] | None
+    """The fused outputs (by name) its steps compute; None: every one the graph returns."""
 
     def lengths(self) -> np.ndarray:
         """(batch,) tokens in each row's cache."""

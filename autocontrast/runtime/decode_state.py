@@ -47,6 +47,7 @@ class DecodeState:
         self.cache = KVCache(session.kv, 0)
         self.mask = np.zeros((0, 0), dtype=np.int64)  # (batch, past): 1 where a row has a cache entry
         self.next_position = np.zeros((0,), dtype=np.int64)  # (batch,): position of each row's next token
+        self.fused_outputs: frozenset[str] | None = None  # the fused outputs its steps compute (None: all)
 
     @property
     def batch(self) -> int:
@@ -66,7 +67,7 @@ class DecodeState:
         ids, mask = pad_ragged(rows, pad=self.pad_token_id, align=Align.RIGHT)  # (new, width), left-padded
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # (new, width)
         cache = KVCache(self.session.kv, len(rows))
-        out = self.session.step(ids, mask, positions, cache)
+        out = self.session.step(ids, mask, positions, cache, fused=self.fused_outputs)
         if self.batch == 0:
             self.cache, self.mask = cache, mask
         else:
@@ -98,7 +99,7 @@ class DecodeState:
         count = tokens.shape[1]
         mask = np.concatenate([self.mask, np.ones((self.batch, count), dtype=np.int64)], axis=1)  # (batch, past + n)
         positions = self.next_position[:, None] + np.arange(count)  # (batch, n)
-        out = self.session.step(tokens, mask, positions, self.cache)
+        out = self.session.step(tokens, mask, positions, self.cache, fused=self.fused_outputs)
         self.mask = mask
         self.next_position = self.next_position + count
         return out

@@ -16,7 +16,7 @@ lengths, as it drives a decoder-only model; this class maps them onto encoder an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -33,8 +33,8 @@ class _WithCross:
         self.session, self.kv, self.cross = session, session.kv, cross
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             cache: object) -> StepOutput:
-        return self.session.step(input_ids, attention_mask, position_ids, cache, extra=self.cross.feeds())
+             cache: object, *, fused: Collection[str] | None = None) -> StepOutput:
+        return self.session.step(input_ids, attention_mask, position_ids, cache, extra=self.cross.feeds(), fused=fused)
 
 
 class EncoderDecoderState:
@@ -52,6 +52,14 @@ class EncoderDecoderState:
     @property
     def session(self) -> ExitSession:
         return self._session.session
+
+    @property
+    def fused_outputs(self) -> frozenset[str] | None:
+        return self.decoder.fused_outputs
+
+    @fused_outputs.setter
+    def fused_outputs(self, outputs: frozenset[str] | None) -> None:
+        self.decoder.fused_outputs = outputs
 
     @property
     def batch(self) -> int:

@@ -35,6 +35,7 @@ class InPlaceDecodeState:
         self.pad_token_id = pad_token_id
         self.cache = self._buffer(0, capacity_for(0))
         self._lengths = np.zeros((0,), dtype=np.int64)  # (batch,): entries in each row's cache
+        self.fused_outputs: frozenset[str] | None = None  # the fused outputs its steps compute (None: all)
 
     def _buffer(self, batch: int, capacity: int) -> KVBuffer:
         return KVBuffer(self.session.kv, batch, capacity, device=self.session.device,
@@ -58,7 +59,7 @@ class InPlaceDecodeState:
         width = ids.shape[1]
         positions = np.broadcast_to(np.arange(width), ids.shape).copy()  # pads' positions are never cached
         buffer = self._buffer(len(rows), capacity_for(width + 1))
-        out = self.session.step(ids, mask, positions, buffer)
+        out = self.session.step(ids, mask, positions, buffer, fused=self.fused_outputs)
         if self.batch == 0:
             self.cache = buffer
         else:
@@ -91,7 +92,7 @@ class InPlaceDecodeState:
         self.cache.reserve(width)
         mask = (np.arange(width)[None, :] < after[:, None]).astype(np.int64)  # (batch, width)
         positions = self._lengths[:, None] + np.arange(tokens.shape[1])  # (batch, n)
-        out = self.session.step(tokens, mask, positions, self.cache)
+        out = self.session.step(tokens, mask, positions, self.cache, fused=self.fused_outputs)
         self._lengths = after
         return out
 

@@ -52,6 +52,14 @@ class DecodeMode:
     contrast_function: ContrastFunction | None = None
     relative_top: float = DEFAULT_RELATIVE_TOP
 
+    @property
+    def fused_output(self) -> str | None:
+        """The graph's fused output this mode's scores are (None: it reads the exit logits)."""
+        if not self.fused or self.graph is None:
+            return None
+        spec = {"contrast": self.graph.contrast, "dola": self.graph.dola}.get(self.name)
+        return spec.output if spec is not None else None
+
     def scores(self, out: StepOutput) -> np.ndarray:
         """(..., vocab) scores from (..., n_exits, vocab) exit logits (decode: (batch, vocab))."""
         if self.name == "dola":

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from autocontrast.bundle import (
     KVCacheSpec,
     Manifest,
     exits_metadata,
+    output_switch,
 )
 from autocontrast.errors import BundleError, InferenceError
 from autocontrast.runtime.huge_pages import huge_pages_for_new_memory, page_out_files
@@ -134,6 +135,8 @@ class ExitSession:
         self.device = output_device(provider)
         self.device_id = device_id
         self.input_names = frozenset(i.name for i in self.session.get_inputs())
+        # fused outputs a run may skip (a graph fusing the contrast and DoLa): output -> its switch input
+        self.gates = {o: output_switch(o) for o in fused_output_names(graph) if output_switch(o) in self.input_names}
         self._check_signature()
 
     def _check_signature(self) -> None:
@@ -162,12 +165,15 @@ class ExitSession:
                               "re-export the bundle (or restore its manifest.json)")
 
     def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-             cache: KVStore | None, *, extra: dict[str, np.ndarray] | None = None) -> StepOutput:
+             cache: KVStore | None, *, extra: dict[str, np.ndarray] | None = None,
+             fused: Collection[str] | None = None) -> StepOutput:
         """One forward. input_ids/position_ids (batch, seq), attention_mask (batch, past+seq), int64.
 
         Decode graphs read `cache` as the past and leave the present in it (on the session's device).
         `extra`: more inputs by name (an encoder-decoder's cross-attention KV); those the graph does
         not declare are left out (a graph whose exits lie below a layer never reads its cross KV).
+        `fused`: the fused outputs (by name) the caller reads; a graph that can skip the others does,
+        and they come back None (default: every one).
         """
         if cache is None:
             binding = self.session.io_binding()
@@ -181,8 +187,11 @@ class ExitSession:
                 binding.bind_cpu_input(name, value)
         for name, value in self.switches.items():
             binding.bind_cpu_input(name, value)
-        fused = fused_output_names(self.graph)
-        for name in [self.graph.logits_output, *fused]:
+        skipped = {o for o in self.gates if fused is not None and o not in fused}
+        for output, switch in self.gates.items():
+            binding.bind_cpu_input(switch, np.array(output not in skipped))
+        names = fused_output_names(self.graph)
+        for name in [self.graph.logits_output, *names]:
             binding.bind_output(name, "cpu")  # only what the loop reads comes back to the host
         try:
             self.session.run_with_iobinding(binding)
@@ -193,11 +202,12 @@ class ExitSession:
         first = 0 if cache is None else len(cache.output_names)
         if cache is not None:
             cache.update(outputs[:first], input_ids.shape[1])
-        arrays = dict(zip(fused, (o.numpy() for o in outputs[first + 1:first + 1 + len(fused)]), strict=True))
+        arrays = dict(zip(names, (o.numpy() for o in outputs[first + 1:first + 1 + len(names)]), strict=True))
         contrast, dola = self.graph.contrast, self.graph.dola
         return StepOutput(exit_logits=outputs[first].numpy(),
-                          contrast=arrays[contrast.output] if contrast is not None else None,
-                          dola=arrays[dola.output] if dola is not None else None)
+                          contrast=arrays[contrast.output] if contrast is not None and contrast.output not in skipped
+                          else None,
+                          dola=arrays[dola.output] if dola is not None and dola.output not in skipped else None)
 
 
 def fused_output_names(graph: GraphSpec) -> list[str]:

@@ -291,6 +291,10 @@ class Stepper:
 
     def _run(self, plan: StepPlan) -> list[TokenEvent]:
         parts, joined = [], []
+        self.state.fused_outputs = self._fused_outputs()  # a graph fusing both the contrast and DoLa skips the other
+        for prefill in self._prefills.values():
+            if prefill.state is not None:
+                prefill.state.fused_outputs = self.state.fused_outputs
         if plan.decode:
             pending = np.array([self._rows[r].all_ids[-1] for r in self._batch], dtype=np.int64)  # (batch,)
             parts.append(self.state.advance(pending))
@@ -328,7 +332,13 @@ class Stepper:
         return events
 
     def _new_state(self) -> ChunkedState:
-        return type(self.state)(self.state.session, pad_token_id=self.model.pad_token_id)
+        state = type(self.state)(self.state.session, pad_token_id=self.model.pad_token_id)
+        state.fused_outputs = self.state.fused_outputs
+        return state
+
+    def _fused_outputs(self) -> frozenset[str]:
+        """The fused outputs the modes of the rows in this stepper read."""
+        return frozenset(o for r in [*self._batch, *self._prefills] if (o := self._rows[r].mode.fused_output))
 
     def _prefill(self, chunk: PromptChunk) -> StepOutput:
         """Put one chunk of a joining row's prompt into the row's own state; the chunk's last outputs."""
@@ -338,6 +348,7 @@ class Stepper:
             prefill.state = type(self.state).seeded(self.state.session, prefill.seed,
                                                     pad_token_id=self.model.pad_token_id)
             prefill.seed = None
+            prefill.state.fused_outputs = self.state.fused_outputs
         elif prefill.state is None:
             prefill.state = self._new_state()
             prefill.done = chunk.stop
