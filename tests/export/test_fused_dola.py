@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from autocontrast.config import MultiExitConfiguration, VocabularyProjectionMode
 from autocontrast.errors import ExportError
 from autocontrast.export.exporter import ExportOptions, export_bundle
-from autocontrast.models.auto import AutoMultiExitModel
 from autocontrast.runtime import Generator
+from tests.runtime.torch_reference import torch_greedy
 
 PROJECTION = VocabularyProjectionMode.SHARED_PROJECTION_DIRECT
 CANDIDATES = (1, 2)
@@ -68,15 +67,12 @@ def test_fused_dola_scores_are_the_formula_on_the_graphs_own_exit_logits(dola_bu
 
 def test_fused_dola_greedy_tokens_equal_the_pytorch_model(dola_bundle, tiny_checkpoint):
     checkpoint = tiny_checkpoint("llama", PROJECTION)
-    model = AutoMultiExitModel.from_pretrained(str(checkpoint), _config(vocab_projection_mode=PROJECTION))
     generator = Generator(dola_bundle)
     for prompt in PROMPTS:
         ids = generator.encode(prompt)
-        prompt_ids = torch.tensor([ids])
-        with torch.no_grad():
-            want = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=NEW_TOKENS,
-                                  do_sample=False, eos_token_id=2, pad_token_id=2)[0, len(ids):].tolist()
-        assert generator.generate(ids, multi_exit=_config(), max_new_tokens=NEW_TOKENS).token_ids[0] == want, prompt
+        want = torch_greedy(checkpoint, _config(), ids, NEW_TOKENS, projection=PROJECTION)
+        got = generator.generate(ids, multi_exit=_config(), max_new_tokens=NEW_TOKENS, ignore_eos=True)
+        assert got.token_ids[0] == want, prompt
 
 
 @pytest.mark.parametrize("options,message", [

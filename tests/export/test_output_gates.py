@@ -8,12 +8,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from autocontrast.bundle import output_switch
 from autocontrast.config import MultiExitConfiguration, VocabularyProjectionMode
-from autocontrast.models.auto import AutoMultiExitModel
 from autocontrast.runtime import Generator
+from tests.runtime.torch_reference import torch_greedy
 
 PROJECTION = VocabularyProjectionMode.SHARED_PROJECTION_DIRECT
 CONTRAST = ("original", 2)
@@ -67,7 +66,7 @@ def test_a_step_reading_one_output_leaves_everything_else_as_computing_both_does
 
 
 def test_rows_of_both_modes_in_one_batch_give_the_pytorch_models_tokens(both_bundle, tiny_checkpoint):
-    checkpoint = str(tiny_checkpoint("llama", PROJECTION))
+    checkpoint = tiny_checkpoint("llama", PROJECTION)
     generator = Generator(both_bundle)
     stepper = generator.stepper(_config("acd"))
     rows = []
@@ -75,14 +74,10 @@ def test_rows_of_both_modes_in_one_batch_give_the_pytorch_models_tokens(both_bun
         config = _config(name)
         mode = generator.mode(config)
         assert mode.fused and mode.graph.name == stepper.graph.name  # both fused, one graph
-        model = AutoMultiExitModel.from_pretrained(checkpoint, _config(name, vocab_projection_mode=PROJECTION))
         for prompt in PROMPTS:
             ids = generator.encode(prompt)
-            prompt_ids = torch.tensor([ids])
-            with torch.no_grad():
-                want = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=NEW_TOKENS,
-                                      do_sample=False, eos_token_id=2, pad_token_id=2)[0, len(ids):].tolist()
-            rows.append((stepper.add(ids, multi_exit=config, max_new_tokens=NEW_TOKENS), want))
+            want = torch_greedy(checkpoint, config, ids, NEW_TOKENS, projection=PROJECTION)
+            rows.append((stepper.add(ids, multi_exit=config, max_new_tokens=NEW_TOKENS, ignore_eos=True), want))
     while not stepper.done:
         stepper.step()
     for row, want in rows:
