@@ -78,6 +78,15 @@ class StepOutput:
         return named
 
 
+# A session's intra-op threads stop spinning when its run returns. By default ONNX Runtime's threads spin for a
+# while after each run; a process stepping two sessions in turn (greedy on decode_original, ACD on
+# decode_exits: one server, one Generator) then started each step while the other session's threads still
+# spun on the same cores: SmolLM2-135M's demo bundle on 2 cores took 26-29 ms a step alternating, 14-16 ms
+# either graph alone; stopped, alternating costs what each graph alone does, and one graph's steps are as
+# quick as before (they spin within a run). `benchmarks/alternating_sessions.py --keep-spinning` measures it.
+STOP_SPINNING_AFTER_RUN = True
+
+
 def load_session(graph_dir: Path, file: str, *, provider: str = "cpu", device_id: int = 0, threads: int | None = None,
                  trt_options: dict[str, Any] | None = None, share_weights: bool = False) -> ort.InferenceSession:
     """An ONNX Runtime session of one graph file of a bundle, on exactly the provider asked for (never a
@@ -91,6 +100,8 @@ def load_session(graph_dir: Path, file: str, *, provider: str = "cpu", device_id
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if STOP_SPINNING_AFTER_RUN:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     providers = resolve_providers(provider, device_id=device_id, trt_options=trt_options, bundle_dir=Path(graph_dir))
     cpu = normalize_provider(provider) == CPU
     shared = None

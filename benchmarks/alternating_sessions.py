@@ -1,0 +1,67 @@
+"""Decode steps alternating between two graphs of one Generator, against each graph alone.
+
+A server (or a Generator) running greedy on one graph and ACD on another steps their two ONNX
+Runtime sessions in turn. This measures what that costs: the median step of each graph stepped
+alone, then of each when the two alternate step by step, batch `--batch`, a `--prompt-tokens` prompt.
+
+    python benchmarks/alternating_sessions.py BUNDLE --steps 48
+    python benchmarks/alternating_sessions.py BUNDLE --steps 48 --keep-spinning   # ORT's default
+
+`--keep-spinning` opens the sessions as ONNX Runtime would by default, their threads spinning on after
+each run (`autocontrast.runtime.session.STOP_SPINNING_AFTER_RUN` off). The two graphs: the model's own
+head (greedy's) and the first decode graph with a fused contrast in another file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from autocontrast.runtime import Generator
+from autocontrast.runtime import session as runtime_session
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt-tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--keep-spinning", action="store_true", help="threads spin on after each run (ORT's default)")
+    args = parser.parse_args()
+    runtime_session.STOP_SPINNING_AFTER_RUN = not args.keep_spinning
+    generator = Generator(args.bundle, threads=args.threads, preload=())
+    greedy = generator.mode().graph
+    contrast = next((g for g in generator.manifest.graphs if g.kind == "decode" and g.contrast is not None
+                     and g.file != greedy.file), None)
+    if contrast is None:
+        parser.error(f"{args.bundle} serves greedy and ACD from one graph file: nothing alternates")
+    text = (Path(__file__).resolve().parents[1] / "autocontrast/data/wikitext-2/test.txt").read_text()
+    prompt = generator.encode(text)[:args.prompt_tokens]
+    spinning = "spinning on after each run" if args.keep_spinning else "spinning stopped after each run"
+    print(f"{args.bundle.name}: {greedy.name} and {contrast.name}, batch {args.batch}, {args.steps} steps, {spinning}")
+    for label, graphs in (("alone", [greedy]), ("alone", [contrast]), ("alternating", [greedy, contrast])):
+        states, tokens, times = [], [], []
+        for graph in graphs:
+            state = generator.decode_state(graph)
+            out = state.extend([prompt] * args.batch)
+            states.append(state)
+            tokens.append(np.argmax(out.exit_logits[:, 0, :], axis=-1))
+            times.append([])
+        for _ in range(args.steps):
+            for i, state in enumerate(states):
+                started = time.perf_counter()
+                out = state.advance(tokens[i])
+                times[i].append(time.perf_counter() - started)
+                tokens[i] = np.argmax(out.exit_logits[:, 0, :], axis=-1)
+        for graph, samples in zip(graphs, times, strict=True):
+            print(f"  {label:<12} {graph.name:<16} median {statistics.median(samples) * 1000:7.1f} ms/step")
+
+
+if __name__ == "__main__":
+    main()
