@@ -82,6 +82,12 @@ class BatchState(Protocol):
 class ChunkedState(BatchState, Protocol):
     """A batch state whose rows may be prefilled in chunks, from a stored prefix, then join another batch."""
 
+    def extend(self, rows: Sequence[Sequence[int]], *, prompt_lengths: Sequence[int] | None = None,
+               columns: int | None = None) -> StepOutput:
+        """Prefill `rows` and add them after the batch's rows; the new rows' outputs. `columns`: room to
+        leave for that many entries per row where the cache has a capacity (a prompt's later chunks)."""
+        ...
+
     def feed(self, tokens: np.ndarray) -> StepOutput:
         """The same number of tokens to every row: (batch, n) ids; the last position's outputs."""
         ...

@@ -57,12 +57,14 @@ class DecodeState:
         """(batch,) tokens in each row's cache."""
         return self.mask.sum(axis=1)
 
-    def extend(self, rows: Sequence[Sequence[int]], *, prompt_lengths: Sequence[int] | None = None) -> StepOutput:
+    def extend(self, rows: Sequence[Sequence[int]], *, prompt_lengths: Sequence[int] | None = None,
+               columns: int | None = None) -> StepOutput:
         """Prefill `rows` (prompts, left-padded together) and add them after the batch's rows.
 
         Returns the new rows' outputs only: (len(rows), n_exits, vocab). `prompt_lengths` is for
         the interface shared with `EncoderDecoderState`: a decoder-only model reads prompt and
-        generated tokens alike.
+        generated tokens alike; `columns` for the one `InPlaceDecodeState` has (a concatenated cache
+        has no capacity to leave room in).
         """
         ids, mask = pad_ragged(rows, pad=self.pad_token_id, align=Align.RIGHT)  # (new, width), left-padded
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # (new, width)
@@ -77,7 +79,8 @@ class DecodeState:
         return out
 
     @classmethod
-    def seeded(cls, session: ExitSession, entries: Sequence[np.ndarray], *, pad_token_id: int = 0) -> DecodeState:
+    def seeded(cls, session: ExitSession, entries: Sequence[np.ndarray], *, pad_token_id: int = 0,
+               columns: int | None = None) -> DecodeState:
         """A one-row state whose cache already holds `entries` ([(kv_heads, length, head_dim)] in graph order,
         as `prefixes()` gives them): a prompt's prefix computed before, fed on with `feed`."""
         state = cls(session, pad_token_id=pad_token_id)

@@ -49,16 +49,19 @@ class InPlaceDecodeState:
         """(batch,) tokens in each row's cache."""
         return self._lengths.copy()
 
-    def extend(self, rows: Sequence[Sequence[int]], *, prompt_lengths: Sequence[int] | None = None) -> StepOutput:
+    def extend(self, rows: Sequence[Sequence[int]], *, prompt_lengths: Sequence[int] | None = None,
+               columns: int | None = None) -> StepOutput:
         """Prefill `rows` (right-padded together) and add them after the batch's rows.
 
-        Returns the new rows' outputs only: (len(rows), n_exits, vocab).
+        Returns the new rows' outputs only: (len(rows), n_exits, vocab). `columns`: room to leave for that
+        many entries per row (a prompt whose later chunks `feed` brings), so the buffer does not grow, a
+        copy of every layer at once, while they come.
         """
         ids, mask = pad_ragged(rows, pad=self.pad_token_id, align=Align.LEFT)  # (new, width), right-padded
         lengths = mask.sum(axis=1)  # (new,)
         width = ids.shape[1]
         positions = np.broadcast_to(np.arange(width), ids.shape).copy()  # pads' positions are never cached
-        buffer = self._buffer(len(rows), capacity_for(width + 1))
+        buffer = self._buffer(len(rows), capacity_for(max(width, columns or 0) + 1))
         out = self.session.step(ids, mask, positions, buffer, fused=self.fused_outputs)
         if self.batch == 0:
             self.cache = buffer
@@ -68,13 +71,14 @@ class InPlaceDecodeState:
         return out
 
     @classmethod
-    def seeded(cls, session: ExitSession, entries: Sequence[np.ndarray], *,
-               pad_token_id: int = 0) -> InPlaceDecodeState:
+    def seeded(cls, session: ExitSession, entries: Sequence[np.ndarray], *, pad_token_id: int = 0,
+               columns: int | None = None) -> InPlaceDecodeState:
         """A one-row state whose buffer already holds `entries` ([(kv_heads, length, head_dim)] of the live
-        layers in graph order, as `prefixes()` gives them): a prompt's prefix computed before, fed on with `feed`."""
+        layers in graph order, as `prefixes()` gives them): a prompt's prefix computed before, fed on with `feed`
+        (`columns`: room for that many entries, as `extend`)."""
         state = cls(session, pad_token_id=pad_token_id)
         length = entries[0].shape[1]
-        state.cache = state._buffer(1, capacity_for(length + 1))
+        state.cache = state._buffer(1, capacity_for(max(length, columns or 0) + 1))
         state.cache.load([e[None] for e in entries])
         state._lengths = np.array([length], dtype=np.int64)
         return state

@@ -171,6 +171,28 @@ def test_running_rows_gain_a_token_every_step_while_a_long_prompt_joins(generato
     assert stepper.row(long_row).token_ids == alone
 
 
+def test_a_chunked_prompts_buffer_has_room_for_the_whole_prompt_from_its_first_chunk(generator):
+    from autocontrast.runtime.kv_buffer import KVBuffer
+
+    stepper = generator.stepper(max_step_tokens=16)
+    stepper.add("Hi there", max_new_tokens=40, ignore_eos=True)  # decoding: the budget applies
+    stepper.step()
+    prompt = generator.encode(HEADER * 12)
+    assert len(prompt) > 256  # past the first capacity step: growing it would copy every layer halfway
+    row = stepper.add(prompt, max_new_tokens=1, ignore_eos=True)
+    stepper.step()
+    cache = stepper._prefills[row].state.cache
+    if not isinstance(cache, KVBuffer):
+        pytest.skip("a concatenated cache has no capacity")
+    assert cache.capacity > len(prompt)
+    first = cache.capacity
+    while row in stepper.prefilling:
+        stepper.step()
+        if row in stepper.prefilling:
+            assert stepper._prefills[row].state.cache is cache and cache.capacity == first  # never rebuilt
+    assert stepper.row(row).token_ids == generator.generate(prompt, max_new_tokens=1, ignore_eos=True).token_ids[0]
+
+
 def test_a_prompt_rewound_or_dropped_while_it_joins(generator):
     stepper = generator.stepper(max_step_tokens=4)
     stepper.add("Hi there", max_new_tokens=4 * N, ignore_eos=True)  # a decoding row: the budget applies
