@@ -15,11 +15,9 @@ head (greedy's) and the first decode graph with a fused contrast in another file
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
-import numpy as np
+from interleaved_steps import median_step_ms, real_prompt
 
 from autocontrast.runtime import Generator
 from autocontrast.runtime import session as runtime_session
@@ -41,26 +39,13 @@ def main() -> None:
                      and g.file != greedy.file), None)
     if contrast is None:
         parser.error(f"{args.bundle} serves greedy and ACD from one graph file: nothing alternates")
-    text = (Path(__file__).resolve().parents[1] / "autocontrast/data/wikitext-2/test.txt").read_text()
-    prompt = generator.encode(text)[:args.prompt_tokens]
+    prompt = real_prompt(generator, args.prompt_tokens)
     spinning = "spinning on after each run" if args.keep_spinning else "spinning stopped after each run"
     print(f"{args.bundle.name}: {greedy.name} and {contrast.name}, batch {args.batch}, {args.steps} steps, {spinning}")
     for label, graphs in (("alone", [greedy]), ("alone", [contrast]), ("alternating", [greedy, contrast])):
-        states, tokens, times = [], [], []
-        for graph in graphs:
-            state = generator.decode_state(graph)
-            out = state.extend([prompt] * args.batch)
-            states.append(state)
-            tokens.append(np.argmax(out.exit_logits[:, 0, :], axis=-1))
-            times.append([])
-        for _ in range(args.steps):
-            for i, state in enumerate(states):
-                started = time.perf_counter()
-                out = state.advance(tokens[i])
-                times[i].append(time.perf_counter() - started)
-                tokens[i] = np.argmax(out.exit_logits[:, 0, :], axis=-1)
-        for graph, samples in zip(graphs, times, strict=True):
-            print(f"  {label:<12} {graph.name:<16} median {statistics.median(samples) * 1000:7.1f} ms/step")
+        medians = median_step_ms([generator.decode_state(g) for g in graphs], prompt, batch=args.batch, steps=args.steps)
+        for graph, median in zip(graphs, medians, strict=True):
+            print(f"  {label:<12} {graph.name:<16} median {median:7.1f} ms/step")
 
 
 if __name__ == "__main__":

@@ -17,11 +17,9 @@ switch at the 1.7B shape), so greedy against ACD is `acd-bench`'s job (a process
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
-import numpy as np
+from interleaved_steps import median_step_ms, real_prompt
 
 from autocontrast.runtime import Generator
 
@@ -47,27 +45,17 @@ def main() -> None:
     if unknown := [n for n in chosen if n not in known] or (args.baseline not in chosen and [args.baseline]):
         parser.error(f"unknown or missing setting(s) {unknown}: choose from {', '.join(known)}, the baseline among them")
     settings = {n: known[n] for n in chosen}
-    text = (Path(__file__).resolve().parents[1] / "autocontrast/data/wikitext-2/test.txt").read_text()
-    prompt = generator.encode(text)[:args.prompt_tokens]
+    prompt = real_prompt(generator, args.prompt_tokens)
     print(f"{args.bundle}: graph {graph.name}, prompt {len(prompt)} tokens, {args.steps} steps per setting")
     print(f"{'batch':>5} {'setting':<9} {'median ms/step':>15} {'x ' + args.baseline:>10}")
     for batch in (int(b) for b in args.batches.split(",")):
-        states, tokens, times = {}, {}, {name: [] for name in settings}
-        for name, fused in settings.items():
-            state = generator.decode_state(graph)
-            state.fused_outputs = fused
-            out = state.extend([prompt] * batch)
-            states[name], tokens[name] = state, np.argmax(out.exit_logits[:, 0, :], axis=-1)
-        for _ in range(args.steps):
-            for name, state in states.items():
-                started = time.perf_counter()
-                out = state.advance(tokens[name])
-                times[name].append(time.perf_counter() - started)
-                tokens[name] = np.argmax(out.exit_logits[:, 0, :], axis=-1)
-        base = statistics.median(times[args.baseline])
-        for name, samples in times.items():
-            median = statistics.median(samples)
-            print(f"{batch:>5} {name:<9} {median * 1000:>15.1f} {median / base:>10.2f}")
+        states = []
+        for fused in settings.values():
+            states.append(generator.decode_state(graph))
+            states[-1].fused_outputs = fused
+        medians = dict(zip(settings, median_step_ms(states, prompt, batch=batch, steps=args.steps), strict=True))
+        for name, median in medians.items():
+            print(f"{batch:>5} {name:<9} {median:>15.1f} {median / medians[args.baseline]:>10.2f}")
 
 
 if __name__ == "__main__":

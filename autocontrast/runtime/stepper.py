@@ -331,8 +331,12 @@ class Stepper:
             self._join(rows, state)
         return events
 
-    def _new_state(self) -> ChunkedState:
-        state = type(self.state)(self.state.session, pad_token_id=self.model.pad_token_id)
+    def _new_state(self, *, seed: list[np.ndarray] | None = None, columns: int | None = None) -> ChunkedState:
+        """A state of the batch's kind for joining rows (one holding `seed`, a stored prefix, when given; room for
+        `columns` entries), computing the fused outputs the batch does."""
+        kind, pad = type(self.state), self.model.pad_token_id
+        state = (kind(self.state.session, pad_token_id=pad) if seed is None
+                 else kind.seeded(self.state.session, seed, pad_token_id=pad, columns=columns))
         state.fused_outputs = self.state.fused_outputs
         return state
 
@@ -345,10 +349,8 @@ class Stepper:
         prefill = self._prefills[chunk.row]
         tokens = np.array([prefill.ids[chunk.start:chunk.stop]], dtype=np.int64)  # (1, n)
         if prefill.state is None and prefill.seed is not None:
-            prefill.state = type(self.state).seeded(self.state.session, prefill.seed,
-                                                    pad_token_id=self.model.pad_token_id, columns=len(prefill.ids))
+            prefill.state = self._new_state(seed=prefill.seed, columns=len(prefill.ids))
             prefill.seed = None
-            prefill.state.fused_outputs = self.state.fused_outputs
         elif prefill.state is None:
             prefill.state = self._new_state()
             prefill.done = chunk.stop
