@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from autocontrast.bundle import KVCacheSpec
-from autocontrast.runtime import huge_pages
+from autocontrast.runtime.kv_pool import default_pool
 from autocontrast.runtime.row_reshape import Align, gather
 
 CAPACITY_STEP = 256  # columns are allocated in multiples of this
@@ -45,8 +45,8 @@ class KVBuffer:
         # buffers the graph writes: a switched graph's early exit passes the layers above it through
         # untouched, so theirs are bound but never written, copied or read (on CPU: never resident)
         self.live = len(self.input_names) if live_layers is None else 2 * live_layers
-        self._set(huge_pages.zeros((len(self.input_names), batch, spec.num_kv_heads, capacity, spec.head_dim),
-                                   np.dtype(spec.dtype)))
+        self._set(default_pool().take((len(self.input_names), batch, spec.num_kv_heads, capacity, spec.head_dim),
+                                      np.dtype(spec.dtype)))
 
     @property
     def capacity(self) -> int:
@@ -105,10 +105,12 @@ class KVBuffer:
 
     def _rebuild(self, sources: list[tuple[list[np.ndarray], np.ndarray]], capacity: int) -> None:
         """New buffers of `capacity` columns holding the chosen rows of each source in turn, each value copied
-        once; the rest are fresh zero pages, never touched until a step writes them."""
+        once, in a block from the process's `KVPool` (memory touched before where one fits: a stall-free
+        reshape); the columns past each row's are left as the block had them (never read)."""
         batch = sum(len(rows) for _, rows in sources)
         first = sources[0][0][0]
-        block = huge_pages.zeros((len(self.input_names), batch, first.shape[1], capacity, first.shape[3]), first.dtype)
+        block = default_pool().take((len(self.input_names), batch, first.shape[1], capacity, first.shape[3]),
+                                    first.dtype)
         for i in range(len(sources[0][0])):  # the live inputs; those past them stay unwritten
             gather([(arrays[i], rows) for arrays, rows in sources], axis=2, width=capacity, align=Align.LEFT,
                    out=block[i])
@@ -116,8 +118,9 @@ class KVBuffer:
         self._set(block)
 
     def _set(self, block: np.ndarray) -> None:
-        # one block for every layer, in huge pages where the system allows (a long context's step reads
-        # all of it); on CPU the OrtValues share these arrays
+        # one block for every layer, from the pool (in huge pages where the system allows: a long context's
+        # step reads all of it); on CPU the OrtValues share these arrays, and the block goes back to the
+        # pool when the last of them (and of any views a prefix cache keeps) goes
         self._host = list(block)
         self._values = [ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id) for a in self._host]
         self._binding: tuple[ort.InferenceSession, ort.IOBinding] | None = None  # bound to the old buffers
