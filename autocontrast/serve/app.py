@@ -30,10 +30,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from autocontrast.bundle import BUFFER_LAYOUT
 from autocontrast.config import MultiExitConfiguration
 from autocontrast.errors import AutocontrastError, ConfigurationError, PromptError
 from autocontrast.runtime.contrast import log_softmax
 from autocontrast.runtime.generator import Generator
+from autocontrast.runtime.kv_pool import KVPool, default_pool
 from autocontrast.runtime.request import Request as Generation
 from autocontrast.runtime.request import Sink, TokenEvent
 from autocontrast.runtime.sampling import most_likely
@@ -55,6 +57,7 @@ from autocontrast.serve.protocol import (
     usage_chunk,
 )
 from autocontrast.serve.scheduler import (
+    DEFAULT_KV_RESERVE_BYTES,
     DEFAULT_MAX_STEP_TOKENS,
     DEFAULT_PREFIX_CACHE_BYTES,
     QueueFullError,
@@ -77,6 +80,7 @@ class ServerConfig:
     retry_after_s: int = 1
     max_step_tokens: int | None = DEFAULT_MAX_STEP_TOKENS  # None: whole prompts join in one step
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES  # 0: no prefix reuse
+    kv_reserve_bytes: int = DEFAULT_KV_RESERVE_BYTES  # KV buffer memory touched when the app is built; 0: none
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 0 or self.max_body_bytes < 1:
@@ -84,8 +88,9 @@ class ServerConfig:
                                      f"and max_body_bytes ({self.max_body_bytes}) >= 1")
         if problem := step_budget_problem(self.max_step_tokens):
             raise ConfigurationError(problem)
-        if self.prefix_cache_bytes < 0:
-            raise ConfigurationError(f"prefix_cache_bytes ({self.prefix_cache_bytes}) must be >= 0")
+        if self.prefix_cache_bytes < 0 or self.kv_reserve_bytes < 0:
+            raise ConfigurationError(f"prefix_cache_bytes ({self.prefix_cache_bytes}) and kv_reserve_bytes "
+                                     f"({self.kv_reserve_bytes}) must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +114,24 @@ def build_app(spec: AppSpec) -> Starlette:
                           share_weights=spec.share_weights)
     generator.session(generator.mode(spec.config.default_mode).graph)
     generator.grammar_tokenizer()  # structured output's vocabulary (~0.5 s): now, not as a stall on the first request
+    reserve_kv_memory(generator, spec.config.kv_reserve_bytes, max_batch=spec.config.max_batch)
     return create_app(generator, spec.config)
+
+
+def reserve_kv_memory(generator: Generator, nbytes: int, *, max_batch: int, pool: KVPool | None = None) -> int:
+    """Touch up to `nbytes` of KV buffer memory now and leave it in the KV pool (default: the process's) for a
+    bundle whose decode graphs write a KV buffer in place; returns the bytes reserved. Memory new to the
+    process stalls the first step on it, and every stream beside it, by a page fault per 4 KiB (~300 ms for a
+    94 MB buffer on a VM whose host backs memory lazily); requests' buffers are cut from the reserve. Capped at
+    what the bundle could hold at once: `max_batch` rows and a joining prompt, each of its whole context."""
+    kv, manifest = generator.manifest.kv_cache, generator.manifest
+    if not nbytes or kv.layout != BUFFER_LAYOUT:
+        return 0
+    column = 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * np.dtype(kv.dtype).itemsize  # one token of one row
+    nbytes = min(nbytes, (max_batch + 1) * manifest.max_positions * column)
+    seconds = (pool or default_pool()).reserve(nbytes, np.dtype(kv.dtype))
+    log.info("KV reserve: %d MB touched in %.2f s", nbytes >> 20, seconds)
+    return nbytes
 
 
 def create_app(generator: Generator, config: ServerConfig) -> Starlette:

@@ -20,7 +20,11 @@ from typing import TYPE_CHECKING
 from autocontrast.cli_support import command_parser, run_cli
 from autocontrast.errors import ConfigurationError
 from autocontrast.serve.address import listening_socket
-from autocontrast.serve.scheduler import DEFAULT_MAX_STEP_TOKENS, DEFAULT_PREFIX_CACHE_BYTES
+from autocontrast.serve.scheduler import (
+    DEFAULT_KV_RESERVE_BYTES,
+    DEFAULT_MAX_STEP_TOKENS,
+    DEFAULT_PREFIX_CACHE_BYTES,
+)
 
 if TYPE_CHECKING:
     from ray.serve import Application
@@ -48,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-cache-mb", type=int, default=DEFAULT_PREFIX_CACHE_BYTES >> 20, metavar="MB",
                    help="prompt caches kept so that a prompt sharing a prefix (a system prompt) prefills only the "
                         f"rest (default {DEFAULT_PREFIX_CACHE_BYTES >> 20} MB per decode graph; 0: off)")
+    p.add_argument("--kv-reserve-mb", type=int, default=DEFAULT_KV_RESERVE_BYTES >> 20, metavar="MB",
+                   help="KV cache memory touched at start-up, from which requests' caches are cut: memory new to the "
+                        "process stalls the first step on it, and every stream beside it (default "
+                        f"{DEFAULT_KV_RESERVE_BYTES >> 20} MB; 0: none)")
     p.add_argument("--api-key", default=os.environ.get("ACD_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $ACD_API_KEY, else no key)")
     p.add_argument("--model-name", help="the model id clients send (default: the bundle directory's name)")
@@ -141,9 +149,9 @@ def _config(args: argparse.Namespace) -> tuple[ServerConfig, str]:
 
     if not 1 <= args.max_tokens <= 1 << 20:
         raise ConfigurationError(f"--max-tokens ({args.max_tokens}) must be within 1..{1 << 20}")
-    if args.max_step_tokens < 0 or args.prefix_cache_mb < 0:
-        raise ConfigurationError(f"--max-step-tokens ({args.max_step_tokens}) and --prefix-cache-mb "
-                                 f"({args.prefix_cache_mb}) must be >= 0")
+    if args.max_step_tokens < 0 or args.prefix_cache_mb < 0 or args.kv_reserve_mb < 0:
+        raise ConfigurationError(f"--max-step-tokens ({args.max_step_tokens}), --prefix-cache-mb "
+                                 f"({args.prefix_cache_mb}) and --kv-reserve-mb ({args.kv_reserve_mb}) must be >= 0")
     given = [f"--{name.replace('_', '-')}" for name in _RAY_ONLY if getattr(args, name) is not None]
     if given and not args.ray:
         raise ConfigurationError(f"{', '.join(given)} only apply with --ray")
@@ -153,7 +161,7 @@ def _config(args: argparse.Namespace) -> tuple[ServerConfig, str]:
     config = ServerConfig(model_name=args.model_name or Path(args.bundle).resolve().name, default_mode=mode,
                           api_key=args.api_key or None, max_batch=args.max_batch, max_queue=args.max_queue,
                           limits=Limits(max_tokens=args.max_tokens), max_step_tokens=args.max_step_tokens or None,
-                          prefix_cache_bytes=args.prefix_cache_mb << 20)
+                          prefix_cache_bytes=args.prefix_cache_mb << 20, kv_reserve_bytes=args.kv_reserve_mb << 20)
     banner = (f"acd-serve: {config.model_name} ({mode.description}), batch {args.max_batch}, queue "
               f"{args.max_queue}{', API key required' if config.api_key else ''}")
     return config, banner

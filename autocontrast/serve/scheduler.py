@@ -37,6 +37,7 @@ log = logging.getLogger("autocontrast.serve")
 
 DEFAULT_MAX_STEP_TOKENS = 32  # tokens one step feeds the model (decode rows + prompt chunks); README measures it
 DEFAULT_PREFIX_CACHE_BYTES = 512 << 20  # stored prompt caches per decode graph
+DEFAULT_KV_RESERVE_BYTES = 512 << 20  # KV memory touched at start-up (autocontrast.runtime.kv_pool); README measures it
 
 
 class QueueFullError(AutocontrastError):

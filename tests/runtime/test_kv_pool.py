@@ -1,5 +1,6 @@
 """The KV pool: blocks come back when nothing reads them and are lent again (same memory), never across
-dtypes, within the idle bound; a decode state over blocks holding old values still matches PyTorch."""
+dtypes, cut from larger pieces and joined again, within the idle bound; a decode state over blocks
+holding old values still matches PyTorch."""
 
 from __future__ import annotations
 
@@ -37,15 +38,41 @@ def test_a_block_comes_back_when_its_last_reader_goes_and_is_lent_again():
     assert again.ctypes.data == address and (pool.fresh, pool.reused) == (1, 1)
 
 
-def test_blocks_are_not_lent_across_dtypes_nor_far_oversized():
+def test_blocks_are_not_lent_across_dtypes_and_a_larger_one_is_cut():
     pool = KVPool(64 * MB)
-    pool.take((1024, 1024), F32)  # dropped at once: idle
+    block = pool.take((1024, 1024), F32)  # 4 MiB
+    address = block.ctypes.data
+    del block
     gc.collect()
-    assert pool.take((1024, 1024), np.dtype(np.float16)) is not None and pool.reused == 0  # float16: fresh
-    pool.take((16, 16), F32)
-    assert pool.reused == 0  # 1 KiB asked of a 4 MiB block: fresh
-    pool.take((512, 1024), F32)
-    assert pool.reused == 1  # half of it: lent
+    other = pool.take((1024, 1024), np.dtype(np.float16))
+    assert other.dtype == np.float16 and pool.reused == 0  # another dtype: fresh
+    small = pool.take((16, 16), F32)  # 1 KiB of the 4 MiB piece: its first page, the rest stays free
+    assert small.ctypes.data == address and pool.reused == 1 and pool.idle_bytes == 4 * MB - 4096
+    half = pool.take((512, 1024), F32)  # 2 MiB cut from the rest, right after the first page
+    assert half.ctypes.data == address + 4096 and pool.idle_bytes == 2 * MB - 4096
+
+
+def test_pieces_coming_back_join_their_free_neighbours():
+    pool = KVPool(0)
+    pool.reserve(4 * MB, F32)
+    pieces = [pool.take((MB // 4,), F32) for _ in range(4)]  # the reserve, cut in four
+    assert pool.idle_bytes == 0 and pool.fresh == 0
+    start = pieces[0].ctypes.data
+    del pieces[2], pieces[0]  # two pieces, not neighbours
+    gc.collect()
+    assert pool.idle_bytes == 2 * MB
+    fresh = pool.take((MB // 2,), F32)  # no 2 MiB run free yet: fresh memory
+    assert pool.fresh == 1 and not start <= fresh.ctypes.data < start + 4 * MB
+    del fresh, pieces
+    gc.collect()
+    assert pool.idle_bytes == 4 * MB  # reserved: kept whatever the bound (0 here)
+    assert pool.take((MB,), F32).ctypes.data == start  # joined again: the whole block, where it was
+
+
+def test_a_reserve_is_touched_when_made():
+    pool = KVPool(0)
+    seconds = pool.reserve(8 * MB, F32)
+    assert seconds >= 0 and pool.idle_bytes == 8 * MB
 
 
 def test_idle_memory_stays_within_the_bound():
@@ -102,3 +129,18 @@ def test_ragged_rows_over_blocks_holding_old_values_match_pytorch(monkeypatch, l
 
 def test_the_process_pool_is_one_object():
     assert kv_pool.default_pool() is kv_pool.default_pool()
+
+
+def test_a_server_reserve_is_capped_at_what_the_bundle_can_hold(llama_bundle, tiny_bundle):
+    from autocontrast.runtime import Generator
+    from autocontrast.serve.app import reserve_kv_memory
+
+    generator = Generator(llama_bundle, preload=())
+    kv, positions = generator.manifest.kv_cache, generator.manifest.max_positions
+    most = 3 * positions * 2 * kv.num_layers * kv.num_kv_heads * kv.head_dim * np.dtype(kv.dtype).itemsize
+    pool = KVPool(0)
+    assert reserve_kv_memory(generator, 1 << 30, max_batch=2, pool=pool) == most  # 2 rows and a joining prompt
+    assert pool.idle_bytes >= most
+    assert reserve_kv_memory(generator, 4096, max_batch=2, pool=KVPool(0)) == 4096
+    gpt2 = Generator(tiny_bundle("gpt2", MODE.name), preload=())  # a concatenated cache: no buffers to cut
+    assert reserve_kv_memory(gpt2, 1 << 20, max_batch=2, pool=KVPool(0)) == 0
