@@ -76,9 +76,9 @@ from autocontrast.errors import BundleError
 FORMAT = "autocontrast-bundle"
 # 2: `files` (SHA-256 of every file); 3: `GraphSpec.layers` (early-exit graphs); 4: `KVCacheSpec.layout`;
 # 5: `GraphSpec.switches` (several entries naming one switched graph); 6: `output_switch` inputs of a
-# decode graph fusing both the contrast and DoLa
-FORMAT_VERSION = 6
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)  # each adds optional fields only: an older manifest reads as it was
+# decode graph fusing both the contrast and DoLa; 7: MIXED graphs (`GraphSpec.mixes`)
+FORMAT_VERSION = 7
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)  # each adds optional fields only: an older manifest reads as it was
 MANIFEST_FILE = "manifest.json"
 
 # graph kinds and the graphs acd-export writes
@@ -88,6 +88,14 @@ DECODE_ORIGINAL = "decode_original"
 DECODE_EXITS = "decode_exits"
 SWITCHED_DECODE_FILE = "decode.onnx"  # one switched graph serving decode_original, decode_exits and decode_exit_K
 SCORE_GRAPH = "score"
+
+
+MIXED = "mixed"  # a decode graph's step and a joining prompt's chunk in one pass over the weights
+
+
+def mixed_graph(decode_graph: str) -> str:
+    """The name of the mixed-step graph serving decode graph `decode_graph` (bundle format 7)."""
+    return f"{decode_graph}_mixed"
 
 
 def early_exit_graph(k: int) -> str:
@@ -106,7 +114,17 @@ DOLA_OUTPUT = "dola_scores"
 PAST_KEY, PAST_VALUE = "past_key_values.{layer}.key", "past_key_values.{layer}.value"
 PRESENT_KEY, PRESENT_VALUE = "present.{layer}.key", "present.{layer}.value"
 ENCODER = "encoder"
-KINDS = (DECODE, SCORE, ENCODER)
+KINDS = (DECODE, SCORE, ENCODER, MIXED)
+# A mixed-step graph's second set of inputs and outputs: a joining prompt's chunk, in its own KV buffer
+CHUNK_PREFIX = "chunk_"
+
+
+def chunk_name(name: str) -> str:
+    """The mixed-step graph's name for the chunk's counterpart of input or output `name`."""
+    return CHUNK_PREFIX + name
+
+
+CHUNK_TOKEN_INPUTS = tuple(chunk_name(n) for n in TOKEN_INPUTS)
 # KV cache layouts of decode graphs. CONCAT: the graph concatenates past and new entries and returns
 # the longer present; the batch's rows are right-aligned to a common width (left padding).
 # BUFFER: past and present are one preallocated buffer (batch, kv_heads, capacity, head_dim) the graph
@@ -157,6 +175,13 @@ class KVCacheSpec:
 
     def present_names(self) -> list[str]:
         return [n.format(layer=i) for i in range(self.num_layers) for n in (self.present_key, self.present_value)]
+
+    def chunk_past_names(self) -> list[str]:
+        """A mixed-step graph's past inputs of the chunk's buffer, graph order."""
+        return [chunk_name(n) for n in self.past_names()]
+
+    def chunk_present_names(self) -> list[str]:
+        return [chunk_name(n) for n in self.present_names()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,6 +240,7 @@ class GraphSpec:
     layers: int | None = None  # decoder layers the graph computes (an early exit); None: all of them
     # a switched graph's boolean inputs and the values this entry runs it with (several entries name one file)
     switches: tuple[tuple[str, bool], ...] = ()  # ((input name, value), ...)
+    mixes: str | None = None  # a MIXED graph: the decode graph whose steps it runs beside a prompt chunk
 
     @property
     def cache_layers(self) -> int | None:

@@ -46,7 +46,7 @@ def tiny_checkpoint(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_checkpoint):
     """Factory: tiny_bundle(arch, mode, *, fuse_contrast=None, early_exits=None, kv_layout=None, alpha=None,
-    fuse_dola=None, relative_top=None) -> Path of an exported, validated tiny bundle.
+    fuse_dola=None, relative_top=None, mixed_step=None) -> Path of an exported, validated tiny bundle.
 
     Exits are the tiny checkpoint's (tests/tiny_models.py exits_for) plus 'original'; cached on disk
     under <cache>/exports keyed by the exporter's sources and the options.
@@ -60,9 +60,10 @@ def tiny_bundle(tiny_checkpoint):
     tiny_source = hashlib.sha256((Path(__file__).parent / "tiny_models.py").read_bytes()).hexdigest()[:12]
 
     def make(arch: str, mode, *, fuse_contrast=None, early_exits=None, kv_layout=None, alpha=None, fuse_dola=None,
-             relative_top=None) -> Path:
+             relative_top=None, mixed_step=None) -> Path:
         mode = VocabularyProjectionMode.parse(mode)
-        given = {"alpha": alpha, "fuse_dola": tuple(fuse_dola) if fuse_dola else None, "relative_top": relative_top}
+        given = {"alpha": alpha, "fuse_dola": tuple(fuse_dola) if fuse_dola else None, "relative_top": relative_top,
+                 "mixed_step": mixed_step}
         options = ExportOptions(projection=mode.name, fuse_contrast=tuple(fuse_contrast) if fuse_contrast else None,
                                 early_exits=early_exits, kv_layout=kv_layout,
                                 **{k: v for k, v in given.items() if v is not None})
@@ -111,10 +112,11 @@ def plain_llama(tiny_checkpoint) -> Path:
 
 @pytest.fixture(scope="session")
 def llama_bundle(tiny_bundle):
-    """The tiny Llama bundle: shared direct exits 1..4 + original, contrast 3 vs 1 fused (runtime and server tests)."""
+    """The tiny Llama bundle: shared direct exits 1..4 + original, contrast 3 vs 1 fused, and the mixed-step graph
+    (runtime and server tests)."""
     from tests.runtime.conftest import CONTRAST
 
-    return tiny_bundle("llama", "SHARED_PROJECTION_DIRECT", fuse_contrast=CONTRAST)
+    return tiny_bundle("llama", "SHARED_PROJECTION_DIRECT", fuse_contrast=CONTRAST, mixed_step=True)
 
 
 @pytest.fixture(scope="session")

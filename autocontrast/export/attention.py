@@ -134,7 +134,8 @@ class BufferedAttention:
         return out
 
 
-_ACTIVE: list[BufferedAttention] = []  # the forward being traced (one at a time: the exporter is not reentrant)
+# the forward being traced, a BufferedAttention or MixedAttention (one at a time: the exporter is not reentrant)
+_ACTIVE: list[Any] = []
 
 
 def _attention_function(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -155,16 +156,34 @@ def sequence_lengths(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.
     return seqlens_k, total
 
 
+@dataclasses.dataclass
+class MixedAttention:
+    """Attention of a mixed step (`ExitGraph` kind MIXED): the flat sequence's first `rows` tokens are the
+    decode rows' (one each, over `decode`'s buffers), the rest a prompt chunk of `chunk.positions.shape`
+    (rows, tokens), over `chunk`'s. Every other op of the layer runs once over the whole flat sequence."""
+
+    decode: BufferedAttention
+    chunk: BufferedAttention
+    rows: int  # decode rows: a traced size
+
+    def attend(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """query (1, heads, N, head_dim), key/value (1, kv_heads, N, head_dim) -> (1, N, heads * head_dim)."""
+        tokens = self.chunk.positions.shape[1]
+        one = [t[:, :, :self.rows].transpose(0, 2) for t in (query, key, value)]  # (rows, heads, 1, head_dim)
+        many = [t[0, :, self.rows:].reshape(t.shape[1], -1, tokens, t.shape[3]).transpose(0, 1)
+                for t in (query, key, value)]  # (chunk rows, heads, tokens, head_dim)
+        decoded = self.decode.attend(module, *one, **kwargs)  # (rows, 1, heads * head_dim)
+        chunked = self.chunk.attend(module, *many, **kwargs)  # (chunk rows, tokens, heads * head_dim)
+        return torch.cat([decoded.reshape(1, -1, decoded.shape[-1]), chunked.reshape(1, -1, chunked.shape[-1])], dim=1)
+
+
 @contextlib.contextmanager
-def group_query_attention(model: Any, past: tuple[torch.Tensor, ...], attention_mask: torch.Tensor,
-                          positions: torch.Tensor, rotary: RotaryTables | None) -> Iterator[BufferedAttention]:
-    """Run `model`'s attention layers as `GroupQueryAttention` over `past` for the block; with
-    `rotary`, the op rotates and the model's own `apply_rotary_pos_emb` passes queries and keys through."""
+def _attention_as(model: Any, state: BufferedAttention | MixedAttention, rotary: RotaryTables | None) -> Iterator[None]:
+    """Run `model`'s attention layers through `state` for the block; with `rotary`, the op rotates and the
+    model's own `apply_rotary_pos_emb` passes queries and keys through."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION_NAME, _attention_function)
-    seqlens_k, total = sequence_lengths(attention_mask)
-    state = BufferedAttention(past, seqlens_k, total, rotary, positions, [None] * len(past))
     modules = {sys.modules[type(layer.self_attn).__module__] for layer in getattr(
         model.base_model, model.family.layers_attr)} if rotary else set()
     saved_rotation = {m: m.apply_rotary_pos_emb for m in modules}
@@ -174,12 +193,39 @@ def group_query_attention(model: Any, past: tuple[torch.Tensor, ...], attention_
         module.apply_rotary_pos_emb = _unrotated
     _ACTIVE.append(state)
     try:
-        yield state
+        yield
     finally:
         _ACTIVE.pop()
         model.config._attn_implementation = saved
         for module, function in saved_rotation.items():
             module.apply_rotary_pos_emb = function
+
+
+def _buffered(past: tuple[torch.Tensor, ...], attention_mask: torch.Tensor, positions: torch.Tensor,
+              rotary: RotaryTables | None) -> BufferedAttention:
+    seqlens_k, total = sequence_lengths(attention_mask)
+    return BufferedAttention(past, seqlens_k, total, rotary, positions, [None] * len(past))
+
+
+@contextlib.contextmanager
+def group_query_attention(model: Any, past: tuple[torch.Tensor, ...], attention_mask: torch.Tensor,
+                          positions: torch.Tensor, rotary: RotaryTables | None) -> Iterator[BufferedAttention]:
+    """Run `model`'s attention layers as `GroupQueryAttention` over `past` for the block; with
+    `rotary`, the op rotates and the model's own `apply_rotary_pos_emb` passes queries and keys through."""
+    state = _buffered(past, attention_mask, positions, rotary)
+    with _attention_as(model, state, rotary):
+        yield state
+
+
+@contextlib.contextmanager
+def mixed_query_attention(model: Any, decode: tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor],
+                          chunk: tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor],
+                          rotary: RotaryTables | None) -> Iterator[MixedAttention]:
+    """`group_query_attention` for a mixed step: `decode` and `chunk` are each (past buffers, 2-D mask,
+    positions) of their rows; the model runs over their tokens flat, decode rows' first."""
+    state = MixedAttention(_buffered(*decode, rotary), _buffered(*chunk, rotary), decode[2].shape[0])
+    with _attention_as(model, state, rotary):
+        yield state
 
 
 def last_valid(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -97,6 +97,9 @@ def parser() -> argparse.ArgumentParser:
                         "the weights in memory; the default where the exits are the top layer and one lower "
                         "exit, float32, buffer KV layout); separate: a file each")
     p.add_argument("--no-score-graph", action="store_true", help="leave out the every-position score graph")
+    p.add_argument("--mixed-step", action="store_true",
+                   help="also a graph running decode_exits' step for a batch and a joining prompt's chunk in one pass "
+                        "over the weights (acd-serve's chunked prefill uses it; buffer KV layout only)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="float16 halves the weights, for GPUs (inputs, outputs and KV cache stay float32)")
     p.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=None,
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                             quantize=args.quantize, quant_block_size=args.quant_block_size, tensorrt=args.tensorrt,
                             trt_max_batch=args.trt_max_batch, trt_max_length=args.trt_max_length, early_exits=args.early_exits,
                             kv_layout=args.kv_layout, decode_graphs=args.decode_graphs,
-                            memory_check=not args.no_memory_check)
+                            memory_check=not args.no_memory_check, mixed_step=args.mixed_step)
 
     def log(message: str) -> None:
         if not args.quiet or message.startswith("exported") or message.startswith("  "):

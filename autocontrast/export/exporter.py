@@ -37,6 +37,7 @@ from autocontrast.bundle import (
     EXITS_METADATA_KEY,
     KV_LAYOUTS,
     LOGITS_OUTPUT,
+    MIXED,
     SCORE,
     SCORE_GRAPH,
     SWITCHED_DECODE_FILE,
@@ -47,6 +48,7 @@ from autocontrast.bundle import (
     Manifest,
     early_exit_graph,
     exits_metadata,
+    mixed_graph,
     write_manifest,
 )
 from autocontrast.config import (
@@ -72,7 +74,7 @@ from autocontrast.export.output import (
     replace_output,
 )
 from autocontrast.export.output_gates import gate_bundle_graphs
-from autocontrast.export.plan import PlannedGraph
+from autocontrast.export.plan import FusedContrast, FusedDola, PlannedGraph
 from autocontrast.export.variants import QUANTIZATIONS, QuantRecipe
 
 OPSET = 17
@@ -112,6 +114,8 @@ class ExportOptions:
     decode_graphs: str | None = None
     # refuse, before loading, an export whose estimated peak memory exceeds what is available
     memory_check: bool = True
+    # a MIXED graph beside decode_exits: a batch's decode step and a joining prompt's chunk in one pass
+    mixed_step: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_layout is not None and self.kv_layout not in KV_LAYOUTS:
@@ -403,9 +407,23 @@ def _plan(loaded: _Loaded, options: ExportOptions) -> tuple[tuple[Exit, ...], li
     graphs += [PlannedGraph(early_exit_graph(k), DECODE, (k,), layers=k, traced=not (switched and k == lower))
                for k in early]
     all_exits = tuple(sort_exits(set(chosen) | {ORIGINAL}))
+    if options.mixed_step:
+        graphs.append(_mixed_plan(loaded, options, stacked, fused, dola))
     if options.score_graph:
         graphs.append(PlannedGraph(SCORE_GRAPH, SCORE, graph_exit_order(model, all_exits), fused, dola))
     return all_exits, graphs
+
+
+def _mixed_plan(loaded: _Loaded, options: ExportOptions, stacked: tuple[Exit, ...], fused: FusedContrast | None,
+                dola: FusedDola | None) -> PlannedGraph:
+    """The MIXED graph serving decode_exits, or why the bundle cannot have one."""
+    model = loaded.model
+    if model.family.is_encoder_decoder or _kv_layout(model.family, model.config, options) != BUFFER_LAYOUT:
+        raise ExportError(f"--mixed-step needs a decoder-only model whose decode graphs write a KV buffer in place "
+                          f"(--kv-layout {BUFFER_LAYOUT}; the Llama family); {loaded.model.family.name} here")
+    if not stacked:
+        raise ExportError(f"--mixed-step serves {DECODE_EXITS}: export at least one layer exit")
+    return PlannedGraph(mixed_graph(DECODE_EXITS), MIXED, stacked, fused, dola, mixes=DECODE_EXITS)
 
 
 def _switched_lower_exit(model: Any, options: ExportOptions, stacked: tuple[Exit, ...],
@@ -501,7 +519,8 @@ def _build(loaded: _Loaded, source: str, exits: tuple[Exit, ...], plan: list[Pla
         spec_contrast = ContrastSpec(CONTRAST_OUTPUT, *g.contrast) if g.contrast else None
         spec_dola = DolaSpec(DOLA_OUTPUT, *g.dola) if g.dola else None
         specs.append(GraphSpec(g.name, g.file, g.kind, tuple(g.exits), logits_output=LOGITS_OUTPUT,
-                               contrast=spec_contrast, dola=spec_dola, external_data=(WEIGHTS_FILE,), layers=g.layers))
+                               contrast=spec_contrast, dola=spec_dola, external_data=(WEIGHTS_FILE,), layers=g.layers,
+                               mixes=g.mixes))
     if options.dtype == "float16" and kv.layout == BUFFER_LAYOUT:  # attention writes the buffer in its own dtype
         kv = dataclasses.replace(kv, dtype="float16")
     fusions = fusions_for(family, options.optimize)

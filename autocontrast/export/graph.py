@@ -31,9 +31,14 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from autocontrast.bundle import DECODE, SCORE
+from autocontrast.bundle import DECODE, MIXED, SCORE
 from autocontrast.config import Exit
-from autocontrast.export.attention import group_query_attention, last_valid, rotary_tables
+from autocontrast.export.attention import (
+    group_query_attention,
+    last_valid,
+    mixed_query_attention,
+    rotary_tables,
+)
 from autocontrast.export.plan import FusedContrast, FusedDola
 from autocontrast.models.contrast import calculate_contrasted_logits, dola_scores
 
@@ -80,6 +85,11 @@ class ExitGraph(nn.Module):
         (exit_logits (batch, n_exits, vocab) of the last position, [contrast (batch, vocab)], [DoLa (batch, vocab)],
          *present)
     kind SCORE: (input_ids, attention_mask, position_ids) -> exit_logits (batch, seq, n_exits, vocab)
+    kind MIXED (buffered only): (input_ids (rows, 1), attention_mask, position_ids, chunk_input_ids (chunk rows,
+        tokens), chunk_attention_mask, chunk_position_ids, *past, *chunk_past) -> (exit_logits (rows + chunk rows,
+        n_exits, vocab): the decode rows', then each chunk row's last new token, [contrast], [DoLa], *present,
+        *chunk_present): one decode step of a batch and a prompt's chunk with one pass over the weights (every
+        op but attention runs over their tokens as one flat sequence)
     `layers=k`: only the first k layers run (an early exit; every exit must be a layer <= k), and
     the past and present caches have k layers. `buffered`: GroupQueryAttention over in-place KV
     buffers (decode graphs only).
@@ -89,8 +99,10 @@ class ExitGraph(nn.Module):
                  contrast: FusedContrast | None = None, layers: int | None = None,
                  buffered: bool = False, dola: FusedDola | None = None) -> None:
         super().__init__()
-        if kind not in (DECODE, SCORE):
+        if kind not in (DECODE, SCORE, MIXED):
             raise ValueError(f"unknown graph kind {kind!r}")
+        if kind == MIXED and not buffered:
+            raise ValueError("a mixed-step graph attends through KV buffers (buffered=True)")
         if layers is not None and not all(isinstance(e, int) and not model.uses_original_logits(e) and e <= layers
                                           for e in exits):
             raise ValueError(f"a graph of the first {layers} layers cannot return exits {exits}")
@@ -101,7 +113,7 @@ class ExitGraph(nn.Module):
         self.contrast = contrast
         self.dola = dola  # (mature exit, premature candidates, relative_top)
         self.layers = layers
-        self.buffered = buffered and kind == DECODE
+        self.buffered = buffered and kind in (DECODE, MIXED)
         self.rotary = rotary_tables(model) if self.buffered else None  # the op rotates where it can
         self.num_layers = model.num_layers if layers is None else layers  # layers computed (and cached)
         self.needs_hidden = any(not model.uses_original_logits(e) for e in self.exits)
@@ -133,6 +145,8 @@ class ExitGraph(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.kind == MIXED:
+            return self._mixed(input_ids, attention_mask, position_ids, *past)
         body = self.model.base_model
         keep = self._keeper(attention_mask)
         if self.buffered:
@@ -150,6 +164,26 @@ class ExitGraph(nn.Module):
         if self.kind == DECODE:
             results.extend(_flat_present(out.past_key_values, self.num_layers))
         return tuple(results)
+
+    def _mixed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+               chunk_ids: torch.Tensor, chunk_mask: torch.Tensor, chunk_positions: torch.Tensor,
+               *buffers: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A MIXED graph's forward: the decode rows' tokens, then the chunk's, as one flat sequence."""
+        rows, caches = input_ids.shape[0], len(buffers) // 2
+        flat_ids = torch.cat([input_ids.reshape(1, -1), chunk_ids.reshape(1, -1)], dim=1)  # (1, N)
+        flat_positions = torch.cat([position_ids.reshape(1, -1), chunk_positions.reshape(1, -1)], dim=1)
+
+        def keep(hidden: torch.Tensor) -> torch.Tensor:  # (1, N, hidden) -> (rows + chunk rows, hidden)
+            chunk = hidden[0, rows:].reshape(chunk_ids.shape[0], chunk_ids.shape[1], hidden.shape[-1])
+            return torch.cat([hidden[0, :rows], last_valid(chunk, chunk_mask)])
+
+        with first_layers(self.model, self.layers), mixed_query_attention(
+                self.model, (buffers[:caches], attention_mask, position_ids),
+                (buffers[caches:], chunk_mask, chunk_positions), self.rotary) as attention:
+            out = self.model.base_model(input_ids=flat_ids, position_ids=flat_positions, use_cache=False,
+                                        output_hidden_states=self.needs_hidden, return_dict=True)
+        return tuple(self.project(keep(out.last_hidden_state), out.hidden_states, keep)
+                     + attention.decode.present + attention.chunk.present)
 
     def project(self, final: torch.Tensor, hidden_states: Any,
                 keep: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:

@@ -26,6 +26,7 @@ class PlannedGraph:
     layers: int | None = None  # an early exit: only layers 1..layers run
     traced: bool = True  # False: served by another graph's file (decode_original and decode_exit_K in the switched graph)
     switched_lower: int | None = None  # decode_exits: merged with decode_original and the early exit at this layer
+    mixes: str | None = None  # a MIXED graph: the decode graph whose steps it runs beside a prompt chunk
 
     @property
     def file(self) -> str:
@@ -34,4 +35,5 @@ class PlannedGraph:
     def describe(self) -> str:
         """What the progress line says about it."""
         return (f"{self.name!r} ({self.kind}, exits {', '.join(map(str, self.exits))}"
-                f"{', fused contrast' if self.contrast else ''}{', fused DoLa' if self.dola else ''}{f', layers 1..{self.layers}' if self.layers else ''})")
+                f"{', fused contrast' if self.contrast else ''}{', fused DoLa' if self.dola else ''}{f', layers 1..{self.layers}' if self.layers else ''}"
+                f"{f', steps of {self.mixes} beside a prompt chunk' if self.mixes else ''})")

@@ -25,11 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from autocontrast.bundle import DECODE, GraphSpec, KVCacheSpec
+from autocontrast.bundle import DECODE, MIXED, SCORE, GraphSpec, KVCacheSpec
 from autocontrast.errors import ExportValidationError
 from autocontrast.export import memory
 from autocontrast.models.contrast import calculate_contrasted_logits, dola_scores
 from autocontrast.runtime.decode_state import open_decode_state
+from autocontrast.runtime.inplace_state import InPlaceDecodeState
+from autocontrast.runtime.mixed_step import mixed_step
 from autocontrast.runtime.session import ExitSession, fused_output_names, shared_file_session
 
 VALIDATION_TEXT = ("The quick brown fox jumps over the lazy dog, and then it runs into the forest",
@@ -241,12 +243,15 @@ class _Expected:
     decode: list[dict[str, dict[str, np.ndarray]]]
     present: list[list[np.ndarray]]
     fed: list[np.ndarray]
+    chunks: list[list[int]] = dataclasses.field(default_factory=list)  # a MIXED graph's prompt, chunk by chunk
+    chunked: list[dict[str, dict[str, np.ndarray]]] = dataclasses.field(default_factory=list)  # after each chunk
+    chunk_present: list[np.ndarray] = dataclasses.field(default_factory=list)  # the whole prompt's KV entries
 
 
 def _reference_outputs(model: Any, graphs: Sequence[GraphSpec], kv: KVCacheSpec, ids: np.ndarray,
                        mask: np.ndarray, steps: int) -> _Expected:
     expected = _Expected({}, [], [], [])
-    for g in (g for g in graphs if g.kind != DECODE):  # score graphs: every position of the prompt, no cache
+    for g in (g for g in graphs if g.kind == SCORE):  # score graphs: every position of the prompt, no cache
         with torch.no_grad():
             out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                         position_ids=torch.from_numpy(positions_for(mask)), use_cache=False,
@@ -259,6 +264,7 @@ def _reference_outputs(model: Any, graphs: Sequence[GraphSpec], kv: KVCacheSpec,
     if not decode:
         return expected
     all_exits = tuple(dict.fromkeys(e for g in graphs for e in g.exits))
+    prompt = [int(t) for r, m in zip(ids, mask, strict=True) for t in r[m.astype(bool)]]  # the prompts, one after another
     pos, cache = positions_for(mask), None
     for _ in range(steps + 1):
         by_exit, cache = torch_step(model, all_exits, ids, mask, pos, cache)
@@ -268,6 +274,14 @@ def _reference_outputs(model: Any, graphs: Sequence[GraphSpec], kv: KVCacheSpec,
         ids, pos = by_exit[all_exits[0]].argmax(-1).numpy().astype(np.int64)[:, None], pos[:, -1:] + 1  # (batch, 1)
         mask = np.concatenate([mask, np.ones((ids.shape[0], 1), np.int64)], axis=1)
         expected.fed.append(ids)
+    mixed = [g for g in graphs if g.kind == MIXED]
+    if mixed:  # a prompt joining in two chunks beside the decode rows' first two steps: its logits after each
+        expected.chunks = [prompt[:len(prompt) // 2], prompt[len(prompt) // 2:]]
+        for end in (len(expected.chunks[0]), len(prompt)):
+            whole = np.array([prompt[:end]], np.int64)
+            by_exit, cache = torch_step(model, all_exits, whole, np.ones_like(whole), np.arange(end)[None], None)
+            expected.chunked.append({g.name: expected_outputs(g, by_exit) for g in mixed})
+        expected.chunk_present = [a[0].transpose(1, 0, 2) for a in _cache_arrays(cache)]  # (length, heads, dim)
     return expected
 
 
@@ -280,7 +294,7 @@ def _compare(bundle_dir: Path, graphs: Sequence[GraphSpec], kv: KVCacheSpec, exp
         sessions[g.name] = ExitSession(bundle_dir, g, kv=kv.for_layers(g.cache_layers), vocab_size=vocab,
                                        session=shared_file_session(sessions.values(), g), share_weights=True)
     figures: dict[str, dict[str, float]] = {g.name: {} for g in graphs}
-    for g in (g for g in graphs if g.kind != DECODE):
+    for g in (g for g in graphs if g.kind == SCORE):
         out = sessions[g.name].step(ids, mask, positions_for(mask), None)
         got = out.by_output(g)
         valid = mask.astype(bool)  # padded positions' logits are meaningless: compare real tokens only
@@ -288,7 +302,28 @@ def _compare(bundle_dir: Path, graphs: Sequence[GraphSpec], kv: KVCacheSpec, exp
     decode = [g for g in graphs if g.kind == DECODE]
     if decode:
         _compare_decode(decode, sessions, kv, expected, ids, mask, figures)
+    for g in (g for g in graphs if g.kind == MIXED):
+        _compare_mixed(g, sessions, expected, ids, mask, figures[g.name])
     return figures
+
+
+def _compare_mixed(graph: GraphSpec, sessions: dict[str, Any], expected: _Expected, ids: np.ndarray,
+                   mask: np.ndarray, figures: dict[str, float]) -> None:
+    """A MIXED graph's two steps: the validation rows (prefilled by the decode graph it serves) take their first
+    two decode tokens while a third prompt joins in two chunks; every row's outputs against PyTorch's, and the
+    prompt's KV entries against PyTorch's cache of it."""
+    serves = sessions[graph.mixes]
+    batch = open_decode_state(serves)
+    batch.extend([list(r[m.astype(bool)]) for r, m in zip(ids, mask, strict=True)])
+    prompt = InPlaceDecodeState.empty_row(serves, columns=sum(map(len, expected.chunks)))
+    for step, chunk in enumerate(expected.chunks):
+        decoded, joined = mixed_step(sessions[graph.name], batch, expected.fed[step][:, 0], prompt,
+                                     np.array([chunk], np.int64))
+        for got, want in ((decoded.by_output(graph), expected.decode[step + 1][graph.mixes]),
+                          (joined.by_output(graph), expected.chunked[step][graph.name])):
+            for name, value in want.items():
+                figures[name] = max(figures.get(name, 0.0), max_abs_diff(value, got[name]))
+    figures["present.*"] = max(max_abs_diff(w, h) for w, h in zip(expected.chunk_present, prompt.entries(), strict=True))
 
 
 def _compare_decode(decode: Sequence[GraphSpec], sessions: dict[str, Any], kv: KVCacheSpec, expected: _Expected,

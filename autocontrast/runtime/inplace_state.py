@@ -17,6 +17,7 @@ columns of its buffer row, so rows of different lengths share a batch without pa
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +26,16 @@ from autocontrast.runtime.batch_state import Rewind
 from autocontrast.runtime.kv_buffer import KVBuffer, capacity_for
 from autocontrast.runtime.row_reshape import Align, pad_ragged
 from autocontrast.runtime.session import ExitSession, StepOutput
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """One step's inputs for a state's rows, and each row's length once it ran."""
+
+    input_ids: np.ndarray  # (batch, n)
+    attention_mask: np.ndarray  # (batch, width)
+    position_ids: np.ndarray  # (batch, n)
+    lengths_after: np.ndarray  # (batch,)
 
 
 class InPlaceDecodeState:
@@ -90,15 +101,35 @@ class InPlaceDecodeState:
     def feed(self, tokens: np.ndarray) -> StepOutput:
         """Feed the same number of tokens to every row: tokens (batch, n) int (a prompt's next chunk, or
         one token each). Returns the last position's outputs: (batch, n_exits, vocab)."""
+        step = self.step_inputs(tokens)
+        out = self.session.step(step.input_ids, step.attention_mask, step.position_ids, self.cache,
+                                fused=self.fused_outputs)
+        self.commit(step)
+        return out
+
+    def step_inputs(self, tokens: np.ndarray) -> StepInputs:
+        """What a step feeding `tokens` (batch, n) to every row runs on (the buffer made room for them); `commit`
+        it once the step ran (`feed` does both; a mixed step runs two states' inputs in one call)."""
         tokens = np.asarray(tokens, dtype=np.int64)  # (batch, n)
         after = self._lengths + tokens.shape[1]
         width = int(after.max())
         self.cache.reserve(width)
         mask = (np.arange(width)[None, :] < after[:, None]).astype(np.int64)  # (batch, width)
         positions = self._lengths[:, None] + np.arange(tokens.shape[1])  # (batch, n)
-        out = self.session.step(tokens, mask, positions, self.cache, fused=self.fused_outputs)
-        self._lengths = after
-        return out
+        return StepInputs(tokens, mask, positions, after)
+
+    def commit(self, step: StepInputs) -> None:
+        """The rows now hold what `step` fed them."""
+        self._lengths = step.lengths_after
+
+    @classmethod
+    def empty_row(cls, session: ExitSession, *, columns: int, pad_token_id: int = 0) -> InPlaceDecodeState:
+        """A one-row state holding nothing yet, its buffer with room for `columns` entries (a prompt `feed`
+        brings in chunks, from its first)."""
+        state = cls(session, pad_token_id=pad_token_id)
+        state.cache = state._buffer(1, capacity_for(columns + 1))
+        state._lengths = np.zeros((1,), dtype=np.int64)
+        return state
 
     def absorb(self, other: InPlaceDecodeState) -> None:
         """Add `other`'s rows (a state over the same graph) after this batch's rows; `other` is spent."""

@@ -65,6 +65,10 @@ class KVBuffer:
             self._binding = (session, binding)
         return self._binding[1]
 
+    def values(self) -> list[ort.OrtValue]:
+        """The buffers as bound (graph order: key then value of layer 0, 1, ...)."""
+        return list(self._values)
+
     def update(self, present: list[ort.OrtValue], new_tokens: int) -> None:
         """Nothing to take: the presents are the buffers themselves."""
 

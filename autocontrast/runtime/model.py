@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from autocontrast.bundle import GraphSpec, read_manifest
+from autocontrast.bundle import MIXED, GraphSpec, read_manifest
 from autocontrast.config import MultiExitConfiguration
 from autocontrast.errors import GenerationParameterError, PromptError, RuntimeOptionError
 from autocontrast.runtime.batch_state import BatchState
@@ -92,6 +92,12 @@ class Model:
                                                           threads=self.threads, share_weights=self.share_weights,
                                                           session=shared_file_session(self._sessions.values(), graph))
             return self._sessions[graph.name]
+
+    def mixed_session(self, graph: GraphSpec) -> ExitSession | None:
+        """The session of the bundle's MIXED graph serving decode graph `graph` (its step beside a prompt chunk in
+        one pass over the weights), or None where the bundle has none (`acd-export --mixed-step`)."""
+        spec = next((g for g in self.manifest.graphs if g.kind == MIXED and g.mixes == graph.name), None)
+        return None if spec is None else self.session(spec)
 
     def decode_state(self, graph: GraphSpec) -> BatchState:
         """A new, empty batch state over one decode graph (an encoder-decoder bundle's runs its encoder too)."""

@@ -17,18 +17,17 @@ import dataclasses
 import json
 from collections.abc import Collection, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
 
 from autocontrast.bundle import (
-    ATTENTION_MASK,
     BUFFER_LAYOUT,
+    CHUNK_TOKEN_INPUTS,
     DECODE,
     EXITS_METADATA_KEY,
-    INPUT_IDS,
-    POSITION_IDS,
+    MIXED,
     TOKEN_INPUTS,
     GraphSpec,
     KVCacheSpec,
@@ -156,9 +155,12 @@ class ExitSession:
         outputs = {o.name for o in self.session.get_outputs()}
         want_in = set(TOKEN_INPUTS) | set(self.extra_inputs) | set(self.switches)
         want_out = {self.graph.logits_output}
-        if self.graph.kind == DECODE:
+        if self.graph.kind in (DECODE, MIXED):
             want_in |= set(self.kv.past_names())
             want_out |= set(self.kv.present_names())
+        if self.graph.kind == MIXED:
+            want_in |= set(CHUNK_TOKEN_INPUTS) | set(self.kv.chunk_past_names())
+            want_out |= set(self.kv.chunk_present_names())
         want_out |= set(fused_output_names(self.graph))
         missing = sorted(want_in - inputs) + sorted(want_out - outputs)
         if missing:
@@ -190,12 +192,37 @@ class ExitSession:
             binding = self.session.io_binding()
         else:  # the cache's outputs come first
             binding = cache.binding(self.session, device=self.device, device_id=self.device_id)
-        binding.bind_cpu_input(INPUT_IDS, input_ids)
-        binding.bind_cpu_input(ATTENTION_MASK, attention_mask)
-        binding.bind_cpu_input(POSITION_IDS, position_ids)
+        _bind_tokens(binding, TOKEN_INPUTS, input_ids, attention_mask, position_ids)
         for name, value in (extra or {}).items():
             if name in self.input_names:
                 binding.bind_cpu_input(name, value)
+        first = 0 if cache is None else len(cache.output_names)
+        out, outputs = self._run(binding, first, fused,
+                                 f"input_ids {tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)}")
+        if cache is not None:
+            cache.update(outputs[:first], input_ids.shape[1])
+        return out
+
+    def step_mixed(self, decode: tuple[np.ndarray, np.ndarray, np.ndarray, KVBufferLike],
+                   chunk: tuple[np.ndarray, np.ndarray, np.ndarray, KVBufferLike], *,
+                   fused: Collection[str] | None = None) -> StepOutput:
+        """One forward of a MIXED graph: `decode` and `chunk` are each (input_ids, attention_mask, position_ids,
+        KV buffer) as `step` takes them (the decode rows one token each; the chunk's rows right-padded). Both
+        buffers are written in place. Returns the decode rows' outputs, then each chunk row's last new token's."""
+        binding = self.session.io_binding()
+        for (ids, mask, positions, buffer), names, pasts, presents in (
+                (decode, TOKEN_INPUTS, self.kv.past_names(), self.kv.present_names()),
+                (chunk, CHUNK_TOKEN_INPUTS, self.kv.chunk_past_names(), self.kv.chunk_present_names())):
+            for past, present, value in zip(pasts, presents, buffer.values(), strict=True):
+                binding.bind_ortvalue_output(present, value)
+                binding.bind_ortvalue_input(past, value)
+            _bind_tokens(binding, names, ids, mask, positions)
+        return self._run(binding, 2 * len(self.kv.present_names()), fused,
+                         f"decode input_ids {tuple(decode[0].shape)}, chunk input_ids {tuple(chunk[0].shape)}")[0]
+
+    def _run(self, binding: ort.IOBinding, presents: int, fused: Collection[str] | None,
+             inputs: str) -> tuple[StepOutput, list[ort.OrtValue]]:
+        """Bind the switches and outputs after `presents` bound outputs, run; the outputs read, and every output."""
         for name, value in self.switches.items():
             binding.bind_cpu_input(name, value)
         skipped = {o for o in self.gates if fused is not None and o not in fused}
@@ -207,18 +234,26 @@ class ExitSession:
         try:
             self.session.run_with_iobinding(binding)
         except Exception as err:  # ORT's own exception types: name the graph and the inputs' shapes
-            raise InferenceError(f"onnxruntime failed running graph {self.graph.name!r} on input_ids "
-                                 f"{tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)}: {err}") from None
+            raise InferenceError(f"onnxruntime failed running graph {self.graph.name!r} on {inputs}: {err}") from None
         outputs = binding.get_outputs()
-        first = 0 if cache is None else len(cache.output_names)
-        if cache is not None:
-            cache.update(outputs[:first], input_ids.shape[1])
-        arrays = dict(zip(names, (o.numpy() for o in outputs[first + 1:first + 1 + len(names)]), strict=True))
+        arrays = dict(zip(names, (o.numpy() for o in outputs[presents + 1:presents + 1 + len(names)]), strict=True))
         contrast, dola = self.graph.contrast, self.graph.dola
-        return StepOutput(exit_logits=outputs[first].numpy(),
+        return StepOutput(exit_logits=outputs[presents].numpy(),
                           contrast=arrays[contrast.output] if contrast is not None and contrast.output not in skipped
                           else None,
-                          dola=arrays[dola.output] if dola is not None and dola.output not in skipped else None)
+                          dola=arrays[dola.output] if dola is not None and dola.output not in skipped else None), outputs
+
+
+class KVBufferLike(Protocol):
+    """What `step_mixed` binds: a KV buffer's values, graph order (`autocontrast.runtime.kv_buffer.KVBuffer`)."""
+
+    def values(self) -> list[ort.OrtValue]: ...
+
+
+def _bind_tokens(binding: ort.IOBinding, names: tuple[str, str, str], input_ids: np.ndarray,
+                 attention_mask: np.ndarray, position_ids: np.ndarray) -> None:
+    for name, value in zip(names, (input_ids, attention_mask, position_ids), strict=True):
+        binding.bind_cpu_input(name, value)
 
 
 def fused_output_names(graph: GraphSpec) -> list[str]:

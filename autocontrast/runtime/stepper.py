@@ -37,6 +37,8 @@ from autocontrast.runtime.batch_state import BatchState, ChunkedState, Rewind
 from autocontrast.runtime.constraint import RowConstraint
 from autocontrast.runtime.contrast import log_softmax
 from autocontrast.runtime.detokenizer import StreamDecoder
+from autocontrast.runtime.inplace_state import InPlaceDecodeState
+from autocontrast.runtime.mixed_step import mixed_step
 from autocontrast.runtime.model import Model, Prompt
 from autocontrast.runtime.modes import DecodeMode, checked_scores
 from autocontrast.runtime.params import GenerationParams
@@ -131,6 +133,9 @@ class Stepper:
                                                                   prefix_cache is not None)
         self.max_step_tokens = max_step_tokens if self.chunked else None
         self.prefix_cache = prefix_cache if self.chunked else None
+        # a MIXED graph runs the batch's decode step and one joining prompt's chunk in one call
+        self.mixed = model.mixed_session(self.graph) if self.chunked and isinstance(
+            self.state, InPlaceDecodeState) else None
         self._rows: dict[int, Row] = {}
         self._batch: list[int] = []  # row ids in the order of the state's batch
         self._prefills: dict[int, _Prefill] = {}  # joining rows, in the order they joined
@@ -295,12 +300,20 @@ class Stepper:
         for prefill in self._prefills.values():
             if prefill.state is not None:
                 prefill.state.fused_outputs = self.state.fused_outputs
+        groups: list[tuple[list[int], ChunkedState]] = []  # rows whose prompt is in, and the state holding them
+        beside = self._beside(plan)
         if plan.decode:
             pending = np.array([self._rows[r].all_ids[-1] for r in self._batch], dtype=np.int64)  # (batch,)
-            parts.append(self.state.advance(pending))
-        groups: list[tuple[list[int], ChunkedState]] = []  # rows whose prompt is in, and the state holding them
+            if beside is None:
+                parts.append(self.state.advance(pending))
+            else:  # the decode step and the first chunk, one pass over the weights
+                decoded, joined_out = self._mixed(pending, beside)
+                parts.append(decoded)
+                if beside.final:
+                    parts.append(joined_out)
+                    groups.append(([beside.row], self._prefills[beside.row].state))
         if self.chunked:
-            fresh = [c.row for c in plan.chunks if c.final and self._prefills[c.row].fresh]
+            fresh = [c.row for c in plan.chunks if c.final and self._prefills[c.row].fresh and c is not beside]
             if fresh:  # whole prompts of rows not started: prefilled together, one call, each distinct prompt once
                 distinct: dict[tuple[int, ...], int] = {}
                 where = [distinct.setdefault(tuple(self._prefills[r].ids), len(distinct)) for r in fresh]
@@ -312,7 +325,7 @@ class Stepper:
                 parts.append(out)
                 groups.append((fresh, state))
             for chunk in plan.chunks:
-                if chunk.row not in fresh:
+                if chunk.row not in fresh and chunk is not beside:
                     out = self._prefill(chunk)
                     if chunk.final:
                         parts.append(out)
@@ -339,6 +352,31 @@ class Stepper:
                  else kind.seeded(self.state.session, seed, pad_token_id=pad, columns=columns))
         state.fused_outputs = self.state.fused_outputs
         return state
+
+    def _beside(self, plan: StepPlan) -> PromptChunk | None:
+        """The chunk to run beside the decode step in the MIXED graph, if any: the first one not among whole
+        prompts joining together (those are prefilled in one call of their own), or the one whole prompt."""
+        if self.mixed is None or not plan.decode or not plan.chunks:
+            return None
+        together = [c for c in plan.chunks if c.final and self._prefills[c.row].fresh]
+        apart = [c for c in plan.chunks if c not in together] + (together if len(together) == 1 else [])
+        return apart[0] if apart else None
+
+    def _mixed(self, pending: np.ndarray, chunk: PromptChunk) -> tuple[StepOutput, StepOutput]:
+        """The batch's decode step (`pending`: each row's last token) and `chunk` of a joining prompt, in one call
+        of the MIXED graph; the prompt's state is made at its first chunk, with room for the whole prompt."""
+        prefill = self._prefills[chunk.row]
+        if prefill.state is None:
+            if prefill.seed is not None:
+                prefill.state = self._new_state(seed=prefill.seed, columns=len(prefill.ids))
+                prefill.seed = None
+            else:
+                prefill.state = InPlaceDecodeState.empty_row(self.state.session, columns=len(prefill.ids),
+                                                             pad_token_id=self.model.pad_token_id)
+                prefill.state.fused_outputs = self.state.fused_outputs
+        prefill.done = chunk.stop
+        tokens = np.array([prefill.ids[chunk.start:chunk.stop]], dtype=np.int64)  # (1, n)
+        return mixed_step(self.mixed, self.state, pending, prefill.state, tokens, fused=self.state.fused_outputs)
 
     def _fused_outputs(self) -> frozenset[str]:
         """The fused outputs the modes of the rows in this stepper read."""

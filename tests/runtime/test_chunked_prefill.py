@@ -126,9 +126,11 @@ def test_a_longer_prompt_replaces_the_stored_prefixes_it_covers():
 # -- the stepper ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=[None, "concat"], ids=["buffer", "concat"])
+@pytest.fixture(scope="module", params=[(None, None), ("concat", None), (None, True)],
+                ids=["buffer", "concat", "buffer-mixed-step"])
 def generator(request, tiny_bundle):
-    return Generator(tiny_bundle("llama", DIRECT, fuse_contrast=CONTRAST, kv_layout=request.param))
+    layout, mixed = request.param
+    return Generator(tiny_bundle("llama", DIRECT, fuse_contrast=CONTRAST, kv_layout=layout, mixed_step=mixed))
 
 
 @pytest.mark.parametrize("config", [MultiExitConfiguration(), ACD], ids=["original", "contrast"])
@@ -169,6 +171,37 @@ def test_running_rows_gain_a_token_every_step_while_a_long_prompt_joins(generato
     _run(stepper)
     alone = generator.generate(HEADER * 2, max_new_tokens=2, ignore_eos=True).token_ids[0]
     assert stepper.row(long_row).token_ids == alone
+
+
+def test_with_a_mixed_step_graph_the_decode_step_and_a_chunk_are_one_call(generator, monkeypatch):
+    from autocontrast.runtime.session import ExitSession
+
+    stepper = generator.stepper(ACD, max_step_tokens=8)
+    if stepper.mixed is None:
+        pytest.skip("the bundle has no mixed-step graph")
+    calls = []
+    for method in ("step", "step_mixed"):
+        original = getattr(ExitSession, method)
+        monkeypatch.setattr(ExitSession, method, lambda self, *a, _m=method, _f=original, **k: (
+            calls.append((self.graph.kind, _m)), _f(self, *a, **k))[1])
+    runners = [stepper.add(p, max_new_tokens=60, ignore_eos=True) for p in ("Hi there", "One two")]
+    stepper.step()
+    prompt = generator.encode(HEADER * 2)
+    row = stepper.add(prompt, max_new_tokens=3, ignore_eos=True)
+    calls.clear()
+    joining = 0
+    while row in stepper.prefilling:
+        stepper.step()
+        joining += 1
+        assert calls == [("mixed", "step_mixed")], calls  # one pass over the weights for both
+        calls.clear()
+    assert joining > 1
+    _run(stepper)
+    alone = generator.generate(prompt, max_new_tokens=3, ignore_eos=True, multi_exit=ACD).token_ids[0]
+    assert stepper.row(row).token_ids == alone
+    for runner, text in zip(runners, ("Hi there", "One two"), strict=True):
+        assert stepper.row(runner).token_ids == generator.generate(text, max_new_tokens=60, ignore_eos=True,
+                                                                   multi_exit=ACD).token_ids[0]
 
 
 def test_a_chunked_prompts_buffer_has_room_for_the_whole_prompt_from_its_first_chunk(generator):
