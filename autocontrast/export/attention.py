@@ -122,13 +122,20 @@ class BufferedAttention:
 
         Returns the attention output (batch, seq, heads * head_dim).
         """
-        layer = module.layer_idx
         heads, head_dim, kv_heads = int(query.shape[1]), int(query.shape[3]), int(key.shape[1])  # fixed by the model
         flat = [t.transpose(1, 2).flatten(2) for t in (query, key, value)]  # (batch, seq, n * head_dim)
+        return self.attend_flat(module, *flat, heads=heads, kv_heads=kv_heads, head_dim=head_dim, scaling=scaling,
+                                sliding_window=sliding_window, softcap=softcap)
+
+    def attend_flat(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, heads: int,
+                    kv_heads: int, head_dim: int, scaling: float | None, sliding_window: int | None,
+                    softcap: float | None) -> torch.Tensor:
+        """`attend` on queries, keys and values already (batch, seq, n * head_dim)."""
+        layer = module.layer_idx
         rotary = (self.rotary.cos, self.rotary.sin, self.positions) if self.rotary else (None, None, None)
         out, present_key, present_value = _GroupQueryAttentionOp.apply(
-            *flat, self.past[2 * layer], self.past[2 * layer + 1], self.seqlens_k, self.total_length, *rotary,
-            heads, kv_heads, float(scaling if scaling is not None else head_dim ** -0.5),
+            query, key, value, self.past[2 * layer], self.past[2 * layer + 1], self.seqlens_k, self.total_length,
+            *rotary, heads, kv_heads, float(scaling if scaling is not None else head_dim ** -0.5),
             int(sliding_window) if sliding_window else -1, float(softcap or 0.0))
         self.present[2 * layer:2 * layer + 2] = [present_key, present_value]
         return out
@@ -159,22 +166,22 @@ def sequence_lengths(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.
 @dataclasses.dataclass
 class MixedAttention:
     """Attention of a mixed step (`ExitGraph` kind MIXED): the flat sequence's first `rows` tokens are the
-    decode rows' (one each, over `decode`'s buffers), the rest a prompt chunk of `chunk.positions.shape`
-    (rows, tokens), over `chunk`'s. Every other op of the layer runs once over the whole flat sequence."""
+    decode rows' (one each, over `decode`'s buffers), the rest one prompt's chunk (over `chunk`'s). Every
+    other op of the layer runs once over the whole flat sequence."""
 
     decode: BufferedAttention
-    chunk: BufferedAttention
+    chunk: BufferedAttention  # one row
     rows: int  # decode rows: a traced size
 
     def attend(self, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """query (1, heads, N, head_dim), key/value (1, kv_heads, N, head_dim) -> (1, N, heads * head_dim)."""
-        tokens = self.chunk.positions.shape[1]
-        one = [t[:, :, :self.rows].transpose(0, 2) for t in (query, key, value)]  # (rows, heads, 1, head_dim)
-        many = [t[0, :, self.rows:].reshape(t.shape[1], -1, tokens, t.shape[3]).transpose(0, 1)
-                for t in (query, key, value)]  # (chunk rows, heads, tokens, head_dim)
-        decoded = self.decode.attend(module, *one, **kwargs)  # (rows, 1, heads * head_dim)
-        chunked = self.chunk.attend(module, *many, **kwargs)  # (chunk rows, tokens, heads * head_dim)
-        return torch.cat([decoded.reshape(1, -1, decoded.shape[-1]), chunked.reshape(1, -1, chunked.shape[-1])], dim=1)
+        sizes = {"heads": int(query.shape[1]), "kv_heads": int(key.shape[1]), "head_dim": int(query.shape[3])}
+        flat = [t.transpose(1, 2).flatten(2) for t in (query, key, value)]  # (1, N, n * head_dim)
+        one = [t[:, :self.rows].transpose(0, 1) for t in flat]  # (rows, 1, n * head_dim)
+        many = [t[:, self.rows:] for t in flat]  # (1, tokens, n * head_dim)
+        decoded = self.decode.attend_flat(module, *one, **sizes, **kwargs)  # (rows, 1, heads * head_dim)
+        chunked = self.chunk.attend_flat(module, *many, **sizes, **kwargs)  # (1, tokens, heads * head_dim)
+        return torch.cat([decoded.transpose(0, 1), chunked], dim=1)
 
 
 @contextlib.contextmanager

@@ -131,6 +131,9 @@ class ExportOptions:
                                                   or self.quant_block_size & (self.quant_block_size - 1)):
             raise ExportError(f"--quant-block-size {self.quant_block_size!r}: a power of two >= 16 (MatMulNBits), "
                               "with --quantize")
+        if self.mixed_step and self.tensorrt:
+            raise ExportError("--mixed-step and --tensorrt do not go together: the mixed-step graph attends through "
+                              "ONNX Runtime's GroupQueryAttention, which TensorRT does not build")
         if self.quantize and self.dtype != "float32":
             raise ExportError(f"--quantize {self.quantize} quantizes float32 weights; do not combine it with "
                               "--dtype float16")

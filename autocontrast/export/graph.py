@@ -85,11 +85,11 @@ class ExitGraph(nn.Module):
         (exit_logits (batch, n_exits, vocab) of the last position, [contrast (batch, vocab)], [DoLa (batch, vocab)],
          *present)
     kind SCORE: (input_ids, attention_mask, position_ids) -> exit_logits (batch, seq, n_exits, vocab)
-    kind MIXED (buffered only): (input_ids (rows, 1), attention_mask, position_ids, chunk_input_ids (chunk rows,
-        tokens), chunk_attention_mask, chunk_position_ids, *past, *chunk_past) -> (exit_logits (rows + chunk rows,
-        n_exits, vocab): the decode rows', then each chunk row's last new token, [contrast], [DoLa], *present,
-        *chunk_present): one decode step of a batch and a prompt's chunk with one pass over the weights (every
-        op but attention runs over their tokens as one flat sequence)
+    kind MIXED (buffered only): (input_ids (rows, 1), attention_mask, position_ids, chunk_input_ids (1, tokens),
+        chunk_attention_mask, chunk_position_ids, *past, *chunk_past) -> (exit_logits (rows + 1, n_exits, vocab):
+        the decode rows', then the chunk's last token, [contrast], [DoLa], *present, *chunk_present): one decode
+        step of a batch and one prompt's chunk with one pass over the weights (every op but attention runs over
+        their tokens as one flat sequence)
     `layers=k`: only the first k layers run (an early exit; every exit must be a layer <= k), and
     the past and present caches have k layers. `buffered`: GroupQueryAttention over in-place KV
     buffers (decode graphs only).
@@ -170,12 +170,11 @@ class ExitGraph(nn.Module):
                *buffers: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """A MIXED graph's forward: the decode rows' tokens, then the chunk's, as one flat sequence."""
         rows, caches = input_ids.shape[0], len(buffers) // 2
-        flat_ids = torch.cat([input_ids.reshape(1, -1), chunk_ids.reshape(1, -1)], dim=1)  # (1, N)
-        flat_positions = torch.cat([position_ids.reshape(1, -1), chunk_positions.reshape(1, -1)], dim=1)
+        flat_ids = torch.cat([input_ids.reshape(1, -1), chunk_ids], dim=1)  # (1, N)
+        flat_positions = torch.cat([position_ids.reshape(1, -1), chunk_positions], dim=1)
 
-        def keep(hidden: torch.Tensor) -> torch.Tensor:  # (1, N, hidden) -> (rows + chunk rows, hidden)
-            chunk = hidden[0, rows:].reshape(chunk_ids.shape[0], chunk_ids.shape[1], hidden.shape[-1])
-            return torch.cat([hidden[0, :rows], last_valid(chunk, chunk_mask)])
+        def keep(hidden: torch.Tensor) -> torch.Tensor:  # (1, N, hidden) -> (rows + 1, hidden)
+            return torch.cat([hidden[0, :rows], last_valid(hidden[:, rows:], chunk_mask)])
 
         with first_layers(self.model, self.layers), mixed_query_attention(
                 self.model, (buffers[:caches], attention_mask, position_ids),

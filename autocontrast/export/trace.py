@@ -82,8 +82,8 @@ def trace_graph(model: Any, exits: tuple[Exit, ...], *, kind: str, contrast: Fus
 
 def _trace_mixed(model: Any, exits: tuple[Exit, ...], *, contrast: FusedContrast | None, kv: KVCacheSpec,
                  target: Path, store: WeightStore, opset: int, dola: FusedDola | None) -> Path:
-    """A MIXED graph (`ExitGraph`): 2 decode rows beside a chunk of 1 row x 3 tokens as the example (sizes that
-    differ, so that no axis is traced as another's), every size dynamic."""
+    """A MIXED graph (`ExitGraph`): 2 decode rows beside a one-row chunk of 3 tokens as the example (sizes that
+    differ, so that no axis is traced as another's), every size but the chunk's one row dynamic."""
     if kv.layout != BUFFER_LAYOUT:
         raise ValueError("a mixed-step graph needs the KV buffer layout")
     graph = ExitGraph(model, exits, kind=MIXED, contrast=contrast, dola=dola, buffered=True)
@@ -101,11 +101,10 @@ def _trace_mixed(model: Any, exits: tuple[Exit, ...], *, contrast: FusedContrast
                + kv.present_names() + kv.chunk_present_names())
     chunk_ids, chunk_mask, chunk_positions = CHUNK_TOKEN_INPUTS
     dynamic = {INPUT_IDS: {0: "rows"}, ATTENTION_MASK: {0: "rows", 1: "total_length"}, POSITION_IDS: {0: "rows"},
-               chunk_ids: {0: "chunk_rows", 1: "chunk_tokens"}, chunk_mask: {0: "chunk_rows", 1: "chunk_total_length"},
-               chunk_positions: {0: "chunk_rows", 1: "chunk_tokens"},
+               chunk_ids: {1: "chunk_tokens"}, chunk_mask: {1: "chunk_total_length"}, chunk_positions: {1: "chunk_tokens"},
                LOGITS_OUTPUT: {0: "all_rows"}, CONTRAST_OUTPUT: {0: "all_rows"}, DOLA_OUTPUT: {0: "all_rows"}}
     dynamic.update({n: {0: "rows", 2: "capacity"} for n in kv.past_names() + kv.present_names()})
-    dynamic.update({n: {0: "chunk_rows", 2: "chunk_capacity"} for n in kv.chunk_past_names() + kv.chunk_present_names()})
+    dynamic.update({n: {2: "chunk_capacity"} for n in kv.chunk_past_names() + kv.chunk_present_names()})
     dynamic = {k: v for k, v in dynamic.items() if k in outputs or not k.endswith("_scores")}
     with export_patches(model):
         return export_lean(graph, (*decode, *chunk, *buffers), target, store,

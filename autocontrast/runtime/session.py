@@ -207,8 +207,8 @@ class ExitSession:
                    chunk: tuple[np.ndarray, np.ndarray, np.ndarray, KVBufferLike], *,
                    fused: Collection[str] | None = None) -> StepOutput:
         """One forward of a MIXED graph: `decode` and `chunk` are each (input_ids, attention_mask, position_ids,
-        KV buffer) as `step` takes them (the decode rows one token each; the chunk's rows right-padded). Both
-        buffers are written in place. Returns the decode rows' outputs, then each chunk row's last new token's."""
+        KV buffer) as `step` takes them (the decode rows one token each; the chunk one row). Both buffers are
+        written in place. Returns the decode rows' outputs, then the chunk's last token's."""
         binding = self.session.io_binding()
         for (ids, mask, positions, buffer), names, pasts, presents in (
                 (decode, TOKEN_INPUTS, self.kv.past_names(), self.kv.present_names()),

@@ -301,3 +301,24 @@ def test_the_model_type_comes_from_config_json_never_from_the_folder_name(tmp_pa
     with pytest.raises(ExportError, match="its config.json has no model_type"):
         export_bundle(empty, tmp_path / "bundle", log=_quiet)
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_a_mixed_step_graph_is_refused_where_it_cannot_be_built(tiny_checkpoint, tmp_path, capsys):
+    with pytest.raises(ExportError, match="--mixed-step needs a decoder-only model whose decode graphs write a KV"):
+        export_bundle(tiny_checkpoint("gpt2", DIRECT), tmp_path / "bundle", options=ExportOptions(mixed_step=True),
+                      log=_quiet)  # GPT-2's decode graphs concatenate their cache
+    _nothing_left(tmp_path)
+    with pytest.raises(ExportError, match="--tensorrt"):
+        ExportOptions(mixed_step=True, tensorrt=True)
+    with pytest.raises(ExportError, match="--mixed-step needs"):  # the CLI flag, a concatenated cache asked for
+        main([str(tiny_checkpoint("llama", DIRECT)), str(tmp_path / "b"), "--mixed-step", "--kv-layout", "concat"])
+
+
+def test_a_llama_bundle_with_a_mixed_step_graph_names_the_graph_it_serves(llama_bundle):
+    from autocontrast.bundle import DECODE_EXITS, FORMAT_VERSION, MIXED, mixed_graph, read_manifest
+
+    manifest = read_manifest(llama_bundle)
+    mixed = manifest.graph(mixed_graph(DECODE_EXITS))
+    assert mixed.kind == MIXED and mixed.mixes == DECODE_EXITS and manifest.format_version == FORMAT_VERSION
+    assert mixed.exits == manifest.graph(DECODE_EXITS).exits  # the same outputs, one pass for both parts
+    assert manifest.validation["graphs"][mixed.name]["exit_logits"] < 1e-3  # checked against PyTorch at export
