@@ -110,3 +110,10 @@ def test_a_taken_port_exits_2_naming_it_before_any_model_or_cluster_starts(llama
 def test_an_unknown_host_exits_2(llama_bundle, capsys):
     assert run_cli(main, [str(llama_bundle), "--host", "no-such-host.invalid"]) == USAGE_ERROR
     assert "is not an address of this machine" in capsys.readouterr().err
+
+
+def test_a_negative_kv_reserve_is_a_usage_error(llama_bundle, capsys):
+    assert run_cli(main, [str(llama_bundle), "--kv-reserve-mb", "-1"]) == USAGE_ERROR
+    assert "--kv-reserve-mb (-1)" in capsys.readouterr().err
+    with pytest.raises(ConfigurationError, match="kv_reserve_bytes"):
+        ServerConfig(model_name="m", kv_reserve_bytes=-1)
