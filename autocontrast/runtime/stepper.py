@@ -10,6 +10,8 @@ Each step runs a `StepPlan` (`autocontrast.runtime.step_plan`): every decoding r
 then joining rows get prompt chunks within `max_step_tokens` (None: whole prompts, together). A row
 whose prompt is chunked is prefilled in a state of its own over several steps and joins the batch
 when its prompt is in; with a `PrefixCache` it starts from the longest stored prefix of its prompt.
+Where the bundle has a mixed-step graph (`acd-export --mixed-step`), a chunk runs in the same call as
+the batch's decode step (`autocontrast.runtime.mixed_step`): one pass over the weights for both.
 
 >>> from autocontrast.config import MultiExitConfiguration
 >>> from autocontrast.runtime import Generator
