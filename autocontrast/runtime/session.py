@@ -265,7 +265,7 @@ def check_attention_kernels(graph: GraphSpec, kv: KVCacheSpec, provider: str) ->
     """GroupQueryAttention (a `BUFFER_LAYOUT` graph) has CPU kernels in float32 and float16 but CUDA
     kernels in float16 only: refuse a float32 buffer graph on the GPU rather than run it split
     across devices."""
-    if graph.kind == DECODE and kv.layout == BUFFER_LAYOUT and kv.dtype == "float32" and \
+    if graph.kind in (DECODE, MIXED) and kv.layout == BUFFER_LAYOUT and kv.dtype == "float32" and \
             normalize_provider(provider) != CPU:
         raise BundleError(f"graph {graph.name!r} attends through GroupQueryAttention in float32, which "
                           f"{normalize_provider(provider)} cannot run (its kernels are float16); export the model "

@@ -123,7 +123,8 @@ def test_a_float32_buffer_graph_is_refused_on_the_gpu_with_what_to_do(llama_bund
 
     manifest = read_manifest(llama_bundle)
     graph = manifest.graph("decode_exits")
-    with pytest.raises(BundleError, match="--dtype float16 for the GPU, or with --kv-layout concat"):
-        check_attention_kernels(graph, manifest.kv_cache, provider)
+    for refused in (graph, manifest.graph("decode_exits_mixed")):  # the mixed-step graph attends the same way
+        with pytest.raises(BundleError, match="--dtype float16 for the GPU, or with --kv-layout concat"):
+            check_attention_kernels(refused, manifest.kv_cache, provider)
     check_attention_kernels(graph, manifest.kv_cache, "cpu")  # float32 GroupQueryAttention runs on CPUs
     check_attention_kernels(graph, dataclasses.replace(manifest.kv_cache, dtype="float16"), provider)
