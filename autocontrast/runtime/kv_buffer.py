@@ -13,7 +13,7 @@ reallocates O(log n) times.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -59,15 +59,16 @@ class KVBuffer:
         step for a 30-layer model)."""
         if self._binding is None or self._binding[0] is not session:
             binding = session.io_binding()
-            for past, present, value in zip(self.input_names, self.output_names, self._values, strict=True):
-                binding.bind_ortvalue_output(present, value)
-                binding.bind_ortvalue_input(past, value)
+            self.bind(binding)
             self._binding = (session, binding)
         return self._binding[1]
 
-    def values(self) -> list[ort.OrtValue]:
-        """The buffers as bound (graph order: key then value of layer 0, 1, ...)."""
-        return list(self._values)
+    def bind(self, binding: ort.IOBinding, *, rename: Callable[[str], str] | None = None) -> None:
+        """Bind each buffer in `binding` as its past input and its present output (the step writes in place), under
+        its names `rename`d (a mixed-step graph's chunk buffers: `bundle.chunk_name`)."""
+        for past, present, value in zip(self.input_names, self.output_names, self._values, strict=True):
+            binding.bind_ortvalue_output(rename(present) if rename else present, value)
+            binding.bind_ortvalue_input(rename(past) if rename else past, value)
 
     def update(self, present: list[ort.OrtValue], new_tokens: int) -> None:
         """Nothing to take: the presents are the buffers themselves."""

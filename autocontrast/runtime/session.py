@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +32,7 @@ from autocontrast.bundle import (
     GraphSpec,
     KVCacheSpec,
     Manifest,
+    chunk_name,
     exits_metadata,
     output_switch,
 )
@@ -210,12 +211,9 @@ class ExitSession:
         KV buffer) as `step` takes them (the decode rows one token each; the chunk one row). Both buffers are
         written in place. Returns the decode rows' outputs, then the chunk's last token's."""
         binding = self.session.io_binding()
-        for (ids, mask, positions, buffer), names, pasts, presents in (
-                (decode, TOKEN_INPUTS, self.kv.past_names(), self.kv.present_names()),
-                (chunk, CHUNK_TOKEN_INPUTS, self.kv.chunk_past_names(), self.kv.chunk_present_names())):
-            for past, present, value in zip(pasts, presents, buffer.values(), strict=True):
-                binding.bind_ortvalue_output(present, value)
-                binding.bind_ortvalue_input(past, value)
+        for (ids, mask, positions, buffer), names, rename in ((decode, TOKEN_INPUTS, None),
+                                                              (chunk, CHUNK_TOKEN_INPUTS, chunk_name)):
+            buffer.bind(binding, rename=rename)
             _bind_tokens(binding, names, ids, mask, positions)
         return self._run(binding, 2 * len(self.kv.present_names()), fused,
                          f"decode input_ids {tuple(decode[0].shape)}, chunk input_ids {tuple(chunk[0].shape)}")[0]
@@ -245,9 +243,9 @@ class ExitSession:
 
 
 class KVBufferLike(Protocol):
-    """What `step_mixed` binds: a KV buffer's values, graph order (`autocontrast.runtime.kv_buffer.KVBuffer`)."""
+    """What `step_mixed` binds: a KV buffer (`autocontrast.runtime.kv_buffer.KVBuffer`)."""
 
-    def values(self) -> list[ort.OrtValue]: ...
+    def bind(self, binding: ort.IOBinding, *, rename: Callable[[str], str] | None = None) -> None: ...
 
 
 def _bind_tokens(binding: ort.IOBinding, names: tuple[str, str, str], input_ids: np.ndarray,

@@ -346,12 +346,18 @@ class Stepper:
             self._join(rows, state)
         return events
 
-    def _new_state(self, *, seed: list[np.ndarray] | None = None, columns: int | None = None) -> ChunkedState:
-        """A state of the batch's kind for joining rows (one holding `seed`, a stored prefix, when given; room for
-        `columns` entries), computing the fused outputs the batch does."""
-        kind, pad = type(self.state), self.model.pad_token_id
-        state = (kind(self.state.session, pad_token_id=pad) if seed is None
-                 else kind.seeded(self.state.session, seed, pad_token_id=pad, columns=columns))
+    def _new_state(self, *, seed: list[np.ndarray] | None = None, columns: int | None = None,
+                   empty_row: bool = False) -> ChunkedState:
+        """A state of the batch's kind for joining rows (one holding `seed`, a stored prefix, when given; one empty
+        row with `empty_row`, which only a KV buffer's state makes; room for `columns` entries), computing the
+        fused outputs the batch does."""
+        kind, pad, session = type(self.state), self.model.pad_token_id, self.state.session
+        if seed is not None:
+            state = kind.seeded(session, seed, pad_token_id=pad, columns=columns)
+        elif empty_row:
+            state = InPlaceDecodeState.empty_row(session, columns=columns, pad_token_id=pad)
+        else:
+            state = kind(session, pad_token_id=pad)
         state.fused_outputs = self.state.fused_outputs
         return state
 
@@ -368,14 +374,9 @@ class Stepper:
         """The batch's decode step (`pending`: each row's last token) and `chunk` of a joining prompt, in one call
         of the MIXED graph; the prompt's state is made at its first chunk, with room for the whole prompt."""
         prefill = self._prefills[chunk.row]
-        if prefill.state is None:
-            if prefill.seed is not None:
-                prefill.state = self._new_state(seed=prefill.seed, columns=len(prefill.ids))
-                prefill.seed = None
-            else:
-                prefill.state = InPlaceDecodeState.empty_row(self.state.session, columns=len(prefill.ids),
-                                                             pad_token_id=self.model.pad_token_id)
-                prefill.state.fused_outputs = self.state.fused_outputs
+        if prefill.state is None:  # from its stored prefix, or from nothing
+            prefill.state = self._new_state(seed=prefill.seed, columns=len(prefill.ids), empty_row=prefill.seed is None)
+            prefill.seed = None
         prefill.done = chunk.stop
         tokens = np.array([prefill.ids[chunk.start:chunk.stop]], dtype=np.int64)  # (1, n)
         return mixed_step(self.mixed, self.state, pending, prefill.state, tokens, fused=self.state.fused_outputs)
