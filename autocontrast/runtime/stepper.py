@@ -7,7 +7,8 @@ stepper's graph), random generator and stop rules; each finishes on its own, and
 added or dropped between any two steps (continuous batching).
 
 Each step runs a `StepPlan` (`autocontrast.runtime.step_plan`): every decoding row gets one token,
-then joining rows get prompt chunks within `max_step_tokens` (None: whole prompts, together). A row
+then joining rows get prompt chunks within `max_step_tokens` (None: whole prompts, together; a chunk
+beside decoding rows is charged its attention to the entries before it, `step_plan.chunk_cost`). A row
 whose prompt is chunked is prefilled in a state of its own over several steps and joins the batch
 when its prompt is in; with a `PrefixCache` it starts from the longest stored prefix of its prompt.
 Where the bundle has a mixed-step graph (`acd-export --mixed-step`), a chunk runs in the same call as
@@ -47,7 +48,14 @@ from autocontrast.runtime.params import GenerationParams
 from autocontrast.runtime.prefix_cache import PrefixCache
 from autocontrast.runtime.request import ExitLogprobs, Request, RequestStatus, TokenEvent
 from autocontrast.runtime.session import StepOutput
-from autocontrast.runtime.step_plan import Pending, PromptChunk, StepPlan, plan_step, step_budget_problem
+from autocontrast.runtime.step_plan import (
+    Pending,
+    PromptChunk,
+    StepPlan,
+    past_entries_per_token,
+    plan_step,
+    step_budget_problem,
+)
 from autocontrast.runtime.stopping import finish_reason
 
 
@@ -134,6 +142,8 @@ class Stepper:
         self.chunked = isinstance(self.state, ChunkedState) and (max_step_tokens is not None or
                                                                   prefix_cache is not None)
         self.max_step_tokens = max_step_tokens if self.chunked else None
+        # a chunk beside decoding rows is charged its attention (None: its tokens alone; a benchmark compares)
+        self.past_per_token: float | None = past_entries_per_token(model.manifest.hidden_size)
         self.prefix_cache = prefix_cache if self.chunked else None
         # a MIXED graph runs the batch's decode step and one joining prompt's chunk in one call
         self.mixed = model.mixed_session(self.graph) if self.chunked and isinstance(
@@ -286,7 +296,7 @@ class Stepper:
                     prefill.looked_up = True
                     prefill.done, prefill.seed = self.prefix_cache.lookup(prefill.ids)
         pending = [Pending(r, p.done, len(p.ids)) for r, p in self._prefills.items()]
-        return plan_step(self._batch, pending, self.max_step_tokens)
+        return plan_step(self._batch, pending, self.max_step_tokens, past_per_token=self.past_per_token)
 
     def run(self, plan: StepPlan) -> list[TokenEvent]:
         """Run a plan made by `plan()` (nothing changed since); the tokens chosen, each delivered to its request."""

@@ -17,9 +17,12 @@ from autocontrast.runtime.prefix_cache import PrefixCache
 from autocontrast.runtime.step_plan import (
     IDLE_STEP_TOKENS,
     MIN_CHUNK_TOKENS,
+    PAST_PER_TOKEN_PER_HIDDEN,
     PROMPT_TOKENS_PER_DECODE_ROW,
     Pending,
     PromptChunk,
+    chunk_cost,
+    past_entries_per_token,
     plan_step,
 )
 from tests.runtime.conftest import CONTRAST
@@ -72,6 +75,36 @@ def test_joining_prompts_progress_however_many_rows_decode():
 def test_with_no_row_decoding_prompts_get_the_idle_budget():
     plan = plan_step([], [Pending(0, 0, 5000)], budget=64)
     assert plan.chunks == (PromptChunk(0, 0, IDLE_STEP_TOKENS, final=False),)
+
+
+def test_beside_decoding_rows_a_chunk_is_charged_its_attention_to_the_entries_before_it():
+    # 64 tokens after 1,000 entries at 2,000 entries a token: 64 * (1 + (1000 + 31.5) / 2000)
+    assert chunk_cost(64, 1000, 2000) == pytest.approx(64 * (1 + 1031.5 / 2000))
+    assert chunk_cost(64, 1000, None) == 64
+    early = plan_step([0, 1, 2, 3], [Pending(9, 0, 5000)], budget=84, past_per_token=2000).chunks[0]
+    late = plan_step([0, 1, 2, 3], [Pending(9, 2000, 5000)], budget=84, past_per_token=2000).chunks[0]
+    assert early.tokens == 78  # 78 * (1 + 38.5 / 2000) = 79.5 fits the 80 left; 79 tokens would cost 80.5
+    assert late.tokens == 39  # 39 * (1 + 2019 / 2000) = 78.4; 40 tokens would cost 80.4
+    for chunk in (early, late):
+        assert chunk_cost(chunk.tokens, chunk.start, 2000) <= 80 < chunk_cost(chunk.tokens + 1, chunk.start, 2000)
+    second = plan_step([0], [Pending(8, 1000, 1010), Pending(9, 0, 500)], budget=41, past_per_token=2000).chunks
+    # the first costs 10 * (1 + 1004.5 / 2000) = 15.0 of the 40 left; the second gets 24 (24.1 of the 25.0 left)
+    assert second == (PromptChunk(8, 1000, 1010, final=True), PromptChunk(9, 0, 24, final=False))
+
+
+def test_idle_steps_and_token_only_plans_ignore_the_past():
+    idle = plan_step([], [Pending(9, 3000, 9000)], budget=64, past_per_token=2000)
+    assert idle.chunks[0].tokens == IDLE_STEP_TOKENS  # no stream's pace to keep: the fewest reads of the weights
+    plain = plan_step([0], [Pending(9, 3000, 9000)], budget=64, past_per_token=None)
+    assert plain.chunks[0].tokens == 63
+    tiny = plan_step([0], [Pending(9, 10 ** 6, 2 * 10 ** 6)], budget=64, past_per_token=10)
+    assert tiny.chunks[0].tokens == 1  # however far in, a joining prompt moves
+
+
+def test_the_stepper_charges_attention_by_the_models_hidden_size(generator):
+    stepper = generator.stepper(max_step_tokens=64)
+    assert stepper.past_per_token == past_entries_per_token(generator.manifest.hidden_size)
+    assert past_entries_per_token(576) == PAST_PER_TOKEN_PER_HIDDEN * 576
 
 
 def test_no_budget_prefills_every_prompt_whole():
