@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-words", type=int, default=1500,
                    help="words of the long prompt (long-prompt) or of the shared system prompt (shared-prefix)")
     p.add_argument("server_args", nargs="*", help="extra acd-serve arguments after --, e.g. -- --mode original")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # server arguments after `--` wherever the bundle stands
     levels = [int(c) for c in args.concurrency.split(",")]
     if not levels or min(levels) < 1:
         raise ConfigurationError(f"--concurrency ({args.concurrency}) must be positive integers")

@@ -153,6 +153,7 @@ class Stepper:
         self._prefills: dict[int, _Prefill] = {}  # joining rows, in the order they joined
         self._last: StepOutput | None = None
         self._last_rows: list[int] = []
+        self.last_plan: StepPlan | None = None  # the plan the last step ran (what a step log reports)
         self._next_id = 0
 
     # -- rows ------------------------------------------------------------------------------------
@@ -307,6 +308,7 @@ class Stepper:
             raise
 
     def _run(self, plan: StepPlan) -> list[TokenEvent]:
+        self.last_plan = plan
         parts, joined = [], []
         self.state.fused_outputs = self._fused_outputs()  # a graph fusing both the contrast and DoLa skips the other
         for prefill in self._prefills.values():

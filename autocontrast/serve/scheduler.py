@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -176,6 +177,7 @@ class Scheduler:
 
     def _step(self, graph: str) -> None:
         stepper, rows = self._steppers[graph], self._rows[graph]
+        begun = time.perf_counter()
         try:
             events = stepper.step()
         except Exception:  # noqa: BLE001 - one failed step fails its batch (the stepper did), not the server
@@ -183,6 +185,12 @@ class Scheduler:
             rows.clear()
             del self._steppers[graph]
             return
+        if log.isEnabledFor(logging.DEBUG) and stepper.last_plan is not None:  # acd-serve --log-level debug
+            plan = stepper.last_plan
+            log.debug("step %s: %d decoding, %d prompt tokens in %d chunk(s)%s, %.1f ms", graph, len(plan.decode),
+                      plan.tokens - len(plan.decode), len(plan.chunks),
+                      "".join(f" [row {c.row}: {c.start}-{c.stop}]" for c in plan.chunks),
+                      1e3 * (time.perf_counter() - begun))
         for event in events:  # delivered by the stepper: status, timing, sink
             request = rows.get(event.row)
             if request is not None and request.since_last is not None:

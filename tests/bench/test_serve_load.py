@@ -32,3 +32,23 @@ def test_every_scenario_runs_per_step_budget_and_writes_its_figures(llama_bundle
         assert all(r["prompt_tokens"] > 150 and r["gap_worst_s"] >= r["gap_median_s"] > 0 for r in results)
     table = capsys.readouterr().out
     assert table.count("\n|") >= 1 + 2 * per_server  # header rule and a row per result
+
+
+def test_server_arguments_after_a_double_dash_reach_the_server_wherever_the_bundle_stands(monkeypatch):
+    import autocontrast.bench.serve_load as serve_load
+
+    seen = []
+
+    class Started(Exception):
+        pass
+
+    def fake_server(bundle, *, max_batch, extra):
+        seen.append((bundle, extra))
+        raise Started
+
+    monkeypatch.setattr(serve_load, "running_server", fake_server)
+    for argv in (["B", "--scenario", "long-prompt", "--step-tokens", "48", "--", "--log-level", "debug"],
+                 ["--scenario", "long-prompt", "--step-tokens", "48", "B", "--", "--log-level", "debug"]):
+        with pytest.raises(Started):
+            main(argv)
+    assert seen == [("B", ["--log-level", "debug", "--max-step-tokens", "48"])] * 2

@@ -60,6 +60,20 @@ def test_a_request_is_queued_prefilling_decoding_then_finished_and_its_tokens_ar
     _until(lambda: scheduler.running == 0, "its row to leave")
 
 
+def test_at_debug_level_each_step_logs_its_plan_and_time(scheduler, llama_generator, caplog):
+    caplog.set_level("DEBUG", logger="autocontrast.serve")
+    request = llama_generator.request(PROMPT, max_new_tokens=3, ignore_eos=True, sink=Collect())
+    prompt_tokens = len(request.prompt_ids)
+    scheduler.submit(request)
+    _until(lambda: request.status.final, "the request to end")
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    # its prompt (under the idle budget: one chunk), then one step per further token, each timed
+    assert len(steps) == 3, steps
+    assert f"0 decoding, {prompt_tokens} prompt tokens in 1 chunk(s) [row 0: 0-{prompt_tokens}]" in steps[0]
+    assert all("1 decoding, 0 prompt tokens in 0 chunk(s)" in line for line in steps[1:])
+    assert all(line.endswith(" ms") for line in steps)
+
+
 def test_a_running_request_cancelled_is_dropped_and_cancelled(scheduler, llama_generator):
     sink = Collect()
     request = llama_generator.request(PROMPT, max_new_tokens=400, ignore_eos=True, sink=sink)
