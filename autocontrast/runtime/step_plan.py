@@ -7,7 +7,8 @@ no budget every joining row is prefilled whole in the step it joins.
 
 Beside decoding rows a chunk is charged its attention too: each of its tokens attends to every
 entry before it, so the same number of tokens costs more the further into its prompt a chunk is
-(on SmolLM2-135M, 64 tokens after 1,900 cached entries take 1.8x the time they take after 100).
+(on SmolLM2-135M, a mixed step with 64 prompt tokens takes 1.8x as long after 1,900 cached entries as after
+100: `benchmarks/mixed_step_cost.py`).
 `past_per_token` (`past_entries_per_token`: cached entries whose attention costs as much as a
 token's pass through the weights) turns that into tokens, so every step of a long prompt costs
 about the same and the running streams' worst pause is its first step's, not its last's.
@@ -28,9 +29,11 @@ PROMPT_TOKENS_PER_DECODE_ROW = 8  # ... and at least this many per decoding row:
 IDLE_STEP_TOKENS = 512  # the budget of a step with no row decoding: no stream to keep at pace, so larger
 # chunks (fewer reads of the weights) while a request arriving meanwhile waits at most one such chunk
 PAST_PER_TOKEN_PER_HIDDEN = 4  # cached entries, per unit of hidden size, whose attention costs one token's pass
-# through the weights. A token's pass is ~12 h^2 multiply-adds per layer (4 h^2 with a 3x MLP, fewer with grouped
-# KV heads), its attention to one entry 2 h; ONNX Runtime's CPU attention kernel runs at about 2/3 of a GEMM's rate
-# (SmolLM2-135M, h = 576, profiled: MatMul 0.74 ms a token, GroupQueryAttention 0.34 us a token and entry): 4 h.
+# through the weights. A token's pass is ~12 h^2 multiply-adds per layer (~4 h^2 in the attention projections, fewer
+# with grouped KV heads; ~8 h^2 in a gated MLP of ~2.7 h), its attention to one entry 2 h: 6 h at equal rates, and
+# ONNX Runtime's CPU attention kernel runs at about 2/3 of its GEMM's rate. Profiled on SmolLM2-135M (h = 576;
+# `benchmarks/mixed_step_cost.py --profile` at 100 and 1,900 cached entries): MatMul 0.77 ms a token, the chunk's
+# attention 0.40 us a token and entry, 3.4 h; 4 h charges attention a little under that.
 
 
 @dataclasses.dataclass(frozen=True)
